@@ -1,0 +1,220 @@
+"""Typed, frozen experiment config: YAML files plus `--set a.b=c` overrides.
+
+Schema and validation are pydantic models (`extra="forbid"`, frozen), so an unknown key,
+a value of the wrong type or an impossible value is reported with its dotted key path.
+Cross-field rules that only the runtime can check (mesh vs device count, batch vs mesh)
+live in `sharding.py` and raise the same `ConfigError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from jaxtrain.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ModelConfig(_Section):
+    vocab_size: int = Field(256, gt=0)
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    # Grouped-query attention: number of key/value heads (None = n_heads, i.e. plain MHA).
+    n_kv_heads: int | None = Field(None, gt=0)
+    # SwiGLU hidden width (None = 8/3 * d_model rounded up to a multiple of 64).
+    d_ff: int | None = Field(None, gt=0)
+    rope_theta: float = Field(10_000.0, gt=0)
+    qk_norm: bool = False
+    norm_eps: float = Field(1e-6, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Compute dtype of matmuls and attention; parameters and optimizer state stay float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads_divide_width(cls, n_heads: int, info: ValidationInfo) -> int:
+        d_model = info.data.get("d_model")
+        if d_model is not None and d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        if d_model is not None and (d_model // n_heads) % 2:
+            raise ValueError(f"head_dim=d_model/n_heads={d_model // n_heads} must be even for RoPE")
+        return n_heads
+
+    @field_validator("n_kv_heads")
+    @classmethod
+    def _kv_heads_divide_heads(cls, n_kv: int | None, info: ValidationInfo) -> int | None:
+        n_heads = info.data.get("n_heads")
+        if n_kv is not None and n_heads is not None and n_heads % n_kv:
+            raise ValueError(f"n_kv_heads={n_kv} must divide n_heads={n_heads}")
+        return n_kv
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or -(-8 * self.d_model // 3 // 64) * 64
+
+
+class ParametrizationConfig(_Section):
+    """Seam for the SP / muP / depth-muP table; today only standard parametrization."""
+
+    name: Literal["sp"] = "sp"
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(3e-3, gt=0)  # peak learning rate
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip_norm: float = Field(1.0, ge=0)  # global-norm clipping; 0 disables
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    # WSD: fraction of all steps spent in the final linear decay.
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    # Learning rate at the end of the decay, as a fraction of the peak.
+    final_lr_fraction: float = Field(0.1, ge=0, le=1)
+
+
+class DataConfig(_Section):
+    # Globs of text files; "{stdlib}" is the Python standard-library directory.
+    # site-packages is always excluded.
+    paths: tuple[str, ...] = ("{stdlib}/**/*.py",)
+    seq_len: int = Field(256, gt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    val_batches: int = Field(8, gt=0)
+    seed: int = 0
+    read_threads: int = Field(2, ge=0)
+
+    @field_validator("paths")
+    @classmethod
+    def _some_paths(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        if not paths:
+            raise ValueError("at least one path or glob is required")
+        return paths
+
+
+class MeshConfig(_Section):
+    """Device mesh axis sizes; exactly one may be -1 (fill with the remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    @field_validator("data", "fsdp", "tensor")
+    @classmethod
+    def _positive_or_fill(cls, size: int) -> int:
+        if size == 0 or size < -1:
+            raise ValueError(f"axis size must be positive or -1 (fill), got {size}")
+        return size
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(100, gt=0)
+    keep: int = Field(3, gt=0)
+    async_save: bool = True
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(32, gt=0)  # global, in sequences
+    seed: int = 0
+    z_loss: float = Field(0.0, ge=0)  # coefficient of mean(logsumexp(logits)^2)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, gt=0)
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    parametrization: ParametrizationConfig = ParametrizationConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _check_cross_sections(cfg: Config) -> None:
+    if cfg.schedule.warmup_steps >= cfg.train.steps:
+        raise ConfigError(
+            "schedule.warmup_steps",
+            f"{cfg.schedule.warmup_steps} must be smaller than train.steps={cfg.train.steps}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `a.b.c=value` pairs into a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "overrides must look like key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parents[: i + 1]), "is a value, not a section")
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict into a Config; the first problem becomes a ConfigError."""
+    try:
+        cfg = Config.model_validate(raw)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<root>"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "value_error":
+            message = str(first["ctx"]["error"])
+        elif "input" in first and not isinstance(first["input"], dict):
+            message = f"{message} (got {first['input']!r})"
+        raise ConfigError(key, message) from None
+    _check_cross_sections(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML experiment file, apply `--set` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(str(path), f"cannot read config file ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"invalid YAML at{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "top level must be a mapping of sections")
+    return from_dict(apply_overrides(raw, list(overrides)))

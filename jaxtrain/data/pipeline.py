@@ -1,0 +1,69 @@
+"""grain pipelines over a token array: shuffled training windows and a fixed validation set.
+
+Training: window i is tokens[i*T : i*T + T + 1] (T = seq_len; inputs and shifted targets
+come from one window). Window indices are globally shuffled with a seeded permutation that
+grain redraws every epoch, repeated forever, then strided by process
+(`[process_index::process_count]`) so hosts never read the same window, and batched to the
+per-process batch. The iterator's state (`get_state()`, a small dict) is saved in every
+checkpoint; restoring it yields exactly the batches an uninterrupted run would see next.
+
+Validation: the first `val_batches` full batches of consecutive windows of the validation
+split, in order, the same at every evaluation.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from jaxtrain.config import Config
+from jaxtrain.errors import DataError
+
+
+class Window:
+    """Index -> (seq_len + 1,) int32 window of the token array."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __call__(self, index: int) -> np.ndarray:
+        start = int(index) * self.seq_len
+        return self.tokens[start:start + self.seq_len + 1].astype(np.int32)
+
+
+def num_windows(tokens: np.ndarray, seq_len: int) -> int:
+    return max((len(tokens) - 1) // seq_len, 0)
+
+
+def local_batch_size(cfg: Config, process_count: int) -> int:
+    return cfg.train.batch_size // process_count
+
+
+def train_dataset(cfg: Config, tokens: np.ndarray, process_index: int, process_count: int) -> grain.MapDataset:
+    n = num_windows(tokens, cfg.data.seq_len)
+    if n < cfg.train.batch_size:
+        raise DataError(f"data.paths: training split has {len(tokens)} tokens, fewer than one batch of "
+                        f"{cfg.train.batch_size} windows of data.seq_len+1={cfg.data.seq_len + 1}")
+    ds = grain.MapDataset.range(n).shuffle(seed=cfg.data.seed).repeat(None)
+    ds = ds[process_index::process_count].map(Window(tokens, cfg.data.seq_len))
+    return ds.batch(local_batch_size(cfg, process_count), drop_remainder=True)
+
+
+def train_iterator(cfg: Config, tokens: np.ndarray, process_index: int = 0,
+                   process_count: int = 1) -> grain.DatasetIterator:
+    ds = train_dataset(cfg, tokens, process_index, process_count)
+    options = grain.ReadOptions(num_threads=cfg.data.read_threads, prefetch_buffer_size=4 * max(cfg.data.read_threads, 1))
+    return iter(ds.to_iter_dataset(options))
+
+
+def validation_batches(cfg: Config, tokens: np.ndarray, process_index: int = 0,
+                       process_count: int = 1) -> list[np.ndarray]:
+    local = local_batch_size(cfg, process_count)
+    n_batches = min(cfg.data.val_batches, num_windows(tokens, cfg.data.seq_len) // cfg.train.batch_size)
+    if n_batches == 0:
+        raise DataError(f"data.val_fraction: validation split has {len(tokens)} tokens, fewer than one "
+                        f"batch of {cfg.train.batch_size} windows of {cfg.data.seq_len + 1}")
+    window = Window(tokens, cfg.data.seq_len)
+    ds = grain.MapDataset.range(n_batches * cfg.train.batch_size)[process_index::process_count]
+    ds = ds.map(window).batch(local, drop_remainder=True)
+    return [ds[i] for i in range(n_batches)]

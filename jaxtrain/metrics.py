@@ -1,0 +1,92 @@
+"""Run telemetry: `metrics.jsonl`, TensorBoard events, and a progress display.
+
+`metrics.jsonl` holds one JSON object per logged step with at least
+  step, tokens, loss, lr, grad_norm, tokens_per_sec   (+ val_loss at evaluation steps).
+On resume, rows after the restored checkpoint are dropped (they will be recomputed), so
+the file of a resumed run equals that of an uninterrupted one except for timing fields.
+TensorBoard events go to `WORKDIR/tb` (tensorboardX, no TensorFlow needed); a resumed
+writer purges events after the restored step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+TIMING_KEYS = ("tokens_per_sec", "eta_sec")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep rows with row['step'] <= step; the file is replaced atomically."""
+    if not path.exists():
+        return
+    kept = [row for row in read_metrics(path) if row["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    tmp.replace(path)
+
+
+class MetricsLogger:
+    """Writes rows to metrics.jsonl and TensorBoard, and shows progress on the terminal."""
+
+    def __init__(self, workdir: Path, start_step: int, total_steps: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self._tty = sys.stderr.isatty()
+        self._bar = None
+        if not enabled:
+            return
+        truncate_after(self.path, start_step)
+        self._file = self.path.open("a")
+        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1)
+        if self._tty:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(key, value, row["step"])
+        self._show(row)
+
+    def _show(self, row: dict) -> None:
+        parts = [f"loss {row['loss']:.4f}", f"{row['tokens_per_sec']:,.0f} tok/s"]
+        if "val_loss" in row:
+            parts.append(f"val_loss {row['val_loss']:.4f}")
+        if self._bar is not None:
+            self._bar.set_postfix_str(", ".join(parts), refresh=False)
+            self._bar.update(row["step"] - self._bar.n)
+        else:
+            eta = row.get("eta_sec")
+            eta_text = f", eta {eta:.0f}s" if eta is not None else ""
+            print(f"step {row['step']}: " + ", ".join(parts) + eta_text, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._tb.close()
+        self._file.close()

@@ -1,0 +1,175 @@
+"""The training loop: build everything from the config, resume if the workdir has a
+checkpoint, then feed grain batches to the compiled step until `train.steps`.
+
+Data flow:  config -> mesh -> model spec -> shardings -> jit(init) or orbax restore
+            -> [grain batch -> global array -> train_step] x steps, checkpoints, logs.
+
+The loop never waits on the device except to log: step N's metrics are fetched after
+step N+1 has been dispatched. Evaluation runs every `train.eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from jaxtrain import sharding
+from jaxtrain import train_step as ts
+from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.config import Config
+from jaxtrain.data import pipeline
+from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
+from jaxtrain.errors import ConfigError
+from jaxtrain.metrics import MetricsLogger
+from jaxtrain.optimizer import make_optimizer
+from jaxtrain.preemption import StopRequest, stop_on_signal
+from jaxtrain.schedules import make_schedule
+
+# Sections that define what a checkpoint contains; resuming with a change there is an error.
+_IDENTITY_SECTIONS = ("model", "parametrization", "data")
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    tokens: int
+    val_loss: float | None
+    unigram_entropy: float
+    resumed_from: int | None
+    stop_signal: int | None  # set when a signal stopped the run early
+
+
+def check_workdir_config(workdir: Path, cfg: Config, has_checkpoint: bool) -> None:
+    """Refuse to resume a run whose model/data differ; record the resolved config."""
+    path = workdir / "config.yaml"
+    if has_checkpoint and path.exists():
+        saved = yaml.safe_load(path.read_text()) or {}
+        new = cfg.to_dict()
+        for section in _IDENTITY_SECTIONS:
+            for key, value in new[section].items():
+                old = saved.get(section, {}).get(key, value)
+                if old != value:
+                    raise ConfigError(f"{section}.{key}", f"workdir {workdir} holds a run with {old!r}, "
+                                                          f"this config says {value!r}; use a new --workdir")
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def _check_vocab(cfg: Config) -> None:
+    if cfg.model.vocab_size < BYTE_VOCAB:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the byte "
+                                              f"vocabulary ({BYTE_VOCAB}) of the corpus")
+
+
+class _Evaluator:
+    def __init__(self, evaluate, batches: list[jax.Array]):
+        self.evaluate, self.batches = evaluate, batches
+
+    def __call__(self, params) -> float:
+        losses = [self.evaluate(params, b) for b in self.batches]
+        return float(np.mean(jax.device_get(losses)))
+
+
+class _Throughput:
+    """tokens/s between logged rows, excluding evaluation pauses; ETA from the same rate."""
+
+    def __init__(self, tokens: int):
+        self.tokens, self.time, self.paused = tokens, time.perf_counter(), 0.0
+
+    def measure(self, tokens: int) -> float:
+        now = time.perf_counter()
+        rate = (tokens - self.tokens) / max(now - self.time - self.paused, 1e-9)
+        self.tokens, self.time, self.paused = tokens, now, 0.0
+        return rate
+
+
+def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None) -> RunResult:
+    """Train in `workdir`, resuming from its newest checkpoint. `stop_after` ends this
+    invocation after that step (with a checkpoint), as a preemption would."""
+    workdir = Path(workdir)
+    _check_vocab(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_divides(cfg, mesh)
+    corpus = corpus_for(cfg.data)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir, cfg.checkpoint)
+    check_workdir_config(workdir, cfg, ckpt.latest_step() is not None)
+    try:
+        with stop_on_signal() as stop:
+            return _train(cfg, workdir, mesh, corpus, ckpt, stop, stop_after)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg: Config, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
+           stop: StopRequest, stop_after: int | None) -> RunResult:
+    spec = ts.model_spec(cfg)
+    schedule = make_schedule(cfg)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    shardings = ts.state_shardings(cfg, spec, tx, mesh)
+    train_step, evaluate = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    pid, nproc = jax.process_index(), jax.process_count()
+    batch_sharding = sharding.batch_sharding(mesh)
+    to_global = lambda local: jax.make_array_from_process_local_data(batch_sharding, local)
+    iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
+    evaluator = _Evaluator(evaluate, [to_global(b) for b in pipeline.validation_batches(cfg, corpus.val, pid, nproc)])
+
+    resumed_from = ckpt.latest_step()
+    if resumed_from is None:
+        state, tokens = ts.init_state(cfg, tx, shardings), 0
+    else:
+        state, data_state, meta = ckpt.restore(resumed_from, ts.abstract_state(cfg, tx, shardings))
+        iterator.set_state(data_state)
+        tokens = int(meta["tokens"])
+    step = int(jax.device_get(state.step))
+    logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=pid == 0)
+    if resumed_from is not None:
+        logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
+
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    throughput, pending, val_loss = _Throughput(tokens), None, None
+    while step < cfg.train.steps:
+        state, metrics = train_step(state, to_global(next(iterator)))
+        step, tokens = step + 1, tokens + tokens_per_step
+        if pending is not None:  # step N-1's metrics, fetched after step N was dispatched
+            logger.write(_row(*pending, throughput, cfg))
+            pending = None
+        last = step == cfg.train.steps
+        if step % cfg.train.eval_every == 0 or last:
+            jax.block_until_ready(metrics)  # the pause starts once the queued steps are done
+            started = time.perf_counter()
+            val_loss = evaluator(state.params)
+            throughput.paused += time.perf_counter() - started
+        if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 or last:
+            pending = (step, tokens, metrics, val_loss if step % cfg.train.eval_every == 0 or last else None)
+        halt = stop.requested or step == stop_after
+        meta = {"tokens": tokens, "step": step, "config": cfg.to_dict()}
+        saved = ckpt.save(step, state, iterator.get_state(), meta, force=last or halt)
+        if halt:
+            logger.message(f"stopping: checkpoint {'saved' if saved else 'exists'} at step {step}")
+            break
+    if pending is not None:
+        logger.write(_row(*pending, throughput, cfg))
+    ckpt.wait()
+    if val_loss is None:  # resumed a finished run: report its quality anyway
+        val_loss = evaluator(state.params)
+    logger.close()
+    return RunResult(step, tokens, val_loss, corpus.unigram_entropy(), resumed_from, stop.signum)
+
+
+def _row(step: int, tokens: int, metrics: dict, val_loss: float | None, throughput: _Throughput,
+         cfg: Config) -> dict:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    rate = throughput.measure(tokens)
+    remaining = (cfg.train.steps - step) * cfg.train.batch_size * cfg.data.seq_len
+    row = {"step": step, "tokens": tokens, **values, "tokens_per_sec": rate,
+           "eta_sec": remaining / rate if rate > 0 else None}
+    if val_loss is not None:
+        row["val_loss"] = val_loss
+    return row

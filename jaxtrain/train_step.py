@@ -1,0 +1,126 @@
+"""The compiled boundary: TrainState, its sharded init, and the pure train/eval steps.
+
+    train_step(state, batch) -> (state, metrics)      jitted once, state donated
+
+Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the NNX module is rebuilt
+from the static graph definition inside each step (`nnx.merge`), so no stateful object
+lives across steps and the state is an ordinary pytree for optax and orbax.
+
+Loss (float32), with z-loss (Chowdhery et al. 2022, "PaLM"; Wortsman et al. 2023):
+    L = mean_t[ logsumexp(z_t) - z_t[y_t] ] + c_z * mean_t[ logsumexp(z_t)^2 ]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxtrain import sharding
+from jaxtrain.config import Config
+from jaxtrain.model import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any  # nested dict of float32 arrays
+    opt_state: Any
+    rng: jax.Array  # raw uint32 PRNG key; per-step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything static about the model that the compiled functions close over."""
+
+    graphdef: Any
+    abstract_params: Any  # ShapeDtypeStructs
+    logical_axes: Any  # same tree, PartitionSpecs of logical names
+
+
+def model_spec(cfg: Config) -> ModelSpec:
+    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    return ModelSpec(graphdef, nnx.to_pure_dict(abstract_state),
+                     nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)))
+
+
+def init_params(cfg: Config, key: jax.Array) -> Any:
+    return nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(params=key))))
+
+
+def _init_state(cfg: Config, tx: optax.GradientTransformation, seed_key: jax.Array) -> TrainState:
+    param_key, rng = jax.random.split(seed_key)
+    params = init_params(cfg, param_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+def state_shardings(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Shardings for every leaf of the TrainState: optimizer moments follow their params."""
+    abstract = jax.eval_shape(functools.partial(_init_state, cfg, tx), jax.random.PRNGKey(0))
+    params = sharding.param_shardings(spec.logical_axes, spec.abstract_params, mesh)
+    rep = sharding.replicated(mesh)
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
+                                transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=params, opt_state=opt, rng=rep)
+
+
+def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with target shardings: the restore target for orbax."""
+    abstract = jax.eval_shape(functools.partial(_init_state, cfg, tx), jax.random.PRNGKey(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """Sharded init: every leaf is created directly on its devices."""
+    init = jax.jit(functools.partial(_init_state, cfg, tx), out_shardings=shardings)
+    return init(jax.random.PRNGKey(cfg.train.seed))
+
+
+def loss_and_metrics(params: Any, graphdef: Any, batch: jax.Array, z_loss: float,
+                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """batch: (B, T+1) tokens; predicts batch[:, 1:] from batch[:, :-1]."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = nnx.merge(graphdef, params)(inputs, dropout_key=dropout_key)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(log_z - target_logit)
+    z_term = z_loss * jnp.mean(log_z**2)
+    return ce + z_term, {"loss": ce, "z_loss": z_term}
+
+
+def train_step(state: TrainState, batch: jax.Array, *, graphdef: Any, tx: optax.GradientTransformation,
+               schedule: Callable, z_loss: float, dropout: bool) -> tuple[TrainState, dict]:
+    dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, graphdef, batch, z_loss, dropout_key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: jax.Array, *, graphdef: Any) -> jax.Array:
+    """Mean next-token cross-entropy (nats/token) of one batch, no z-loss."""
+    return loss_and_metrics(params, graphdef, batch, 0.0)[1]["loss"]
+
+
+def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, schedule: Callable,
+                  shardings: TrainState, mesh: Mesh) -> tuple[Callable, Callable]:
+    """jit the pure steps once, with explicit in/out shardings and the state donated."""
+    batch_sh = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx, schedule=schedule,
+                             z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0)
+    train = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
+                    donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
+                       in_shardings=(shardings.params, batch_sh), out_shardings=rep)
+    return train, evaluate

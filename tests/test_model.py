@@ -1,0 +1,75 @@
+"""Model properties: causality, logical axes on every parameter, the loss formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxtrain import train_step as ts
+from jaxtrain.config import from_dict
+from jaxtrain.model import Transformer
+
+VARIANTS = {
+    "mha": {},
+    "gqa+qk_norm": {"n_kv_heads": 2, "qk_norm": True},
+    "mqa+bf16": {"n_kv_heads": 1, "dtype": "bfloat16"},
+}
+
+
+def build(**model):
+    cfg = from_dict({"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, **model}})
+    return cfg, Transformer(cfg.model, nnx.Rngs(params=jax.random.PRNGKey(0)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
+def test_changing_future_tokens_leaves_past_logits_unchanged(variant):
+    _, model = build(**VARIANTS[variant])
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 256)
+    t = 13
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 256)
+    before, after = model(tokens), model(changed)
+    np.testing.assert_array_equal(np.asarray(before[:, : t + 1]), np.asarray(after[:, : t + 1]))
+    assert not np.allclose(before[:, t + 1:], after[:, t + 1:])  # the future did change
+
+
+def test_past_tokens_do_change_later_logits():
+    _, model = build()
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 16), 0, 256)
+    changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % 256)
+    assert not np.allclose(model(tokens)[:, -1], model(changed)[:, -1])
+
+
+def test_every_parameter_has_one_logical_name_per_dimension():
+    cfg, _ = build(n_kv_heads=2, qk_norm=True)
+    spec = ts.model_spec(cfg)
+    names = jax.tree.leaves(spec.logical_axes, is_leaf=lambda x: isinstance(x, P))
+    shapes = jax.tree.leaves(spec.abstract_params)
+    assert len(names) == len(shapes) > 0
+    known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
+    for axes, leaf in zip(names, shapes):
+        assert len(axes) == leaf.ndim and set(axes) <= known, (axes, leaf.shape)
+
+
+def test_loss_is_cross_entropy_plus_z_loss():
+    cfg, model = build()
+    params = nnx.to_pure_dict(nnx.state(model))
+    graphdef = nnx.graphdef(model)
+    batch = jax.random.randint(jax.random.PRNGKey(2), (2, 17), 0, 256)
+    logits = model(batch[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    total, metrics = ts.loss_and_metrics(params, graphdef, batch, 1e-2)
+    assert float(metrics["loss"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(total) == pytest.approx(float(ce + 1e-2 * jnp.mean(lse**2)), rel=1e-5)
+
+
+def test_dropout_uses_the_key_and_is_off_without_it():
+    _, model = build(dropout=0.5)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 8), 0, 256)
+    np.testing.assert_array_equal(model(tokens), model(tokens))
+    a = model(tokens, dropout_key=jax.random.PRNGKey(0))
+    b = model(tokens, dropout_key=jax.random.PRNGKey(1))
+    assert not np.allclose(a, b)
