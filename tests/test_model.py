@@ -73,3 +73,12 @@ def test_dropout_uses_the_key_and_is_off_without_it():
     a = model(tokens, dropout_key=jax.random.PRNGKey(0))
     b = model(tokens, dropout_key=jax.random.PRNGKey(1))
     assert not np.allclose(a, b)
+
+
+def test_cluster_example_is_about_350m_parameters():
+    from conftest import REPO
+    from jaxtrain.config import load_config
+
+    spec = ts.model_spec(load_config(REPO / "configs" / "gpt350m.yaml"))  # abstract shapes only
+    n_params = sum(leaf.size for leaf in jax.tree.leaves(spec.abstract_params))
+    assert 300e6 < n_params < 420e6, n_params

@@ -1,0 +1,83 @@
+"""Default corpus and grain pipeline: deterministic split, exact iterator resume, disjoint shards."""
+
+import numpy as np
+import pytest
+
+from jaxtrain.config import load_config
+from jaxtrain.data import pipeline
+from jaxtrain.data.corpus import DOC_SEPARATOR, _is_val, corpus_for, expand_paths
+from jaxtrain.errors import DataError
+
+from conftest import TINY
+
+
+def test_default_globs_find_the_stdlib_without_site_packages():
+    files = expand_paths(("{stdlib}/**/*.py",))
+    assert len(files) > 500
+    assert any(path.endswith("/json/decoder.py") for _, path in files)
+    assert not any("site-packages" in path for _, path in files)
+
+
+def test_split_is_deterministic_disjoint_and_by_document(tiny_cfg):
+    corpus = corpus_for(tiny_cfg.data)
+    assert corpus.n_train_docs > 0 and corpus.n_val_docs > 0
+    files = expand_paths(tiny_cfg.data.paths)
+    n_val = sum(_is_val(path[len(root) + 1:], tiny_cfg.data.val_fraction) for root, path in files)
+    assert n_val == corpus.n_val_docs
+    assert np.count_nonzero(corpus.val == DOC_SEPARATOR) == corpus.n_val_docs
+    assert np.count_nonzero(corpus.train == DOC_SEPARATOR) == corpus.n_train_docs
+    assert 1.0 < corpus.unigram_entropy() < np.log(256)
+
+
+def test_windows_are_next_token_pairs(tiny_cfg):
+    tokens = corpus_for(tiny_cfg.data).train
+    batch = next(pipeline.train_iterator(tiny_cfg, tokens))
+    assert batch.shape == (tiny_cfg.train.batch_size, tiny_cfg.data.seq_len + 1)
+    T = tiny_cfg.data.seq_len
+    for window in batch:  # every row is a contiguous slice starting on a window boundary
+        starts = [s for s in range(0, len(tokens) - T, T) if np.array_equal(tokens[s:s + T + 1], window)]
+        assert starts
+
+
+def test_iterator_resumes_to_exactly_the_next_batches(tiny_cfg):
+    tokens = corpus_for(tiny_cfg.data).train
+    uninterrupted = pipeline.train_iterator(tiny_cfg, tokens)
+    expected = [next(uninterrupted) for _ in range(12)]
+    first = pipeline.train_iterator(tiny_cfg, tokens)
+    for _ in range(5):
+        next(first)
+    resumed = pipeline.train_iterator(tiny_cfg, tokens)
+    resumed.set_state(first.get_state())
+    for want in expected[5:]:
+        np.testing.assert_array_equal(next(resumed), want)
+
+
+def test_processes_read_disjoint_windows_covering_the_epoch():
+    cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=256"])
+    tokens = corpus_for(cfg.data).train
+    n = pipeline.num_windows(tokens, cfg.data.seq_len)
+    per_process = [(n + 1) // 2, n // 2]  # epoch positions 0, 2, 4, ... and 1, 3, 5, ...
+    epoch = []
+    for process in (0, 1):
+        ds = pipeline.train_dataset(cfg, tokens, process, 2)
+        assert len(ds[0]) == cfg.train.batch_size // 2
+        windows = [tuple(w) for i in range(per_process[process] // 2 + 1) for w in ds[i]]
+        epoch.append(windows[: per_process[process]])
+    assert not set(epoch[0]) & set(epoch[1])
+    everything = {tuple(pipeline.Window(tokens, cfg.data.seq_len)(i)) for i in range(n)}
+    assert set(epoch[0]) | set(epoch[1]) == everything
+
+
+def test_validation_batches_are_fixed(tiny_cfg):
+    corpus = corpus_for(tiny_cfg.data)
+    a = pipeline.validation_batches(tiny_cfg, corpus.val)
+    b = pipeline.validation_batches(tiny_cfg, corpus.val)
+    assert len(a) == tiny_cfg.data.val_batches
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_missing_paths_are_a_clear_error(tmp_path):
+    cfg = load_config(TINY, [f"data.paths=['{tmp_path}/*.txt']"])
+    with pytest.raises(DataError, match=r"no files match .*\*\.txt"):
+        corpus_for(cfg.data)

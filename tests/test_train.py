@@ -1,0 +1,113 @@
+"""End-to-end runs of the tiny config: learning, exact resume, Ctrl-C, logs, workdir safety."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, run_cli
+from jaxtrain import sharding
+from jaxtrain import train_step as ts
+from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.config import load_config
+from jaxtrain.metrics import TIMING_KEYS, read_metrics
+from jaxtrain.optimizer import make_optimizer
+from jaxtrain.schedules import make_schedule
+from jaxtrain.train import run
+
+pytestmark = pytest.mark.slow
+
+
+def final_state(cfg, workdir):
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.optimizer, make_schedule(cfg))
+    shardings = ts.state_shardings(cfg, ts.model_spec(cfg), tx, mesh)
+    ckpt = Checkpointer(workdir, cfg.checkpoint)
+    try:
+        return ckpt.restore(ckpt.latest_step(), ts.abstract_state(cfg, tx, shardings))
+    finally:
+        ckpt.close()
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cfg = load_config(TINY)
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return cfg, workdir, run(cfg, workdir)
+
+
+def test_loss_decreases_and_beats_the_unigram_baseline(uninterrupted):
+    cfg, workdir, result = uninterrupted
+    rows = read_metrics(workdir / "metrics.jsonl")
+    assert result.step == cfg.train.steps and rows[-1]["step"] == cfg.train.steps
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert rows[-1]["loss"] < result.unigram_entropy
+
+
+def test_metrics_rows_and_tensorboard(uninterrupted):
+    cfg, workdir, _ = uninterrupted
+    rows = read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(5, cfg.train.steps + 1, 5))
+    for row in rows:
+        assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_sec"} <= row.keys()
+        assert row["tokens"] == row["step"] * cfg.train.batch_size * cfg.data.seq_len
+        assert np.isfinite(row["loss"]) and row["tokens_per_sec"] > 0
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert (workdir / "config.yaml").exists()
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_path):
+    cfg, ref_dir, _ = uninterrupted
+    first = run(cfg, tmp_path, stop_after=15)
+    assert first.step == 15 and first.resumed_from is None
+    second = run(cfg, tmp_path)
+    assert second.resumed_from == 15 and second.step == cfg.train.steps
+    assert without_timing(read_metrics(tmp_path / "metrics.jsonl")) == \
+        without_timing(read_metrics(ref_dir / "metrics.jsonl"))
+    ref_state, ref_data, ref_meta = final_state(cfg, ref_dir)
+    state, data, meta = final_state(cfg, tmp_path)
+    assert data == ref_data and meta["tokens"] == ref_meta["tokens"]
+    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_with_a_different_model_is_refused_and_harmless(uninterrupted, capsys):
+    _, workdir, _ = uninterrupted
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    proc = run_cli("train", str(TINY), "--workdir", str(workdir), "--set", "model.d_model=128")
+    assert proc.returncode == 2
+    assert "'model.d_model'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path):
+    cmd = [sys.executable, "-m", "jaxtrain", "train", str(TINY), "--workdir", str(tmp_path),
+           "--set", "train.steps=150", "--set", "checkpoint.every_steps=50"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped = int(err.split("after step ")[1].split(";")[0])
+    assert 10 <= stopped < 150  # a step off the 50-step save interval, saved anyway
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from checkpoint at step {stopped}" in rerun.stdout + rerun.stderr
+    assert "final val_loss" in rerun.stdout
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 150
