@@ -27,13 +27,13 @@ class Checkpointer:
     def __init__(self, workdir: Path, cfg: CheckpointConfig):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
-            save_interval_steps=cfg.every_steps,
             enable_async_checkpointing=cfg.async_save,
             create=True,
         )
         self._manager = ocp.CheckpointManager(
             Path(workdir).absolute() / "checkpoints", options=options,
             item_names=("state", "data", "meta"))
+        self._every = cfg.every_steps
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -42,13 +42,15 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False) -> bool:
-        """Save if `step` is on the save interval (or `force`); returns whether it saved."""
+        """Save if `step` is a multiple of `every_steps` (or `force`); returns whether it saved."""
+        if not force and step % self._every:
+            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        return self._manager.save(step, args=args, force=force)
+        return self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """abstract_state: ShapeDtypeStructs carrying the target shardings."""

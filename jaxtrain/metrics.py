@@ -45,6 +45,7 @@ class MetricsLogger:
         self.path = workdir / "metrics.jsonl"
         self._tty = sys.stderr.isatty()
         self._bar = None
+        self._muted = False  # set when the terminal went away
         if not enabled:
             return
         truncate_after(self.path, start_step)
@@ -61,7 +62,16 @@ class MetricsLogger:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, row["step"])
-        self._show(row)
+        self._display(self._show, row)
+
+    def _display(self, show, *args) -> None:
+        """Terminal output is best effort: a closed pipe (e.g. `| head`) must not stop training."""
+        if self._muted:
+            return
+        try:
+            show(*args)
+        except OSError:  # BrokenPipeError included
+            self._muted = True
 
     def _show(self, row: dict) -> None:
         parts = [f"loss {row['loss']:.4f}", f"{row['tokens_per_sec']:,.0f} tok/s"]
@@ -76,8 +86,10 @@ class MetricsLogger:
             print(f"step {row['step']}: " + ", ".join(parts) + eta_text, flush=True)
 
     def message(self, text: str) -> None:
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._display(self._print, text)
+
+    def _print(self, text: str) -> None:
         if self._bar is not None:
             self._bar.write(text)
         else:
@@ -87,6 +99,6 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.close()
+            self._display(self._bar.close)
         self._tb.close()
         self._file.close()

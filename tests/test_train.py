@@ -64,6 +64,9 @@ def test_metrics_rows_and_tensorboard(uninterrupted):
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert (workdir / "config.yaml").exists()
+    ckpt = Checkpointer(workdir, cfg.checkpoint)  # every 10 steps, newest 3 kept
+    assert ckpt.all_steps() == [20, 30, 40]
+    ckpt.close()
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_path):
