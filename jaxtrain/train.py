@@ -24,14 +24,15 @@ from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import MetricsLogger
 from jaxtrain.optimizer import make_optimizer
 from jaxtrain.preemption import StopRequest, stop_on_signal
 from jaxtrain.schedules import make_schedule
 
-# Sections that define what a checkpoint contains; resuming with a change there is an error.
-_IDENTITY_SECTIONS = ("model", "parametrization", "data")
+# What a checkpoint's contents depend on (a section name means all of its keys); resuming
+# with a change there is an error. Everything else (steps, logging, mesh, threads) may change.
+_IDENTITY_KEYS = {"model": None, "parametrization": None, "data": ("paths", "seq_len", "val_fraction", "seed")}
 
 
 @dataclasses.dataclass
@@ -50,15 +51,17 @@ def check_workdir_config(workdir: Path, cfg: Config, has_checkpoint: bool) -> No
     if has_checkpoint and path.exists():
         saved = yaml.safe_load(path.read_text()) or {}
         new = cfg.to_dict()
-        for section in _IDENTITY_SECTIONS:
-            for key, value in new[section].items():
+        for section, keys in _IDENTITY_KEYS.items():
+            for key in keys or new[section]:
+                value = new[section][key]
                 old = saved.get(section, {}).get(key, value)
                 if old != value:
                     raise ConfigError(f"{section}.{key}", f"workdir {workdir} holds a run with {old!r}, "
                                                           f"this config says {value!r}; use a new --workdir")
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    if jax.process_index() == 0:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tmp.replace(path)
 
 
 def _check_vocab(cfg: Config) -> None:
@@ -97,6 +100,8 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None) -> R
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_divides(cfg, mesh)
     corpus = corpus_for(cfg.data)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir}: exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
     check_workdir_config(workdir, cfg, ckpt.latest_step() is not None)

@@ -94,6 +94,16 @@ def test_resume_with_a_different_model_is_refused_and_harmless(uninterrupted, ca
     assert after == before
 
 
+def test_workdir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    from jaxtrain import cli
+
+    target = tmp_path / "not_a_dir"
+    target.write_text("keep me")
+    assert cli.main(["train", str(TINY), "--workdir", str(target)]) == 2
+    assert "not_a_dir: exists and is not a directory" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
 def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path):
     cmd = [sys.executable, "-m", "jaxtrain", "train", str(TINY), "--workdir", str(tmp_path),
            "--set", "train.steps=150", "--set", "checkpoint.every_steps=50"]
