@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -112,8 +113,19 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None) -> R
         ckpt.close()
 
 
-def _train(cfg: Config, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
-           stop: StopRequest, stop_after: int | None) -> RunResult:
+@dataclasses.dataclass
+class _Parts:
+    """The compiled steps and data streams of one run."""
+
+    tx: Any
+    shardings: ts.TrainState
+    train_step: Callable
+    evaluate: _Evaluator
+    iterator: Any  # grain DatasetIterator, checkpointable
+    to_global: Callable  # process-local numpy batch -> global jax.Array
+
+
+def _build(cfg: Config, mesh, corpus: Corpus) -> _Parts:
     spec = ts.model_spec(cfg)
     schedule = make_schedule(cfg)
     tx = make_optimizer(cfg.optimizer, schedule)
@@ -122,50 +134,67 @@ def _train(cfg: Config, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
     pid, nproc = jax.process_index(), jax.process_count()
     batch_sharding = sharding.batch_sharding(mesh)
     to_global = lambda local: jax.make_array_from_process_local_data(batch_sharding, local)
+    val = [to_global(b) for b in pipeline.validation_batches(cfg, corpus.val, pid, nproc)]
     iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
-    evaluator = _Evaluator(evaluate, [to_global(b) for b in pipeline.validation_batches(cfg, corpus.val, pid, nproc)])
+    return _Parts(tx, shardings, train_step, _Evaluator(evaluate, val), iterator, to_global)
 
+
+def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, int, int | None]:
+    """(state, tokens seen, step resumed from or None); restoring also rewinds the iterator."""
     resumed_from = ckpt.latest_step()
     if resumed_from is None:
-        state, tokens = ts.init_state(cfg, tx, shardings), 0
-    else:
-        state, data_state, meta = ckpt.restore(resumed_from, ts.abstract_state(cfg, tx, shardings))
-        iterator.set_state(data_state)
-        tokens = int(meta["tokens"])
-    step = int(jax.device_get(state.step))
-    logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=pid == 0)
-    if resumed_from is not None:
-        logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
+        return ts.init_state(cfg, parts.tx, parts.shardings), 0, None
+    state, data_state, meta = ckpt.restore(resumed_from, ts.abstract_state(cfg, parts.tx, parts.shardings))
+    parts.iterator.set_state(data_state)
+    return state, int(meta["tokens"]), resumed_from
 
+
+def _train(cfg: Config, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
+           stop: StopRequest, stop_after: int | None) -> RunResult:
+    parts = _build(cfg, mesh, corpus)
+    state, tokens, resumed_from = _init_or_restore(cfg, parts, ckpt)
+    step = int(jax.device_get(state.step))
+    logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0)
+    try:
+        if resumed_from is not None:
+            logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
+        state, step, tokens, val_loss = _loop(cfg, parts, ckpt, logger, stop, stop_after, state, step, tokens)
+        ckpt.wait()
+        if val_loss is None:  # resumed a finished run: report its quality anyway
+            val_loss = parts.evaluate(state.params)
+    finally:
+        logger.close()
+    return RunResult(step, tokens, val_loss, corpus.unigram_entropy(), resumed_from, stop.signum)
+
+
+def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger, stop: StopRequest,
+          stop_after: int | None, state: ts.TrainState, step: int, tokens: int):
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     throughput, pending, val_loss = _Throughput(tokens), None, None
     while step < cfg.train.steps:
-        state, metrics = train_step(state, to_global(next(iterator)))
+        state, metrics = parts.train_step(state, parts.to_global(next(parts.iterator)))
         step, tokens = step + 1, tokens + tokens_per_step
         if pending is not None:  # step N-1's metrics, fetched after step N was dispatched
             logger.write(_row(*pending, throughput, cfg))
             pending = None
         last = step == cfg.train.steps
-        if step % cfg.train.eval_every == 0 or last:
+        evaluate_now = step % cfg.train.eval_every == 0 or last
+        if evaluate_now:
             jax.block_until_ready(metrics)  # the pause starts once the queued steps are done
             started = time.perf_counter()
-            val_loss = evaluator(state.params)
+            val_loss = parts.evaluate(state.params)
             throughput.paused += time.perf_counter() - started
-        if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 or last:
-            pending = (step, tokens, metrics, val_loss if step % cfg.train.eval_every == 0 or last else None)
+        if evaluate_now or step % cfg.train.log_every == 0:
+            pending = (step, tokens, metrics, val_loss if evaluate_now else None)
         halt = stop.requested or step == stop_after
         meta = {"tokens": tokens, "step": step, "config": cfg.to_dict()}
-        saved = ckpt.save(step, state, iterator.get_state(), meta, force=last or halt)
+        saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
         if halt:
             logger.message(f"stopping: checkpoint {'saved' if saved else 'exists'} at step {step}")
             break
     if pending is not None:
         logger.write(_row(*pending, throughput, cfg))
-    ckpt.wait()
-    if val_loss is None:  # resumed a finished run: report its quality anyway
-        val_loss = evaluator(state.params)
-    logger.close()
-    return RunResult(step, tokens, val_loss, corpus.unigram_entropy(), resumed_from, stop.signum)
+    return state, step, tokens, val_loss
 
 
 def _row(step: int, tokens: int, metrics: dict, val_loss: float | None, throughput: _Throughput,
