@@ -42,7 +42,7 @@ def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
     fills = [i for i, s in enumerate(sizes) if s == -1]
     if len(fills) > 1:
-        raise ConfigError("mesh", f"only one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError("mesh", f"only one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
     known = math.prod(s for s in sizes if s != -1)
     if fills:
         if n_devices % known:
@@ -67,7 +67,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     replicated instead (e.g. 2 kv heads on tensor=4), and no mesh axis is used twice."""
     used: set[str] = set()
     spec = []
-    for name, dim in zip(axes, shape):
+    for name, dim in zip(axes, shape, strict=True):
         target = LOGICAL_RULES.get(name) if name else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
         mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)

@@ -73,7 +73,7 @@ def test_validation_batches_are_fixed(tiny_cfg):
     a = pipeline.validation_batches(tiny_cfg, corpus.val)
     b = pipeline.validation_batches(tiny_cfg, corpus.val)
     assert len(a) == tiny_cfg.data.val_batches
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

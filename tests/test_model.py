@@ -49,7 +49,7 @@ def test_every_parameter_has_one_logical_name_per_dimension():
     shapes = jax.tree.leaves(spec.abstract_params)
     assert len(names) == len(shapes) > 0
     known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
-    for axes, leaf in zip(names, shapes):
+    for axes, leaf in zip(names, shapes, strict=True):
         assert len(axes) == leaf.ndim and set(axes) <= known, (axes, leaf.shape)
 
 

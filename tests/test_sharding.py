@@ -58,7 +58,7 @@ def test_step_matches_single_device(name, reference):
     ref_losses, ref_state = reference
     losses, state = two_steps(MESHES[name])
     np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
-    for ref, got in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
+    for ref, got in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=RTOL, atol=ATOL)
 
 

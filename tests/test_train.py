@@ -80,7 +80,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_pat
     ref_state, ref_data, ref_meta = final_state(cfg, ref_dir)
     state, data, meta = final_state(cfg, tmp_path)
     assert data == ref_data and meta["tokens"] == ref_meta["tokens"]
-    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
