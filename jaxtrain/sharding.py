@@ -91,8 +91,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sequences split over data x fsdp; the time axis is not split."""
-    return NamedSharding(mesh, logical_to_spec(("batch", None), (0, 0), mesh))
+    """Sequences split over data x fsdp (the `batch` rule); the time axis is not split."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], None))
 
 
 def check_batch_divides(cfg: Config, mesh: Mesh) -> None:

@@ -62,9 +62,14 @@ def _init_state(cfg: Config, tx: optax.GradientTransformation, seed_key: jax.Arr
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 
+def _abstract_init(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
+    """The TrainState's shapes and dtypes, traced without allocating anything."""
+    return jax.eval_shape(functools.partial(_init_state, cfg, tx), jax.random.PRNGKey(0))
+
+
 def state_shardings(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Shardings for every leaf of the TrainState: optimizer moments follow their params."""
-    abstract = jax.eval_shape(functools.partial(_init_state, cfg, tx), jax.random.PRNGKey(0))
+    abstract = _abstract_init(cfg, tx)
     params = sharding.param_shardings(spec.logical_axes, spec.abstract_params, mesh)
     rep = sharding.replicated(mesh)
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
@@ -74,8 +79,8 @@ def state_shardings(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformati
 
 def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs with target shardings: the restore target for orbax."""
-    abstract = jax.eval_shape(functools.partial(_init_state, cfg, tx), jax.random.PRNGKey(0))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        _abstract_init(cfg, tx), shardings)
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
