@@ -170,6 +170,7 @@ def _train(cfg: Config, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
 def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger, stop: StopRequest,
           stop_after: int | None, state: ts.TrainState, step: int, tokens: int):
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    config_dict = cfg.to_dict()  # stored in every checkpoint's meta; dumped once, not per step
     throughput, pending, val_loss = _Throughput(tokens), None, None
     while step < cfg.train.steps:
         state, metrics = parts.train_step(state, parts.to_global(next(parts.iterator)))
@@ -187,7 +188,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
         if evaluate_now or step % cfg.train.log_every == 0:
             pending = (step, tokens, metrics, val_loss if evaluate_now else None)
         halt = stop.requested or step == stop_after
-        meta = {"tokens": tokens, "step": step, "config": cfg.to_dict()}
+        meta = {"tokens": tokens, "step": step, "config": config_dict}
         saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
         if halt:
             logger.message(f"stopping: checkpoint {'saved' if saved else 'exists'} at step {step}")
