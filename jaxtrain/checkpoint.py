@@ -3,7 +3,7 @@
 One checkpoint (`WORKDIR/checkpoints/<step>/`) holds three items:
   state  params, optimizer state, step and RNG key (sharded arrays, OCDBT/tensorstore)
   data   the grain iterator state (JSON): where the next batch comes from
-  meta   tokens seen, wall-clock, and the resolved config (JSON)
+  meta   tokens seen, the resolved config and parametrization table (JSON)
 
 Saves are asynchronous by default: orbax copies device arrays to host before `save`
 returns (so the next step may donate the buffers), then writes in a background thread.
@@ -60,6 +60,10 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
         ))
         return restored.state, restored.data, restored.meta
+
+    def read_meta(self, step: int) -> dict:
+        """Only the metadata item of a checkpoint (no arrays are read)."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

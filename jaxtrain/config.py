@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from jaxtrain.errors import ConfigError
 
@@ -70,9 +70,36 @@ class ModelConfig(_Section):
 
 
 class ParametrizationConfig(_Section):
-    """Seam for the SP / muP / depth-muP table; today only standard parametrization."""
+    """How init, forward multipliers, learning rates, Adam epsilon and weight decay scale
+    with width and depth; `parametrization.py` turns this into the per-parameter table.
 
-    name: Literal["sp"] = "sp"
+    A bare string is accepted as the name: `parametrization: mup`.
+    """
+
+    name: Literal["sp", "mup", "ntk"] = "sp"
+    # Base shapes: at d_model == d0 and n_layers == L0 every parametrization equals SP.
+    d0: int | None = Field(None, gt=0)  # None = model.d_model (width multiplier 1)
+    L0: int | None = Field(None, gt=0)  # None = model.n_layers (depth multiplier 1)
+    # Residual branches scaled by (L/L0)^-depth_alpha: 0 off, 0.5 depth-muP, 1 CompleteP.
+    depth_alpha: float = Field(0.0, ge=0, le=1)
+    # Attention logits scale: inv_sqrt = 1/sqrt(d_head); inv = sqrt(d_head0)/d_head (the
+    # muP 1/d_head rule, anchored to SP at the base width); auto = inv under mup.
+    attn_scale: Literal["auto", "inv_sqrt", "inv"] = "auto"
+    init_std: float = Field(1.0, gt=0)  # sigma: hidden matrices start at sigma/sqrt(fan_in)
+    embed_std: float = Field(1.0, gt=0)  # sigma_emb
+    embed_multiplier: float = Field(1.0, gt=0)  # alpha_emb
+    output_multiplier: float = Field(1.0, gt=0)  # alpha_out
+    readout_zero_init: bool = False
+    # Hidden-matrix weight decay lambda * (d/d0)^gamma under mup (0.5: Robust Layerwise
+    # Scaling Rules by Proper Weight Decay Tuning; 1: the `mup` package).
+    gamma: float = 0.5
+    # Decay embedding, readout and norm gains too (with the unscaled lambda).
+    decay_vector_like: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, raw: Any) -> Any:
+        return {"name": raw} if isinstance(raw, str) else raw
 
 
 class OptimizerConfig(_Section):
@@ -82,6 +109,9 @@ class OptimizerConfig(_Section):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     clip_norm: float = Field(1.0, ge=0)  # global-norm clipping; 0 disables
+    # coupled: decay multiplied by the parameter's current learning rate (optax adamw);
+    # independent: by lr(t)/lr_peak only, so lambda is a per-step rate (Wortsman et al. 2023).
+    weight_decay_mode: Literal["coupled", "independent"] = "coupled"
 
 
 class ScheduleConfig(_Section):

@@ -11,12 +11,15 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
 * Untied LM head; logits are returned in float32 whatever the compute dtype.
 
 Every parameter is created with logical axis names (`out_sharding` metadata):
-  vocab, embed (the model width), heads, kv_heads, head_dim, mlp.
-`sharding.py` maps them to mesh axes; the parametrization will read which of them grow
-with width. Eager sharding is off: placement is decided once, by `sharding.py`.
+  vocab, embed (the model width), heads, kv_heads, head_dim, mlp,
+and matrices also say how many leading axes they contract (`fan_in_dims`). `sharding.py`
+maps the names to mesh axes; `parametrization.py` reads them to give each parameter its
+role. Eager sharding is off: placement is decided once, by `sharding.py`.
 
-Initialization is the standard parametrization: matrices N(0, 1/fan_in), embedding
-N(0, 1), norm gains 1.
+Values are created UNIT-SCALE (matrices N(0, 1), norm gains 1): the parametrization table
+sets every init std (`parametrization.scale_init`) and the per-parameter forward
+multipliers (`parametrization.effective_params`); the two activation-level rules, the
+attention-logit scale and the residual-branch multiplier, arrive as `ForwardScales`.
 """
 
 from __future__ import annotations
@@ -28,19 +31,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
+from jaxtrain.parametrization import ForwardScales
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_in_dims: int) -> nnx.Param:
+    """A unit-scale N(0, 1) matrix whose first `fan_in_dims` axes are contracted."""
+    value = jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, fan_in_dims=fan_in_dims)
 
 
-def _fan_in_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], n_in: int) -> nnx.Param:
-    """A matrix whose first `n_in` dims are contracted: std = 1/sqrt(fan_in)."""
-    fan_in = math.prod(shape[:n_in])
-    return _param(rngs, shape, axes, 1.0 / math.sqrt(fan_in))
+def sp_scales(cfg: ModelConfig) -> ForwardScales:
+    return ForwardScales(attn_scale=1.0 / math.sqrt(cfg.head_dim), residual=1.0)
 
 
 class RMSNorm(nnx.Module):
@@ -75,13 +78,13 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, scale: float, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.cfg = cfg
-        self.wq = _fan_in_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1)
-        self.wk = _fan_in_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
-        self.wv = _fan_in_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
-        self.wo = _fan_in_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), 2)
+        self.cfg, self.scale = cfg, scale
+        self.wq = _matrix(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1)
+        self.wk = _matrix(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
+        self.wv = _matrix(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
+        self.wo = _matrix(rngs, (n, h, d), ("heads", "head_dim", "embed"), 2)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, "head_dim", cfg.norm_eps)
             self.k_norm = RMSNorm(h, "head_dim", cfg.norm_eps)
@@ -95,16 +98,16 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(cfg.head_dim))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
 
 
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.ff_dim
-        self.w_gate = _fan_in_param(rngs, (d, f), ("embed", "mlp"), 1)
-        self.w_up = _fan_in_param(rngs, (d, f), ("embed", "mlp"), 1)
-        self.w_down = _fan_in_param(rngs, (f, d), ("mlp", "embed"), 1)
+        self.w_gate = _matrix(rngs, (d, f), ("embed", "mlp"), 1)
+        self.w_up = _matrix(rngs, (d, f), ("embed", "mlp"), 1)
+        self.w_down = _matrix(rngs, (f, d), ("mlp", "embed"), 1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -113,35 +116,42 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.dropout_rate = cfg.dropout
+    """x + residual * Attn(RMSNorm(x)), then x + residual * SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig, scales: ForwardScales, rngs: nnx.Rngs):
+        self.dropout_rate, self.residual = cfg.dropout, scales.residual
         self.attn_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, scales.attn_scale, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None) -> jax.Array:
         keys = jax.random.split(key) if key is not None else (None, None)
-        x = x + dropout(self.attn(self.attn_norm(x), positions), self.dropout_rate, keys[0])
-        return x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        branch = dropout(self.attn(self.attn_norm(x), positions), self.dropout_rate, keys[0])
+        x = x + self.residual * branch
+        branch = dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        return x + self.residual * branch
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, scales: ForwardScales | None = None):
+        scales = scales or sp_scales(cfg)
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.embed = _matrix(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1)
+        self.blocks = nnx.List([Block(cfg, scales, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
-        self.lm_head = _fan_in_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
+        self.lm_head = _matrix(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[self.cfg.dtype])
 
     def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """tokens: (B, T) int -> logits (B, T, vocab) float32."""
-        dtype = _DTYPES[self.cfg.dtype]
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = self.embed_tokens(tokens)
         for i, block in enumerate(self.blocks):
             key = jax.random.fold_in(dropout_key, i) if dropout_key is not None else None
             x = block(x, positions, key)
         x = self.final_norm(x)
-        return jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dtype),
+        return jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)

@@ -1,32 +1,53 @@
-"""The optax chain: global-norm clipping -> AdamW with a learning-rate schedule.
+"""The optax chain, built from the parametrization table:
 
-AdamW (Loshchilov & Hutter 2019) as optax implements it: the decoupled weight decay is
-multiplied by the current learning rate ("coupled" to the schedule):
-    theta <- theta - lr(s) * (m_hat / (sqrt(v_hat) + eps) + lambda * theta).
-Only matrices (ndim >= 2) are decayed; norm gains are not.
+    clip_by_global_norm
+    -> per role: scale_by_adam(eps * eps_mult) -> add_decayed_weights -> scale(lr_mult)
+    -> scale_by_learning_rate(schedule)
 
-Seam for the parametrization table: `decay_mask` and the single learning rate become
-per-role multipliers there; the chain keeps this order (clip first, then the update).
+so a parameter of role R moves by
+    -lr(t) * lr_R * (m_hat / (sqrt(v_hat) + eps * eps_R) + lambda'_R * theta).
+Decoupled weight decay (Loshchilov & Hutter 2019), lambda_R = lambda * decay_R from the table:
+  coupled      lambda'_R = lambda_R: decay follows the parameter's current LR (optax adamw);
+  independent  lambda'_R = lambda_R / (lr_R * eta), so the decay term is
+               -(lr(t) / eta) * lambda_R * theta: a per-step rate that only follows the
+               schedule's shape, not eta or the muP LR multiplier (Wortsman et al. 2023).
+Init and optimizer read the same table, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import jax
 import optax
 
 from jaxtrain.config import OptimizerConfig
+from jaxtrain.parametrization import ROLES, ParamRule, Table
 from jaxtrain.schedules import Schedule
 
 
-def decay_mask(params: Any) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def _role_rule(table: Table, role: str) -> ParamRule | None:
+    """The role's shared optimizer settings (the table gives all its members the same)."""
+    members = {(r.lr, r.eps, r.weight_decay): r for r in table.rules.values() if r.role == role}
+    if len(members) > 1:
+        raise ValueError(f"role {role} has differing optimizer settings: {sorted(members)}")
+    return next(iter(members.values()), None)
 
 
-def make_optimizer(cfg: OptimizerConfig, schedule: Schedule) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
+def _role_transform(cfg: OptimizerConfig, rule: ParamRule) -> optax.GradientTransformation:
+    decay = cfg.weight_decay * rule.weight_decay
+    if cfg.weight_decay_mode == "independent":
+        decay /= rule.lr * cfg.lr
+    steps = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps * rule.eps)]
+    if decay > 0:
+        steps.append(optax.add_decayed_weights(decay))
+    if rule.lr != 1.0:
+        steps.append(optax.scale(rule.lr))
+    return optax.chain(*steps)
+
+
+def make_optimizer(cfg: OptimizerConfig, table: Table, schedule: Schedule) -> optax.GradientTransformation:
+    rules = {role: _role_rule(table, role) for role in ROLES}
+    per_role = optax.partition({role: _role_transform(cfg, rule) for role, rule in rules.items() if rule},
+                               table.labels)
+    steps = [per_role, optax.scale_by_learning_rate(schedule)]
     if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-    return adamw
+        steps.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
+    return optax.chain(*steps)

@@ -11,6 +11,7 @@ step N+1 has been dispatched. Evaluation runs every `train.eval_every` steps.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 import yaml
 
-from jaxtrain import sharding
+from jaxtrain import parametrization, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config
@@ -28,6 +29,7 @@ from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import MetricsLogger
 from jaxtrain.optimizer import make_optimizer
+from jaxtrain.parametrization import Table
 from jaxtrain.preemption import StopRequest, stop_on_signal
 from jaxtrain.schedules import make_schedule
 
@@ -46,10 +48,12 @@ class RunResult:
     stop_signal: int | None  # set when a signal stopped the run early
 
 
-def check_workdir_config(workdir: Path, cfg: Config, has_checkpoint: bool) -> None:
-    """Refuse to resume a run whose model/data differ; record the resolved config."""
+def check_workdir(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer) -> None:
+    """Refuse to resume a run whose model, data or parametrization table differ (before
+    anything is written); then record the resolved config and table in the workdir."""
+    latest = ckpt.latest_step()
     path = workdir / "config.yaml"
-    if has_checkpoint and path.exists():
+    if latest is not None and path.exists():
         saved = yaml.safe_load(path.read_text()) or {}
         new = cfg.to_dict()
         for section, keys in _IDENTITY_KEYS.items():
@@ -59,10 +63,19 @@ def check_workdir_config(workdir: Path, cfg: Config, has_checkpoint: bool) -> No
                 if old != value:
                     raise ConfigError(f"{section}.{key}", f"workdir {workdir} holds a run with {old!r}, "
                                                           f"this config says {value!r}; use a new --workdir")
+    if latest is not None:
+        saved_table = ckpt.read_meta(latest).get("parametrization")
+        if saved_table is not None:
+            parametrization.check_matches(saved_table, table)
     if jax.process_index() == 0:
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        _write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_atomic(workdir / "parametrization.json", json.dumps(table.to_json(), indent=1))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _check_vocab(cfg: Config) -> None:
@@ -93,9 +106,10 @@ class _Throughput:
         return rate
 
 
-def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None) -> RunResult:
+def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, console: bool = True) -> RunResult:
     """Train in `workdir`, resuming from its newest checkpoint. `stop_after` ends this
-    invocation after that step (with a checkpoint), as a preemption would."""
+    invocation after that step (with a checkpoint), as a preemption would. `console=False`
+    keeps the terminal quiet (metrics.jsonl and TensorBoard are still written)."""
     workdir = Path(workdir)
     _check_vocab(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -104,11 +118,12 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None) -> R
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir}: exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
+    spec = ts.model_spec(cfg)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
-    check_workdir_config(workdir, cfg, ckpt.latest_step() is not None)
     try:
+        check_workdir(workdir, cfg, spec.table, ckpt)
         with stop_on_signal() as stop:
-            return _train(cfg, workdir, mesh, corpus, ckpt, stop, stop_after)
+            return _train(cfg, spec, workdir, mesh, corpus, ckpt, stop, stop_after, console)
     finally:
         ckpt.close()
 
@@ -117,6 +132,7 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None) -> R
 class _Parts:
     """The compiled steps and data streams of one run."""
 
+    spec: ts.ModelSpec
     tx: Any
     shardings: ts.TrainState
     train_step: Callable
@@ -125,10 +141,9 @@ class _Parts:
     to_global: Callable  # process-local numpy batch -> global jax.Array
 
 
-def _build(cfg: Config, mesh, corpus: Corpus) -> _Parts:
-    spec = ts.model_spec(cfg)
+def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
     schedule = make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, schedule)
+    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
     shardings = ts.state_shardings(cfg, spec, tx, mesh)
     train_step, evaluate = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -136,25 +151,26 @@ def _build(cfg: Config, mesh, corpus: Corpus) -> _Parts:
     to_global = lambda local: jax.make_array_from_process_local_data(batch_sharding, local)
     val = [to_global(b) for b in pipeline.validation_batches(cfg, corpus.val, pid, nproc)]
     iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
-    return _Parts(tx, shardings, train_step, _Evaluator(evaluate, val), iterator, to_global)
+    return _Parts(spec, tx, shardings, train_step, _Evaluator(evaluate, val), iterator, to_global)
 
 
 def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, int, int | None]:
     """(state, tokens seen, step resumed from or None); restoring also rewinds the iterator."""
     resumed_from = ckpt.latest_step()
     if resumed_from is None:
-        return ts.init_state(cfg, parts.tx, parts.shardings), 0, None
-    state, data_state, meta = ckpt.restore(resumed_from, ts.abstract_state(cfg, parts.tx, parts.shardings))
+        return ts.init_state(cfg, parts.spec, parts.tx, parts.shardings), 0, None
+    target = ts.abstract_state(cfg, parts.spec, parts.tx, parts.shardings)
+    state, data_state, meta = ckpt.restore(resumed_from, target)
     parts.iterator.set_state(data_state)
     return state, int(meta["tokens"]), resumed_from
 
 
-def _train(cfg: Config, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
-           stop: StopRequest, stop_after: int | None) -> RunResult:
-    parts = _build(cfg, mesh, corpus)
+def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
+           stop: StopRequest, stop_after: int | None, console: bool) -> RunResult:
+    parts = _build(cfg, spec, mesh, corpus)
     state, tokens, resumed_from = _init_or_restore(cfg, parts, ckpt)
     step = int(jax.device_get(state.step))
-    logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0)
+    logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0, console=console)
     try:
         if resumed_from is not None:
             logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
@@ -170,7 +186,8 @@ def _train(cfg: Config, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
 def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger, stop: StopRequest,
           stop_after: int | None, state: ts.TrainState, step: int, tokens: int):
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    config_dict = cfg.to_dict()  # stored in every checkpoint's meta; dumped once, not per step
+    # stored in every checkpoint's meta; dumped once, not per step
+    run_meta = {"config": cfg.to_dict(), "parametrization": parts.spec.table.to_json()}
     throughput, pending, val_loss = _Throughput(tokens), None, None
     while step < cfg.train.steps:
         state, metrics = parts.train_step(state, parts.to_global(next(parts.iterator)))
@@ -188,7 +205,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
         if evaluate_now or step % cfg.train.log_every == 0:
             pending = (step, tokens, metrics, val_loss if evaluate_now else None)
         halt = stop.requested or step == stop_after
-        meta = {"tokens": tokens, "step": step, "config": config_dict}
+        meta = {"tokens": tokens, "step": step, **run_meta}
         saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
         if halt:
             logger.message(f"stopping: checkpoint {'saved' if saved else 'exists'} at step {step}")

@@ -4,7 +4,9 @@
 
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the NNX module is rebuilt
 from the static graph definition inside each step (`nnx.merge`), so no stateful object
-lives across steps and the state is an ordinary pytree for optax and orbax.
+lives across steps and the state is an ordinary pytree for optax and orbax. The
+parametrization table (`ModelSpec.table`) scales params at init and multiplies them by
+their forward multipliers inside the step (`bind_model`).
 
 Loss (float32), with z-loss (Chowdhery et al. 2022, "PaLM"; Wortsman et al. 2023):
     L = mean_t[ logsumexp(z_t) - z_t[y_t] ] + c_z * mean_t[ logsumexp(z_t)^2 ]
@@ -23,9 +25,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import sharding
+from jaxtrain import parametrization, sharding
 from jaxtrain.config import Config
 from jaxtrain.model import Transformer
+from jaxtrain.parametrization import Table
 
 
 @flax.struct.dataclass
@@ -43,57 +46,74 @@ class ModelSpec:
     graphdef: Any
     abstract_params: Any  # ShapeDtypeStructs
     logical_axes: Any  # same tree, PartitionSpecs of logical names
+    table: Table  # the resolved parametrization: one rule per parameter path
+
+
+def _unit_model(cfg: Config, rngs: nnx.Rngs) -> Transformer:
+    return Transformer(cfg.model, rngs, parametrization.forward_scales(cfg))
 
 
 def model_spec(cfg: Config) -> ModelSpec:
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: _unit_model(cfg, nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     return ModelSpec(graphdef, nnx.to_pure_dict(abstract_state),
-                     nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)))
+                     nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)),
+                     parametrization.build_table(cfg, abstract_state))
 
 
-def init_params(cfg: Config, key: jax.Array) -> Any:
-    return nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(params=key))))
+def init_params(cfg: Config, spec: ModelSpec, key: jax.Array) -> Any:
+    unit = nnx.to_pure_dict(nnx.state(_unit_model(cfg, nnx.Rngs(params=key))))
+    return parametrization.scale_init(spec.table, unit)
 
 
-def _init_state(cfg: Config, tx: optax.GradientTransformation, seed_key: jax.Array) -> TrainState:
+def bind_model(spec: ModelSpec, params: Any) -> Transformer:
+    """The NNX module holding the weights the forward pass uses (multipliers applied)."""
+    return nnx.merge(spec.graphdef, parametrization.effective_params(spec.table, params))
+
+
+def _init_state(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation,
+                seed_key: jax.Array) -> TrainState:
     param_key, rng = jax.random.split(seed_key)
-    params = init_params(cfg, param_key)
+    params = init_params(cfg, spec, param_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 
-def _abstract_init(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
+def _abstract_init(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation) -> TrainState:
     """The TrainState's shapes and dtypes, traced without allocating anything."""
-    return jax.eval_shape(functools.partial(_init_state, cfg, tx), jax.random.PRNGKey(0))
+    return jax.eval_shape(functools.partial(_init_state, cfg, spec, tx), jax.random.PRNGKey(0))
 
 
 def state_shardings(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Shardings for every leaf of the TrainState: optimizer moments follow their params."""
-    abstract = _abstract_init(cfg, tx)
+    abstract = _abstract_init(cfg, spec, tx)
     params = sharding.param_shardings(spec.logical_axes, spec.abstract_params, mesh)
     rep = sharding.replicated(mesh)
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, params,
-                                transform_non_params=lambda _: rep)
+    # optax.partition leaves a MaskedNode where a param belongs to another role: keep it.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt = optax.tree_map_params(tx, lambda leaf, s: leaf if masked(leaf) else s, abstract.opt_state, params,
+                                transform_non_params=lambda _: rep, is_leaf=masked)
     return TrainState(step=rep, params=params, opt_state=opt, rng=rep)
 
 
-def abstract_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def abstract_state(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation,
+                   shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs with target shardings: the restore target for orbax."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        _abstract_init(cfg, tx), shardings)
+                        _abstract_init(cfg, spec, tx), shardings)
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def init_state(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation,
+               shardings: TrainState) -> TrainState:
     """Sharded init: every leaf is created directly on its devices."""
-    init = jax.jit(functools.partial(_init_state, cfg, tx), out_shardings=shardings)
+    init = jax.jit(functools.partial(_init_state, cfg, spec, tx), out_shardings=shardings)
     return init(jax.random.PRNGKey(cfg.train.seed))
 
 
-def loss_and_metrics(params: Any, graphdef: Any, batch: jax.Array, z_loss: float,
+def loss_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: float,
                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """batch: (B, T+1) tokens; predicts batch[:, 1:] from batch[:, :-1]."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = nnx.merge(graphdef, params)(inputs, dropout_key=dropout_key)
+    logits = bind_model(spec, params)(inputs, dropout_key=dropout_key)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     ce = jnp.mean(log_z - target_logit)
@@ -101,20 +121,20 @@ def loss_and_metrics(params: Any, graphdef: Any, batch: jax.Array, z_loss: float
     return ce + z_term, {"loss": ce, "z_loss": z_term}
 
 
-def train_step(state: TrainState, batch: jax.Array, *, graphdef: Any, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: optax.GradientTransformation,
                schedule: Callable, z_loss: float, dropout: bool) -> tuple[TrainState, dict]:
     dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, graphdef, batch, z_loss, dropout_key)
+    (_, metrics), grads = grad_fn(state.params, spec, batch, z_loss, dropout_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: jax.Array, *, graphdef: Any) -> jax.Array:
+def eval_step(params: Any, batch: jax.Array, *, spec: ModelSpec) -> jax.Array:
     """Mean next-token cross-entropy (nats/token) of one batch, no z-loss."""
-    return loss_and_metrics(params, graphdef, batch, 0.0)[1]["loss"]
+    return loss_and_metrics(params, spec, batch, 0.0)[1]["loss"]
 
 
 def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, schedule: Callable,
@@ -122,10 +142,10 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
     """jit the pure steps once, with explicit in/out shardings and the state donated."""
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
-    step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx, schedule=schedule,
+    step = functools.partial(train_step, spec=spec, tx=tx, schedule=schedule,
                              z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0)
     train = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                     donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
+    evaluate = jax.jit(functools.partial(eval_step, spec=spec),
                        in_shardings=(shardings.params, batch_sh), out_shardings=rep)
     return train, evaluate

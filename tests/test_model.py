@@ -54,14 +54,15 @@ def test_every_parameter_has_one_logical_name_per_dimension():
 
 
 def test_loss_is_cross_entropy_plus_z_loss():
-    cfg, model = build()
-    params = nnx.to_pure_dict(nnx.state(model))
-    graphdef = nnx.graphdef(model)
+    cfg, _ = build()
+    spec = ts.model_spec(cfg)
+    params = ts.init_params(cfg, spec, jax.random.PRNGKey(0))
     batch = jax.random.randint(jax.random.PRNGKey(2), (2, 17), 0, 256)
-    logits = model(batch[:, :-1])
+    logits = ts.bind_model(spec, params)(batch[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
     lse = jax.nn.logsumexp(logits, axis=-1)
-    total, metrics = ts.loss_and_metrics(params, graphdef, batch, 1e-2)
+    assert 4.0 < float(ce) < 7.0  # near ln(256) = 5.55 at init: the std came from the table
+    total, metrics = ts.loss_and_metrics(params, spec, batch, 1e-2)
     assert float(metrics["loss"]) == pytest.approx(float(ce), rel=1e-5)
     assert float(total) == pytest.approx(float(ce + 1e-2 * jnp.mean(lse**2)), rel=1e-5)
 

@@ -36,9 +36,9 @@ def two_steps(mesh_shape):
     n = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n])
     spec, schedule = ts.model_spec(cfg), make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, schedule)
+    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
     shardings = ts.state_shardings(cfg, spec, tx, mesh)
-    state = ts.init_state(cfg, tx, shardings)
+    state = ts.init_state(cfg, spec, tx, shardings)
     step, _ = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
     batches = np.random.default_rng(0).integers(0, 256, (2, 16, 33), dtype=np.int32)
     losses = []

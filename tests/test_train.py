@@ -25,11 +25,12 @@ pytestmark = pytest.mark.slow
 
 def final_state(cfg, workdir):
     mesh = sharding.make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, make_schedule(cfg))
-    shardings = ts.state_shardings(cfg, ts.model_spec(cfg), tx, mesh)
+    spec = ts.model_spec(cfg)
+    tx = make_optimizer(cfg.optimizer, spec.table, make_schedule(cfg))
+    shardings = ts.state_shardings(cfg, spec, tx, mesh)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
     try:
-        return ckpt.restore(ckpt.latest_step(), ts.abstract_state(cfg, tx, shardings))
+        return ckpt.restore(ckpt.latest_step(), ts.abstract_state(cfg, spec, tx, shardings))
     finally:
         ckpt.close()
 
@@ -92,6 +93,22 @@ def test_resume_with_a_different_model_is_refused_and_harmless(uninterrupted, ca
     assert "'model.d_model'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_resume_with_a_different_parametrization_table_names_the_difference(tmp_path):
+    """Even with config.yaml gone, the table stored in the checkpoint guards the resume."""
+    cfg = load_config(TINY, ["train.steps=10"])
+    run(cfg, tmp_path)
+    (tmp_path / "config.yaml").unlink()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    proc = run_cli("train", str(TINY), "--workdir", str(tmp_path), "--set", "train.steps=10",
+                   "--set", "parametrization.name=ntk")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "parametrization table differs" in proc.stderr and "name: checkpoint has 'sp'" in proc.stderr
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before
+    table = json.loads((tmp_path / "parametrization.json").read_text())
+    assert table["name"] == "sp" and table["rules"]["lm_head"]["role"] == "readout"
 
 
 def test_workdir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
