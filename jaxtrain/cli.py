@@ -1,6 +1,8 @@
 """`jaxtrain <command>`: thin entry points over the library.
 
     jaxtrain train CONFIG --workdir DIR [--set key.path=value ...]
+    jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
+    jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
 
 Bad input (config, data, paths) prints one line `jaxtrain: error: ...` and exits 2;
 `JAXTRAIN_DEBUG=1` shows the traceback instead.
@@ -24,7 +26,70 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="run directory; rerunning on it resumes")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set model.d_model=512 (repeatable)")
+    sweep = commands.add_parser("sweep", help="train a grid of short runs; loss vs learning rate per width/depth")
+    sweep.add_argument("config")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="a swept config key and its values (repeatable; the product is run)")
+    sweep.add_argument("--out", required=True, help="sweep directory (rerunning resumes it)")
+    sweep.add_argument("--x", default="optimizer.lr", help="the grid key on the x axis (log2)")
+    sweep.add_argument("--curves", default=None, help="the grid key drawn as separate curves "
+                                                      "(default: the first other --grid key)")
+    _add_set(sweep)
+    coord = commands.add_parser("coord-check", help="muP coordinate check: activation RMS vs width")
+    coord.add_argument("config")
+    coord.add_argument("--widths", required=True, help="comma-separated d_model values")
+    coord.add_argument("--depths", default=None, help="comma-separated n_layers values (default: the config's)")
+    coord.add_argument("--steps", type=int, default=5, help="optimizer updates to record (default 5)")
+    coord.add_argument("--out", required=True)
+    _add_set(coord)
     return parser
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value in every run (repeatable)")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise UserError(f"{flag} {text!r}: expected comma-separated positive integers")
+    return values
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxtrain.sweep import parse_grid, sweep
+
+    results = sweep(args.config, parse_grid(args.grid), Path(args.out), overrides=args.overrides,
+                    x_key=args.x, curve_key=args.curves)
+    for d in results["drift"]:
+        panel = ", ".join(f"{k}={d[k]}" for k in results["panels"]) or "all"
+        print(f"{panel}: optimum moved {d['drift_steps']:+.2f} grid steps from "
+              f"{results['curve']}={d['from']} to {d['to']}")
+    print(f"wrote {args.out}/results.json, results.csv, sweep.png")
+    return 0
+
+
+def _coord_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxtrain.config import load_config
+    from jaxtrain.coord_check import coord_check
+
+    if args.steps <= 0:
+        raise UserError(f"--steps {args.steps}: must be positive")
+    cfg = load_config(args.config, args.overrides)
+    depths = _int_list(args.depths, "--depths") if args.depths else None
+    report = coord_check(cfg, _int_list(args.widths, "--widths"), depths, args.steps, Path(args.out))
+    for name, slope in report["slopes"][str(args.steps)].items():
+        print(f"{name}: log-log slope of RMS vs width at step {args.steps}: {slope:+.3f}")
+    print(f"wrote {args.out}/coord_check.json and coord_check.png")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -46,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train}[args.command](args)
+        return {"train": _train, "sweep": _sweep, "coord-check": _coord_check}[args.command](args)
     except UserError as err:
         if os.environ.get("JAXTRAIN_DEBUG"):
             raise

@@ -40,12 +40,13 @@ def truncate_after(path: Path, step: int) -> None:
 class MetricsLogger:
     """Writes rows to metrics.jsonl and TensorBoard, and shows progress on the terminal."""
 
-    def __init__(self, workdir: Path, start_step: int, total_steps: int, enabled: bool = True):
+    def __init__(self, workdir: Path, start_step: int, total_steps: int, enabled: bool = True,
+                 console: bool = True):
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
-        self._tty = sys.stderr.isatty()
+        self._tty = console and sys.stderr.isatty()
         self._bar = None
-        self._muted = False  # set when the terminal went away
+        self._muted = not console  # set when the terminal went away, or asked to be quiet
         if not enabled:
             return
         truncate_after(self.path, start_step)

@@ -1,0 +1,95 @@
+"""PNG figures for the sweep and the coordinate check (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _short(key: str) -> str:
+    return key.split(".")[-1]
+
+
+def _panel_title(panel: dict) -> str:
+    return ", ".join(f"{_short(k)}={v}" for k, v in panel.items()) or "all runs"
+
+
+def plot_sweep(results: dict[str, Any], path: Path) -> None:
+    """Validation loss vs log2(x), one curve per curve-key value, one panel per panel value.
+    Stars mark each curve's fitted optimum; crosses on the top edge mark diverged runs."""
+    x_key, curve_key, panel_keys = results["x"], results["curve"], results["panels"]
+    runs = results["runs"]
+    panels = list(dict.fromkeys(tuple(r[k] for k in panel_keys) for r in runs))
+    finite = [r["val_loss"] for r in runs if not r["diverged"]]
+    top = (min(finite) + 1.5 * (sorted(finite)[len(finite) // 2] - min(finite)) + 0.05) if finite else 1.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    colors = plt.get_cmap("viridis")
+    curves = list(dict.fromkeys(r[curve_key] for r in runs))
+    for ax, panel_values in zip(axes[0], panels, strict=True):
+        panel = dict(zip(panel_keys, panel_values, strict=True))
+        for i, curve in enumerate(curves):
+            color = colors(i / max(len(curves) - 1, 1))
+            pts = sorted((r for r in runs if r[curve_key] == curve and all(r[k] == v for k, v in panel.items())),
+                         key=lambda r: r[x_key])
+            ok = [r for r in pts if not r["diverged"]]
+            ax.plot([math.log2(r[x_key]) for r in ok], [min(r["val_loss"], top) for r in ok], "o-",
+                    color=color, label=f"{_short(curve_key)}={curve}")
+            bad = [math.log2(r[x_key]) for r in pts if r["diverged"]]
+            ax.plot(bad, [top] * len(bad), "x", color=color, markersize=9)
+            fit = next((o["optimum"] for o in results["optima"]
+                        if o[curve_key] == curve and all(o[k] == v for k, v in panel.items())), None)
+            if fit:
+                ax.plot([fit["opt_log2"]], [min(fit["best_loss"], top)], "*", color=color, markersize=14,
+                        markeredgecolor="black")
+        drift = next((d for d in results["drift"] if all(d[k] == v for k, v in panel.items())), None)
+        title = _panel_title(panel)
+        if drift:
+            title += f"\noptimum drift {drift['drift_steps']:+.2f} grid steps"
+        ax.set_title(title)
+        ax.set_xlabel(f"log2({_short(x_key)})")
+        ax.set_ylim(top=top + 0.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final validation loss (nats/token)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_coord_check(report: dict[str, Any], path: Path) -> None:
+    """RMS of each recorded activation vs width (log-log), one line per step."""
+    names = report["names"]
+    records = report["records"]
+    steps = sorted({r["step"] for r in records})
+    cols = min(len(names), 4)
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    colors = plt.get_cmap("plasma")
+    for ax, name in zip(axes.flat, names):
+        for i, step in enumerate(steps):
+            pts = sorted((r["width"], r["rms"][name]) for r in records if r["step"] == step)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors(i / max(len(steps), 1)),
+                    label=f"t={step}", markersize=3)
+        slope = report["slopes"].get(str(steps[-1]), {}).get(name)
+        ax.set_title(name + (f"  (slope at t={steps[-1]}: {slope:+.2f})" if slope is not None else ""),
+                     fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        if high / low < 4:  # a flat curve should look flat, not fill the panel with noise
+            mid = math.sqrt(low * high)
+            ax.set_ylim(mid / 2, mid * 2)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"coordinate check: {report['parametrization']} (RMS of activations vs width)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,188 @@
+"""`jaxtrain sweep`: a grid of short trainings, the results table, and the optimum of each
+curve from a fit in log learning rate.
+
+    jaxtrain sweep CONFIG --grid model.d_model=64,128 --grid optimizer.lr=1e-3,2e-3,4e-3 \
+        [--grid parametrization.name=sp,mup] --out DIR
+
+Every combination is an ordinary run in DIR/runs/<key=value,...>/ (so an interrupted sweep
+resumes: finished runs are read back from their result.json, a half-done one resumes from
+its checkpoint). The x axis (default optimizer.lr) is swept inside each CURVE (default: the
+first other grid key); every remaining key makes a PANEL.
+
+Outputs: DIR/results.json (runs, per-curve optima, drift of the optimum per panel),
+DIR/results.csv (one row per run) and DIR/sweep.png (loss vs log2(x), one curve per value
+of the curve key, one panel per value of the panel keys).
+
+A run DIVERGED when its final validation loss is not finite or is no better than a uniform
+guess over the vocabulary (ln V); diverged runs stay in the table and are left out of fits.
+Optimum: a least-squares parabola in log2(x) through the best point and its neighbours
+(up to two each side); if it does not open upwards or its vertex leaves those points, the
+best grid point itself. Drift of a panel = optimum at the last curve value minus optimum at
+the first, in grid steps (the grid's smallest log2 spacing).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from jaxtrain.config import Config, load_config
+from jaxtrain.errors import ConfigError
+from jaxtrain.metrics import read_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    key: str
+    values: tuple
+
+
+def parse_grid(items: list[str]) -> list[Axis]:
+    """`key=v1,v2,...` -> Axis; values are YAML scalars (numbers stay numbers)."""
+    axes = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        values = tuple(yaml.safe_load(v) for v in text.split(",") if v.strip())
+        if not sep or not key or not values:
+            raise ConfigError(item, "a grid must look like key.path=v1,v2,...")
+        if key in [a.key for a in axes]:
+            raise ConfigError(key, "appears in two --grid options")
+        axes.append(Axis(key, values))
+    return axes
+
+
+def run_name(assignment: dict[str, Any]) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in assignment.items()).replace("/", "_")
+
+
+def plan(config: str, overrides: list[str], grid: list[Axis]) -> list[tuple[dict, Config]]:
+    """Every grid point with its validated config: a bad key fails before anything runs."""
+    points = []
+    for values in itertools.product(*(a.values for a in grid)):
+        assignment = dict(zip((a.key for a in grid), values, strict=True))
+        sets = [*overrides, *(f"{k}={v}" for k, v in assignment.items())]
+        points.append((assignment, load_config(config, sets)))
+    return points
+
+
+def summarize(cfg: Config, workdir: Path, seconds: float) -> dict[str, Any]:
+    """Final validation loss, mean training loss over the last 10% of steps, divergence."""
+    rows = read_metrics(workdir / "metrics.jsonl")
+    tail_from = cfg.train.steps - max(cfg.train.steps // 10, 1)
+    train = [r["loss"] for r in rows if r["step"] > tail_from]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    train_loss = float(np.mean(train)) if train else math.nan
+    val_loss = float(val[-1]) if val else math.nan
+    chance = math.log(cfg.model.vocab_size)
+    diverged = not (math.isfinite(val_loss) and math.isfinite(train_loss)) or val_loss >= chance
+    return {"train_loss": train_loss, "val_loss": val_loss, "diverged": diverged, "seconds": seconds}
+
+
+def run_point(assignment: dict, cfg: Config, workdir: Path) -> dict[str, Any]:
+    done = workdir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    from jaxtrain.train import run  # imports jax
+
+    started = time.perf_counter()
+    run(cfg, workdir, console=False)
+    result = {**assignment, **summarize(cfg, workdir, time.perf_counter() - started)}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def fit_optimum(xs: list[float], losses: list[float]) -> dict[str, Any] | None:
+    """Optimum of loss(log2 x) for one curve; None if every point diverged."""
+    if not xs:
+        return None
+    order = np.argsort(xs)
+    lx, ly = np.log2(np.asarray(xs, float)[order]), np.asarray(losses, float)[order]
+    best = int(np.argmin(ly))
+    lo, hi = max(best - 2, 0), min(best + 3, len(lx))
+    opt, method = lx[best], "grid"
+    if hi - lo >= 3:
+        a, b, _ = np.polyfit(lx[lo:hi], ly[lo:hi], 2)
+        vertex = -b / (2 * a) if a > 0 else None
+        if vertex is not None and lx[lo] <= vertex <= lx[hi - 1]:
+            opt, method = float(vertex), "parabola"
+    return {"opt_log2": float(opt), "opt": float(2.0**opt), "best_loss": float(ly[best]),
+            "method": method, "at_edge": best in (0, len(lx) - 1)}
+
+
+def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str]) -> dict[str, Any]:
+    xs_all = sorted({r[x_key] for r in runs})
+    spacing = np.diff(np.log2(xs_all))
+    step = float(spacing[spacing > 0].min()) if (spacing > 0).any() else 1.0
+    optima, drift = [], []
+    for panel, panel_runs in _group(runs, panel_keys):
+        curves = []
+        for curve, curve_runs in _group(panel_runs, [curve_key]):
+            ok = [r for r in curve_runs if not r["diverged"]]
+            fit = fit_optimum([r[x_key] for r in ok], [r["val_loss"] for r in ok])
+            curves.append({**panel, **curve, "optimum": fit})
+        optima.extend(curves)
+        fitted = [c for c in curves if c["optimum"]]
+        if len(fitted) >= 2:
+            first, last = fitted[0]["optimum"]["opt_log2"], fitted[-1]["optimum"]["opt_log2"]
+            spread = [c["optimum"]["opt_log2"] for c in fitted]
+            drift.append({**panel, "from": fitted[0][curve_key], "to": fitted[-1][curve_key],
+                          "drift_steps": (last - first) / step,
+                          "spread_steps": (max(spread) - min(spread)) / step})
+    return {"grid_step_log2": step, "optima": optima, "drift": drift}
+
+
+def _group(runs: list[dict], keys: list[str]):
+    """(assignment of `keys`, runs) in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return [(dict(zip(keys, k, strict=True)), rs) for k, rs in groups.items()]
+
+
+def choose_keys(grid: list[Axis], x_key: str, curve_key: str | None) -> tuple[str, list[str]]:
+    keys = [a.key for a in grid]
+    if x_key not in keys:
+        raise ConfigError(x_key, "the sweep's x axis must be one of the --grid keys")
+    curve_key = curve_key or next((k for k in keys if k != x_key), None)
+    if curve_key is None or curve_key not in keys or curve_key == x_key:
+        raise ConfigError(str(curve_key), "the curve key must be another --grid key")
+    return curve_key, [k for k in keys if k not in (x_key, curve_key)]
+
+
+def write_table(out: Path, runs: list[dict]) -> None:
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer.writeheader()
+        writer.writerows(runs)
+
+
+def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = (), x_key: str = "optimizer.lr",
+          curve_key: str | None = None, log=print) -> dict[str, Any]:
+    curve_key, panel_keys = choose_keys(grid, x_key, curve_key)
+    points = plan(config, list(overrides), grid)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for i, (assignment, cfg) in enumerate(points, 1):
+        result = run_point(assignment, cfg, out / "runs" / run_name(assignment))
+        runs.append(result)
+        state = "diverged" if result["diverged"] else f"val {result['val_loss']:.4f} train {result['train_loss']:.4f}"
+        log(f"[{i}/{len(points)}] {run_name(assignment)}: {state} ({result['seconds']:.0f}s)")
+    analysis = analyse(runs, x_key, curve_key, panel_keys)
+    results = {"config": str(config), "overrides": list(overrides),
+               "grid": {a.key: list(a.values) for a in grid}, "x": x_key, "curve": curve_key,
+               "panels": panel_keys, "runs": runs, **analysis}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_table(out, runs)
+    from jaxtrain.plotting import plot_sweep
+
+    plot_sweep(results, out / "sweep.png")
+    return results
