@@ -171,6 +171,18 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, gt=0)
 
 
+class DiagnosticsConfig(_Section):
+    """Expensive measurements every `every_steps` steps (0 = never), logged with that step."""
+
+    every_steps: int = Field(0, ge=0)
+    # Top singular value of every weight matrix (fan-in x fan-out), by power iteration.
+    singular_values: bool = True
+    # Top Hessian eigenvalue of the training loss on the step's batch, by power iteration
+    # on Hessian-vector products (one extra forward+backward pair per iteration).
+    sharpness: bool = False
+    power_iterations: int = Field(20, gt=0)
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     parametrization: ParametrizationConfig = ParametrizationConfig()
@@ -180,6 +192,7 @@ class Config(_Section):
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     train: TrainConfig = TrainConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -57,6 +57,7 @@ class ParamRule:
 
     role: str
     shape: tuple[int, ...]
+    fan_in_dims: int  # leading axes contracted by the forward pass
     init_std: float  # the parameter is created unit-scale and multiplied by this
     multiplier: float  # forward pass uses multiplier * parameter
     lr: float  # multiplies the scheduled learning rate
@@ -129,8 +130,9 @@ def forward_scales(cfg: Config) -> ForwardScales:
     return ForwardScales(attn_scale=attn, residual=residual)
 
 
-def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in: int) -> ParamRule:
+def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in_dims: int) -> ParamRule:
     p = cfg.parametrization
+    fan_in = math.prod(shape[:fan_in_dims])
     d0, l0 = base_shape(cfg)
     m, r, a = cfg.model.d_model / d0, cfg.model.n_layers / l0, p.depth_alpha
     mup, ntk = p.name == "mup", p.name == "ntk"
@@ -138,14 +140,14 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in: int) -> ParamR
     eps = 1.0 / m if mup else 1.0
     depth_lr, depth_eps = (r ** (a - 1), r ** -a) if a > 0 else (1.0, 1.0)
     if role == "embedding":
-        return ParamRule(role, shape, p.embed_std, p.embed_multiplier, 1.0, eps, vector_decay)
+        return ParamRule(role, shape, fan_in_dims, p.embed_std, p.embed_multiplier, 1.0, eps, vector_decay)
     if role == "vector":
-        return ParamRule(role, shape, 1.0, 1.0, 1.0, eps, vector_decay)
+        return ParamRule(role, shape, fan_in_dims, 1.0, 1.0, 1.0, eps, vector_decay)
     if role == "hidden":
         std, mult = (p.init_std, 1 / math.sqrt(fan_in)) if ntk else (p.init_std / math.sqrt(fan_in), 1.0)
         lr = (1.0 / m if mup else 1.0) * depth_lr
         decay = m**p.gamma if mup else 1.0
-        return ParamRule(role, shape, std, mult, lr, eps * depth_eps, decay)
+        return ParamRule(role, shape, fan_in_dims, std, mult, lr, eps * depth_eps, decay)
     # readout
     if ntk:
         std, mult = p.init_std, p.output_multiplier / math.sqrt(fan_in)
@@ -153,7 +155,7 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in: int) -> ParamR
         std, mult = p.init_std / math.sqrt(d0), p.output_multiplier / m
     else:
         std, mult = p.init_std / math.sqrt(fan_in), p.output_multiplier
-    return ParamRule(role, shape, 0.0 if p.readout_zero_init else std, mult, 1.0, eps, vector_decay)
+    return ParamRule(role, shape, fan_in_dims, 0.0 if p.readout_zero_init else std, mult, 1.0, eps, vector_decay)
 
 
 def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
@@ -163,8 +165,7 @@ def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
         meta = variable.get_metadata()
         axes, fan_in_dims = tuple(meta["out_sharding"]), meta.get("fan_in_dims", 0)
         shape = tuple(variable.get_value().shape)
-        fan_in = math.prod(shape[:fan_in_dims])
-        rules[".".join(str(k) for k in key_path)] = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in)
+        rules[".".join(str(k) for k in key_path)] = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in_dims)
     d0, l0 = base_shape(cfg)
     return Table(cfg.parametrization.name, cfg.model.d_model / d0, cfg.model.n_layers / l0,
                  forward_scales(cfg), rules)

@@ -15,9 +15,9 @@ of the curve key, one panel per value of the panel keys).
 
 A run DIVERGED when its final validation loss is not finite or is no better than a uniform
 guess over the vocabulary (ln V); diverged runs stay in the table and are left out of fits.
-Optimum: a least-squares parabola in log2(x) through the best point and its neighbours
-(up to two each side); if it does not open upwards or its vertex leaves those points, the
-best grid point itself. Drift of a panel = optimum at the last curve value minus optimum at
+Optimum: the vertex of the parabola in log2(x) through the best point and its two
+neighbours (it lies between the neighbours); the best grid point itself when that point
+is at the edge of the grid (flagged `at_edge`: the optimum may lie outside the grid). Drift of a panel = optimum at the last curve value minus optimum at
 the first, in grid steps (the grid's smallest log2 spacing).
 """
 
@@ -107,13 +107,11 @@ def fit_optimum(xs: list[float], losses: list[float]) -> dict[str, Any] | None:
     order = np.argsort(xs)
     lx, ly = np.log2(np.asarray(xs, float)[order]), np.asarray(losses, float)[order]
     best = int(np.argmin(ly))
-    lo, hi = max(best - 2, 0), min(best + 3, len(lx))
     opt, method = lx[best], "grid"
-    if hi - lo >= 3:
-        a, b, _ = np.polyfit(lx[lo:hi], ly[lo:hi], 2)
-        vertex = -b / (2 * a) if a > 0 else None
-        if vertex is not None and lx[lo] <= vertex <= lx[hi - 1]:
-            opt, method = float(vertex), "parabola"
+    if 0 < best < len(lx) - 1:  # parabolic interpolation through the best point and its neighbours
+        a, b, _ = np.polyfit(lx[best - 1:best + 2], ly[best - 1:best + 2], 2)
+        if a > 0:
+            opt, method = float(-b / (2 * a)), "parabola"
     return {"opt_log2": float(opt), "opt": float(2.0**opt), "best_loss": float(ly[best]),
             "method": method, "at_edge": best in (0, len(lx) - 1)}
 

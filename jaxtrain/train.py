@@ -136,6 +136,7 @@ class _Parts:
     tx: Any
     shardings: ts.TrainState
     train_step: Callable
+    diagnose: Callable | None  # every diagnostics.every_steps steps
     evaluate: _Evaluator
     iterator: Any  # grain DatasetIterator, checkpointable
     to_global: Callable  # process-local numpy batch -> global jax.Array
@@ -151,7 +152,8 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
     to_global = lambda local: jax.make_array_from_process_local_data(batch_sharding, local)
     val = [to_global(b) for b in pipeline.validation_batches(cfg, corpus.val, pid, nproc)]
     iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
-    return _Parts(spec, tx, shardings, train_step, _Evaluator(evaluate, val), iterator, to_global)
+    diagnose = ts.compile_diagnose(cfg, spec, shardings, mesh)
+    return _Parts(spec, tx, shardings, train_step, diagnose, _Evaluator(evaluate, val), iterator, to_global)
 
 
 def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, int, int | None]:
@@ -190,7 +192,8 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     run_meta = {"config": cfg.to_dict(), "parametrization": parts.spec.table.to_json()}
     throughput, pending, val_loss = _Throughput(tokens), None, None
     while step < cfg.train.steps:
-        state, metrics = parts.train_step(state, parts.to_global(next(parts.iterator)))
+        batch = parts.to_global(next(parts.iterator))
+        state, metrics = parts.train_step(state, batch)
         step, tokens = step + 1, tokens + tokens_per_step
         if pending is not None:  # step N-1's metrics, fetched after step N was dispatched
             logger.write(_row(*pending, throughput, cfg))
@@ -202,7 +205,13 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
             started = time.perf_counter()
             val_loss = parts.evaluate(state.params)
             throughput.paused += time.perf_counter() - started
-        if evaluate_now or step % cfg.train.log_every == 0:
+        diagnose_now = parts.diagnose is not None and step % cfg.diagnostics.every_steps == 0
+        if diagnose_now:
+            jax.block_until_ready(metrics)
+            started = time.perf_counter()
+            metrics = {**metrics, **jax.block_until_ready(parts.diagnose(state.params, batch, step))}
+            throughput.paused += time.perf_counter() - started
+        if evaluate_now or diagnose_now or step % cfg.train.log_every == 0:
             pending = (step, tokens, metrics, val_loss if evaluate_now else None)
         halt = stop.requested or step == stop_after
         meta = {"tokens": tokens, "step": step, **run_meta}

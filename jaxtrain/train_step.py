@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import parametrization, sharding
+from jaxtrain import diagnostics, parametrization, sharding
 from jaxtrain.config import Config
 from jaxtrain.model import Transformer
 from jaxtrain.parametrization import Table
@@ -149,3 +149,14 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
     evaluate = jax.jit(functools.partial(eval_step, spec=spec),
                        in_shardings=(shardings.params, batch_sh), out_shardings=rep)
     return train, evaluate
+
+
+def compile_diagnose(cfg: Config, spec: ModelSpec, shardings: TrainState, mesh: Mesh) -> Callable | None:
+    """The jitted diagnostics (singular values, sharpness), or None when they are off."""
+    if cfg.diagnostics.every_steps == 0:
+        return None
+    loss = lambda params, batch: loss_and_metrics(params, spec, batch, cfg.train.z_loss)[0]
+    diagnose = diagnostics.make_diagnose(cfg.diagnostics, spec.table, loss)
+    rep = sharding.replicated(mesh)
+    return jax.jit(diagnose, in_shardings=(shardings.params, sharding.batch_sharding(mesh), rep),
+                   out_shardings=rep)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Regenerates docs/mup_transfer/ and docs/coord_check/ (about 1.5 hours on 2 CPU cores).
+# Sweep runs land in runs/mup_transfer/ (git-ignored); rerunning resumes finished grids.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make venv
+J=.venv/bin/jaxtrain
+CFG=configs/mup_sweep.yaml
+LRS=0.0009765625,0.001953125,0.00390625,0.0078125,0.015625,0.03125,0.0625,0.125  # 2^-10 .. 2^-3
+OUT=runs/mup_transfer
+
+for p in mup sp; do
+  $J coord-check $CFG --widths 64,128,256,512 --steps 5 --set parametrization.name=$p --out docs/coord_check/$p
+done
+
+# Width x learning rate, SP vs muP (depth 2).
+$J sweep $CFG --grid model.d_model=64,128,256,512 --grid optimizer.lr=$LRS \
+  --grid parametrization.name=sp,mup --out $OUT/width
+# Depth x learning rate at width 64, muP, residual scaling off (alpha 0) vs CompleteP (alpha 1).
+$J sweep $CFG --grid model.n_layers=2,4,8 --grid optimizer.lr=${LRS#*,} \
+  --grid parametrization.depth_alpha=0,1 --out $OUT/depth
+
+# Transfer: width 512 under muP at the optimum fitted at width 64.
+LR64=$(.venv/bin/python -c "import json; r = json.load(open('$OUT/width/results.json')); \
+print(next(o['optimum']['opt'] for o in r['optima'] if o['model.d_model'] == 64 and o['parametrization.name'] == 'mup'))")
+$J train $CFG --workdir $OUT/transfer512 --set model.d_model=512 --set parametrization.name=mup \
+  --set optimizer.lr=$LR64 | tail -1 | tee $OUT/transfer512.txt
+
+for s in width depth; do
+  mkdir -p docs/mup_transfer/$s
+  cp $OUT/$s/results.json $OUT/$s/results.csv $OUT/$s/sweep.png docs/mup_transfer/$s/
+done
+cp $OUT/transfer512.txt docs/mup_transfer/
