@@ -6,23 +6,26 @@ cd "$(dirname "$0")/.."
 make venv
 J=.venv/bin/jaxtrain
 CFG=configs/mup_sweep.yaml
-LRS=0.0009765625,0.001953125,0.00390625,0.0078125,0.015625,0.03125,0.0625,0.125  # 2^-10 .. 2^-3
+WIDTH_LRS=0.0009765625,0.001953125,0.00390625,0.0078125,0.015625,0.03125      # 2^-10 .. 2^-5
+DEPTH_LRS=0.001953125,0.00390625,0.0078125,0.015625,0.03125,0.0625             # 2^-9 .. 2^-4
 OUT=runs/mup_transfer
 
 for p in mup sp; do
   $J coord-check $CFG --widths 64,128,256,512 --steps 5 --set parametrization.name=$p --out docs/coord_check/$p
 done
 
-# Width x learning rate, SP vs muP (depth 2).
-$J sweep $CFG --grid model.d_model=64,128,256,512 --grid optimizer.lr=$LRS \
+# Width x learning rate, SP vs muP (depth 2), widths 32 -> 256 (8x).
+$J sweep $CFG --grid model.d_model=32,64,128,256 --grid optimizer.lr=$WIDTH_LRS \
   --grid parametrization.name=sp,mup --out $OUT/width
 # Depth x learning rate at width 64, muP, residual scaling off (alpha 0) vs CompleteP (alpha 1).
-$J sweep $CFG --grid model.n_layers=2,4,8 --grid optimizer.lr=${LRS#*,} \
+$J sweep $CFG --grid model.n_layers=2,4,8 --grid optimizer.lr=$DEPTH_LRS \
   --grid parametrization.depth_alpha=0,1 --out $OUT/depth
 
 # Transfer: width 512 under muP at the optimum fitted at width 64.
 LR64=$(.venv/bin/python -c "import json; r = json.load(open('$OUT/width/results.json')); \
 print(next(o['optimum']['opt'] for o in r['optima'] if o['model.d_model'] == 64 and o['parametrization.name'] == 'mup'))")
+# (The SP width-512 reference runs are `jaxtrain train $CFG --set model.d_model=512
+#  --set parametrization.name=sp --set optimizer.lr=LR` for LR in 2^-10, 2^-9, 2^-8.)
 $J train $CFG --workdir $OUT/transfer512 --set model.d_model=512 --set parametrization.name=mup \
   --set optimizer.lr=$LR64 | tail -1 | tee $OUT/transfer512.txt
 

@@ -63,10 +63,15 @@ def _int_list(text: str, flag: str) -> list[int]:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from jaxtrain.sweep import parse_grid, sweep
+    from jaxtrain.sweep import StopSweep, parse_grid, sweep
 
-    results = sweep(args.config, parse_grid(args.grid), Path(args.out), overrides=args.overrides,
-                    x_key=args.x, curve_key=args.curves)
+    try:
+        results = sweep(args.config, parse_grid(args.grid), Path(args.out), overrides=args.overrides,
+                        x_key=args.x, curve_key=args.curves)
+    except StopSweep as stopped:
+        print(f"jaxtrain: sweep stopped by a signal during {stopped}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     for d in results["drift"]:
         panel = ", ".join(f"{k}={d[k]}" for k in results["panels"]) or "all"
         print(f"{panel}: optimum moved {d['drift_steps']:+.2f} grid steps from "

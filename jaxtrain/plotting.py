@@ -27,7 +27,9 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     runs = results["runs"]
     panels = list(dict.fromkeys(tuple(r[k] for k in panel_keys) for r in runs))
     finite = [r["val_loss"] for r in runs if not r["diverged"]]
-    top = (min(finite) + 1.5 * (sorted(finite)[len(finite) // 2] - min(finite)) + 0.05) if finite else 1.0
+    # Clip the far-off (high-LR) tail so the region around the optima stays readable.
+    low = min(finite) if finite else 0.0
+    top = min(max(finite), low + 3 * (sorted(finite)[len(finite) // 2] - low)) + 0.05 if finite else 1.0
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
     colors = plt.get_cmap("viridis")
     curves = list(dict.fromkeys(r[curve_key] for r in runs))
@@ -53,7 +55,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
             title += f"\noptimum drift {drift['drift_steps']:+.2f} grid steps"
         ax.set_title(title)
         ax.set_xlabel(f"log2({_short(x_key)})")
-        ax.set_ylim(top=top + 0.02)
+        ax.set_ylim(low - 0.02, top + 0.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation loss (nats/token)")
     axes[0][-1].legend(fontsize=8)

@@ -40,6 +40,10 @@ from jaxtrain.errors import ConfigError
 from jaxtrain.metrics import read_metrics
 
 
+class StopSweep(Exception):
+    """A signal stopped the run in progress (it saved a checkpoint and will resume)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Axis:
     key: str
@@ -94,7 +98,8 @@ def run_point(assignment: dict, cfg: Config, workdir: Path) -> dict[str, Any]:
     from jaxtrain.train import run  # imports jax
 
     started = time.perf_counter()
-    run(cfg, workdir, console=False)
+    if run(cfg, workdir, console=False).stop_signal is not None:
+        raise StopSweep(workdir)  # stopped by a signal: not a result; rerunning resumes it
     result = {**assignment, **summarize(cfg, workdir, time.perf_counter() - started)}
     done.write_text(json.dumps(result, indent=1))
     return result
@@ -127,6 +132,7 @@ def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str])
             ok = [r for r in curve_runs if not r["diverged"]]
             fit = fit_optimum([r[x_key] for r in ok], [r["val_loss"] for r in ok])
             curves.append({**panel, **curve, "optimum": fit})
+        curves.sort(key=lambda c: _sortable(c[curve_key]))  # drift runs from the smallest to the largest
         optima.extend(curves)
         fitted = [c for c in curves if c["optimum"]]
         if len(fitted) >= 2:
@@ -136,6 +142,10 @@ def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str])
                           "drift_steps": (last - first) / step,
                           "spread_steps": (max(spread) - min(spread)) / step})
     return {"grid_step_log2": step, "optima": optima, "drift": drift}
+
+
+def _sortable(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
 def _group(runs: list[dict], keys: list[str]):
