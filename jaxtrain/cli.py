@@ -3,6 +3,7 @@
     jaxtrain train CONFIG --workdir DIR [--set key.path=value ...]
     jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
+    jaxtrain bench CONFIG [--steps 10 --warmup 2 --set ...]   (one JSON line)
 
 Bad input (config, data, paths) prints one line `jaxtrain: error: ...` and exits 2;
 `JAXTRAIN_DEBUG=1` shows the traceback instead.
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     coord.add_argument("--steps", type=int, default=5, help="optimizer updates to record (default 5)")
     coord.add_argument("--out", required=True)
     _add_set(coord)
+    bench = commands.add_parser("bench", help="time the compiled train step: tokens/s, MFU, memory (one JSON line)")
+    bench.add_argument("config")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
+    _add_set(bench)
     return parser
 
 
@@ -97,6 +103,20 @@ def _coord_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxtrain.config import load_config
+
+    if args.steps <= 0 or args.warmup < 0:
+        raise UserError(f"--steps {args.steps} --warmup {args.warmup}: need steps > 0 and warmup >= 0")
+    cfg = load_config(args.config, args.overrides)
+    from jaxtrain.bench import bench
+
+    print(json.dumps(bench(cfg, args.steps, args.warmup)))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from jaxtrain.config import load_config
 
@@ -116,7 +136,8 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "sweep": _sweep, "coord-check": _coord_check}[args.command](args)
+        return {"train": _train, "sweep": _sweep, "coord-check": _coord_check,
+                "bench": _bench}[args.command](args)
     except UserError as err:
         if os.environ.get("JAXTRAIN_DEBUG"):
             raise

@@ -9,7 +9,7 @@ live in `sharding.py` and raise the same `ConfigError`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 import yaml
@@ -35,8 +35,19 @@ class ModelConfig(_Section):
     qk_norm: bool = False
     norm_eps: float = Field(1e-6, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # Compute dtype of matmuls and attention; parameters and optimizer state stay float32.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # How the step is computed, not what is learned: a checkpoint resumes under any of these.
+    # Compute dtype of matmuls and attention (auto: bfloat16 on GPU/TPU, float32 on CPU);
+    # parameters, optimizer state and the loss stay float32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # jax.nn.dot_product_attention implementation: auto lets JAX pick (cuDNN flash
+    # attention on GPU when the dtype and shapes allow), xla forces the plain path.
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # Rematerialisation of each block in the backward pass: none keeps all activations,
+    # dots_saveable keeps matmul outputs and recomputes the rest, full keeps only the
+    # block inputs.
+    remat: Literal["none", "dots_saveable", "full"] = "none"
+    # Run the blocks as one lax.scan over stacked weights: compile time stays flat in depth.
+    scan_layers: bool = False
 
     @field_validator("n_heads")
     @classmethod
@@ -55,6 +66,8 @@ class ModelConfig(_Section):
         if n_kv is not None and n_heads is not None and n_heads % n_kv:
             raise ValueError(f"n_kv_heads={n_kv} must divide n_heads={n_heads}")
         return n_kv
+
+    EXECUTION_KEYS: ClassVar[tuple[str, ...]] = ("dtype", "attention", "remat", "scan_layers")
 
     @property
     def head_dim(self) -> int:
@@ -167,6 +180,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0)  # global, in sequences
     seed: int = 0
     z_loss: float = Field(0.0, ge=0)  # coefficient of mean(logsumexp(logits)^2)
+    # Gradient accumulation: each step averages the gradients of this many equal slices of
+    # the batch, computed one after another (activation memory of one slice).
+    microbatches: int = Field(1, gt=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
 

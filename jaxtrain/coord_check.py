@@ -32,6 +32,8 @@ from jaxtrain.schedules import make_schedule
 def _shape_config(cfg: Config, width: int, depth: int, steps: int) -> Config:
     return from_dict(apply_overrides(cfg.to_dict(), [
         f"model.d_model={width}", f"model.n_layers={depth}", "model.dropout=0.0",
+        # per-block outputs are captured from the plain (unscanned, unrematerialised) blocks
+        "model.remat=none", "model.scan_layers=false",
         "schedule.name=constant", "schedule.warmup_steps=0", f"train.steps={steps + 1}"]))
 
 

@@ -9,6 +9,9 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
   (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities").
 * SwiGLU MLP (Shazeer 2020): down(silu(x W_gate) * (x W_up)).
 * Untied LM head; logits are returned in float32 whatever the compute dtype.
+* Execution options (`model.dtype/attention/remat/scan_layers`) change how the step is
+  computed, never the parameter tree: blocks may be rematerialised (`jax.checkpoint`
+  with a policy) and/or run as one `lax.scan` over their stacked weights.
 
 Every parameter is created with logical axis names (`out_sharding` metadata):
   vocab, embed (the model width), heads, kv_heads, head_dim, mlp,
@@ -31,9 +34,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config import ModelConfig
+from jaxtrain.errors import ConfigError
 from jaxtrain.parametrization import ForwardScales
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_REMAT_POLICIES = {"dots_saveable": jax.checkpoint_policies.dots_saveable,
+                   "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """The matmul/attention dtype; `auto` is bfloat16 on accelerators, float32 on CPU."""
+    if cfg.dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return _DTYPES[cfg.dtype]
+
+
+def check_compute(cfg: ModelConfig) -> None:
+    """Execution options this backend cannot run, as a one-line config error."""
+    if cfg.attention == "cudnn" and (jax.default_backend() != "gpu" or compute_dtype(cfg) == jnp.float32):
+        raise ConfigError("model.attention", "cudnn needs a GPU and model.dtype bfloat16 "
+                                             f"(backend {jax.default_backend()}, dtype {cfg.dtype})")
 
 
 def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_in_dims: int) -> nnx.Param:
@@ -98,7 +118,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        implementation = None if cfg.attention == "auto" else cfg.attention
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                           implementation=implementation)
         return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
 
 
@@ -143,15 +165,46 @@ class Transformer(nnx.Module):
         self.lm_head = _matrix(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens, axis=0).astype(_DTYPES[self.cfg.dtype])
+        return jnp.take(self.embed[...], tokens, axis=0).astype(compute_dtype(self.cfg))
 
     def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """tokens: (B, T) int -> logits (B, T, vocab) float32."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed_tokens(tokens)
-        for i, block in enumerate(self.blocks):
-            key = jax.random.fold_in(dropout_key, i) if dropout_key is not None else None
-            x = block(x, positions, key)
+        if self.cfg.remat == "none" and not self.cfg.scan_layers:
+            for i, block in enumerate(self.blocks):
+                x = block(x, positions, _layer_key(dropout_key, i))
+        else:
+            x = self._blocks_as_function(x, positions, dropout_key)
         x = self.final_norm(x)
         return jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
+
+    def _blocks_as_function(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """The blocks as one pure function of (weights, x), rematerialised and/or scanned.
+
+        With scan_layers the per-layer weights are stacked inside the step (one extra copy
+        of the block weights) and `lax.scan` traces and compiles a single block; the
+        parameter tree, and so checkpoints, are the same either way.
+        """
+        graphdef = nnx.graphdef(self.blocks[0])
+        states = [nnx.to_pure_dict(nnx.state(block)) for block in self.blocks]
+
+        def apply(state, x, key):
+            return nnx.merge(graphdef, state)(x, positions, key)
+
+        if self.cfg.remat != "none":
+            apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[self.cfg.remat])
+        if not self.cfg.scan_layers:
+            for i, state in enumerate(states):
+                x = apply(state, x, _layer_key(dropout_key, i))
+            return x
+        stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)
+        keys = None if dropout_key is None else jax.vmap(lambda i: _layer_key(dropout_key, i))(
+            jnp.arange(len(states)))
+        x, _ = jax.lax.scan(lambda x, layer: (apply(layer[0], x, layer[1]), None), x, (stacked, keys))
+        return x
+
+
+def _layer_key(dropout_key: jax.Array | None, layer: int | jax.Array) -> jax.Array | None:
+    return None if dropout_key is None else jax.random.fold_in(dropout_key, layer)

@@ -100,6 +100,11 @@ def check_batch_divides(cfg: Config, mesh: Mesh) -> None:
     if cfg.train.batch_size % shards:
         raise ConfigError("train.batch_size",
                           f"{cfg.train.batch_size} is not divisible by data*fsdp = {shards}")
+    micro = cfg.train.microbatches
+    if cfg.train.batch_size % (shards * micro):
+        raise ConfigError("train.microbatches",
+                          f"{micro} microbatches of a {cfg.train.batch_size}-sequence batch do not split "
+                          f"evenly over data*fsdp = {shards}")
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError("train.batch_size",
                           f"{cfg.train.batch_size} is not divisible by {jax.process_count()} processes")

@@ -23,19 +23,22 @@ import yaml
 from jaxtrain import parametrization, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import Config
+from jaxtrain.config import Config, ModelConfig
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import MetricsLogger
+from jaxtrain.model import check_compute
 from jaxtrain.optimizer import make_optimizer
 from jaxtrain.parametrization import Table
 from jaxtrain.preemption import StopRequest, stop_on_signal
 from jaxtrain.schedules import make_schedule
 
-# What a checkpoint's contents depend on (a section name means all of its keys); resuming
-# with a change there is an error. Everything else (steps, logging, mesh, threads) may change.
-_IDENTITY_KEYS = {"model": None, "parametrization": None, "data": ("paths", "seq_len", "val_fraction", "seed")}
+# What a checkpoint's contents depend on (None means all of the section's keys); resuming
+# with a change there is an error. Everything else (steps, logging, mesh, threads, how the
+# step is computed) may change.
+_IDENTITY_KEYS = {"model": tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.EXECUTION_KEYS),
+                  "parametrization": None, "data": ("paths", "seq_len", "val_fraction", "seed")}
 
 
 @dataclasses.dataclass
@@ -112,6 +115,7 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, cons
     keeps the terminal quiet (metrics.jsonl and TensorBoard are still written)."""
     workdir = Path(workdir)
     _check_vocab(cfg)
+    check_compute(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_divides(cfg, mesh)
     corpus = corpus_for(cfg.data)

@@ -121,11 +121,37 @@ def loss_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: flo
     return ce + z_term, {"loss": ce, "z_loss": z_term}
 
 
-def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: optax.GradientTransformation,
-               schedule: Callable, z_loss: float, dropout: bool) -> tuple[TrainState, dict]:
-    dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
+def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: float,
+                       dropout_key: jax.Array | None, microbatches: int) -> tuple[Any, dict]:
+    """Gradient and metrics of the whole batch, accumulated over `microbatches` slices.
+
+    Slice j holds rows j, j+k, j+2k, ... so that every device keeps its own rows (the
+    batch is split over devices in contiguous blocks). Equal slices make the mean of the
+    slice means the batch mean, so the result equals the one-pass gradient up to rounding.
+    """
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, spec, batch, z_loss, dropout_key)
+    if microbatches == 1:
+        (_, metrics), grads = grad_fn(params, spec, batch, z_loss, dropout_key)
+        return grads, metrics
+    slices = batch.reshape(-1, microbatches, batch.shape[-1]).swapaxes(0, 1)
+
+    def accumulate(total, indexed_slice):
+        index, micro = indexed_slice
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        (_, metrics), grads = grad_fn(params, spec, micro, z_loss, key)
+        return jax.tree.map(jnp.add, total, (grads, metrics)), None
+
+    metric_shapes = jax.eval_shape(lambda: loss_and_metrics(params, spec, slices[0], z_loss)[1])
+    zeros = (jax.tree.map(jnp.zeros_like, params),
+             jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes))
+    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), slices))
+    return jax.tree.map(lambda x: x / microbatches, total)
+
+
+def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: optax.GradientTransformation,
+               schedule: Callable, z_loss: float, dropout: bool, microbatches: int = 1) -> tuple[TrainState, dict]:
+    dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
+    grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
@@ -143,7 +169,8 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     step = functools.partial(train_step, spec=spec, tx=tx, schedule=schedule,
-                             z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0)
+                             z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0,
+                             microbatches=cfg.train.microbatches)
     train = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, spec=spec),

@@ -1,0 +1,100 @@
+"""`jaxtrain bench`: compile and time the real train step, report throughput and MFU.
+
+The step is the one `jaxtrain train` runs (same model, parametrization table, optimizer,
+shardings, donation, microbatching), fed one fixed batch of random tokens already on the
+devices, so the number measures the compiled step and nothing else (the data pipeline has
+its own benchmark). Timing starts after `warmup` steps and ends when the last step's
+result is ready:
+
+    step_time = wall(steps) / steps        tokens/s = batch * seq_len / step_time
+    MFU = model FLOPs per token * tokens/s / (peak FLOP/s of all devices)
+
+On CPU the peak is the measured matmul rate of the whole machine (simulated devices share
+its cores); on accelerators it is the table in `flops.py` times the device count.
+Memory is the devices' peak bytes in use where the runtime reports it, else the process's
+peak resident set size.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtrain import flops, sharding
+from jaxtrain import train_step as ts
+from jaxtrain.config import Config
+from jaxtrain.model import check_compute, compute_dtype
+from jaxtrain.optimizer import make_optimizer
+from jaxtrain.schedules import make_schedule
+
+
+def _peak_memory() -> tuple[int, str]:
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    if all("peak_bytes_in_use" in s for s in stats):
+        return max(s["peak_bytes_in_use"] for s in stats), "device peak_bytes_in_use (max over devices)"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process peak RSS"
+
+
+def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, float]:
+    """(compiled step, initial state, device batch, compile seconds)."""
+    spec = ts.model_spec(cfg)
+    schedule = make_schedule(cfg)
+    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
+    shardings = ts.state_shardings(cfg, spec, tx, mesh)
+    step, _ = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    state = ts.init_state(cfg, spec, tx, shardings)
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
+    batch = jax.device_put(tokens.astype(np.int32), sharding.batch_sharding(mesh))
+    started = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return compiled, state, batch, time.perf_counter() - started
+
+
+def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Time `steps` train steps after `warmup`; the one-line report as a dict."""
+    check_compute(cfg.model)
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_divides(cfg, mesh)
+    step, state, batch, compile_s = _compiled_step(cfg, mesh)
+    for _ in range(warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(state)
+    started = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_time = (time.perf_counter() - started) / steps
+
+    dtype = np.dtype(compute_dtype(cfg.model)).name
+    devices = mesh.devices.flatten().tolist()
+    peak, peak_source = flops.peak_flops(devices[0], dtype)
+    if devices[0].platform != "cpu":
+        peak *= len(devices)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens_per_s = tokens_per_step / step_time
+    memory, memory_source = _peak_memory()
+    return {
+        "tokens_per_s": tokens_per_s,
+        "step_time_s": step_time,
+        "model_flops_per_token": flops_per_token,
+        "mfu": flops_per_token * tokens_per_s / peak,
+        "peak_flops_per_s": peak,
+        "peak_source": peak_source,
+        "compile_s": compile_s,
+        "peak_memory_bytes": memory,
+        "memory_source": memory_source,
+        "loss": float(metrics["loss"]),
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "mesh": dict(mesh.shape),
+        "config": {"model": cfg.model.model_dump(mode="json"), "compute_dtype": dtype,
+                   "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
+                   "microbatches": cfg.train.microbatches, "parametrization": cfg.parametrization.name,
+                   "steps": steps, "warmup": warmup},
+    }
