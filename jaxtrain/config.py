@@ -98,6 +98,10 @@ class ParametrizationConfig(_Section):
     # Attention logits scale: inv_sqrt = 1/sqrt(d_head); inv = sqrt(d_head0)/d_head (the
     # muP 1/d_head rule, anchored to SP at the base width); auto = inv under mup.
     attn_scale: Literal["auto", "inv_sqrt", "inv"] = "auto"
+    # The base model's head dimension, which `inv` is anchored to. None = d0 / n_heads: the
+    # head count stays fixed as width grows. Set it (e.g. 64) when width grows by adding
+    # heads of a fixed size; then inv equals 1/sqrt(head_dim) at every width.
+    head_dim0: int | None = Field(None, gt=0)
     init_std: float = Field(1.0, gt=0)  # sigma: hidden matrices start at sigma/sqrt(fan_in)
     embed_std: float = Field(1.0, gt=0)  # sigma_emb
     embed_multiplier: float = Field(1.0, gt=0)  # alpha_emb

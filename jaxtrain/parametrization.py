@@ -123,7 +123,7 @@ def base_shape(cfg: Config) -> tuple[int, int]:
 def forward_scales(cfg: Config) -> ForwardScales:
     p, model = cfg.parametrization, cfg.model
     d0, l0 = base_shape(cfg)
-    head_dim, head_dim0 = model.head_dim, d0 / model.n_heads
+    head_dim, head_dim0 = model.head_dim, p.head_dim0 or d0 / model.n_heads
     inverse = p.attn_scale == "inv" or (p.attn_scale == "auto" and p.name == "mup")
     attn = math.sqrt(head_dim0) / head_dim if inverse else 1.0 / math.sqrt(head_dim)
     residual = (model.n_layers / l0) ** -p.depth_alpha

@@ -97,6 +97,16 @@ def test_mup_multipliers_and_base_width_equivalence():
     assert base_mup.rules == base_sp.rules and base_mup.forward == base_sp.forward
 
 
+def test_attention_scale_anchored_to_a_fixed_head_size():
+    """Widening by heads (d_head fixed at head_dim0): muP's 1/d_head rule is then SP's
+    1/sqrt(d_head) at every width; without head_dim0 the base is d0/n_heads."""
+    cfg = lambda **extra: from_dict({
+        "model": {"d_model": 256, "n_layers": 2, "n_heads": 16},
+        "parametrization": {"name": "mup", "d0": 64, "L0": 2, **extra}})
+    assert ts.model_spec(cfg(head_dim0=16)).table.forward.attn_scale == pytest.approx(1 / 4)
+    assert ts.model_spec(cfg()).table.forward.attn_scale == pytest.approx(math.sqrt(64 / 16) / 16)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 def test_depth_scaling_rules(alpha):
     table = ts.model_spec(config(64, "mup", depth=8, depth_alpha=alpha)).table
