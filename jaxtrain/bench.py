@@ -17,6 +17,7 @@ peak resident set size.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -93,6 +94,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
         "loss": float(metrics["loss"]),
         "devices": f"{len(devices)} x {devices[0].device_kind}",
         "mesh": dict(mesh.shape),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "config": {"model": cfg.model.model_dump(mode="json"), "compute_dtype": dtype,
                    "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
                    "microbatches": cfg.train.microbatches, "parametrization": cfg.parametrization.name,
