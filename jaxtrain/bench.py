@@ -30,8 +30,6 @@ from jaxtrain import flops, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.model import check_compute, compute_dtype
-from jaxtrain.optimizer import make_optimizer
-from jaxtrain.schedules import make_schedule
 
 
 def _peak_memory() -> tuple[int, str]:
@@ -45,15 +43,12 @@ def _peak_memory() -> tuple[int, str]:
 def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, float]:
     """(compiled step, initial state, device batch, compile seconds)."""
     spec = ts.model_spec(cfg)
-    schedule = make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
-    shardings = ts.state_shardings(cfg, spec, tx, mesh)
-    step, _ = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
-    state = ts.init_state(cfg, spec, tx, shardings)
+    steps = ts.build_steps(cfg, spec, mesh)
+    state = steps.init(cfg, spec)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
     batch = jax.device_put(tokens.astype(np.int32), sharding.batch_sharding(mesh))
     started = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = steps.train.lower(state, batch).compile()
     return compiled, state, batch, time.perf_counter() - started
 
 

@@ -25,8 +25,6 @@ from jaxtrain import train_step as ts
 from jaxtrain.config import Config, MeshConfig, apply_overrides, from_dict
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import corpus_for
-from jaxtrain.optimizer import make_optimizer
-from jaxtrain.schedules import make_schedule
 
 
 def _shape_config(cfg: Config, width: int, depth: int, steps: int) -> Config:
@@ -57,11 +55,9 @@ def activation_rms(params: Any, tokens: jax.Array, *, spec: ts.ModelSpec) -> dic
 def _trace(cfg: Config, batches: list[np.ndarray], probe: np.ndarray) -> list[dict[str, float]]:
     """RMS after 0, 1, ..., len(batches) updates, on one device."""
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    spec, schedule = ts.model_spec(cfg), make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
-    shardings = ts.state_shardings(cfg, spec, tx, mesh)
-    state = ts.init_state(cfg, spec, tx, shardings)
-    step, _ = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    spec = ts.model_spec(cfg)
+    steps = ts.build_steps(cfg, spec, mesh)
+    state, step = steps.init(cfg, spec), steps.train
     measure = jax.jit(lambda p, t: activation_rms(p, t, spec=spec))
     trace = [measure(state.params, probe)]
     for batch in batches:

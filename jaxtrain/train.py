@@ -29,10 +29,8 @@ from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import MetricsLogger
 from jaxtrain.model import check_compute
-from jaxtrain.optimizer import make_optimizer
 from jaxtrain.parametrization import Table
 from jaxtrain.preemption import StopRequest, stop_on_signal
-from jaxtrain.schedules import make_schedule
 
 # What a checkpoint's contents depend on (None means all of the section's keys); resuming
 # with a change there is an error. Everything else (steps, logging, mesh, threads, how the
@@ -147,17 +145,15 @@ class _Parts:
 
 
 def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
-    schedule = make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
-    shardings = ts.state_shardings(cfg, spec, tx, mesh)
-    train_step, evaluate = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    steps = ts.build_steps(cfg, spec, mesh)
+    tx, shardings = steps.tx, steps.shardings
     pid, nproc = jax.process_index(), jax.process_count()
     batch_sharding = sharding.batch_sharding(mesh)
     to_global = lambda local: jax.make_array_from_process_local_data(batch_sharding, local)
     val = [to_global(b) for b in pipeline.validation_batches(cfg, corpus.val, pid, nproc)]
     iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
     diagnose = ts.compile_diagnose(cfg, spec, shardings, mesh)
-    return _Parts(spec, tx, shardings, train_step, diagnose, _Evaluator(evaluate, val), iterator, to_global)
+    return _Parts(spec, tx, shardings, steps.train, diagnose, _Evaluator(steps.evaluate, val), iterator, to_global)
 
 
 def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, int, int | None]:

@@ -28,7 +28,9 @@ from jax.sharding import Mesh
 from jaxtrain import diagnostics, parametrization, sharding
 from jaxtrain.config import Config
 from jaxtrain.model import Transformer
+from jaxtrain.optimizer import make_optimizer
 from jaxtrain.parametrization import Table
+from jaxtrain.schedules import make_schedule
 
 
 @flax.struct.dataclass
@@ -176,6 +178,28 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
     evaluate = jax.jit(functools.partial(eval_step, spec=spec),
                        in_shardings=(shardings.params, batch_sh), out_shardings=rep)
     return train, evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """Everything a run, a benchmark or a test needs to step a model on a mesh."""
+
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    train: Callable  # jitted train_step(state, batch) -> (state, metrics)
+    evaluate: Callable  # jitted eval_step(params, batch) -> loss
+
+    def init(self, cfg: Config, spec: ModelSpec) -> TrainState:
+        return init_state(cfg, spec, self.tx, self.shardings)
+
+
+def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh) -> Steps:
+    """config -> schedule -> optax chain from the table -> shardings -> jitted steps."""
+    schedule = make_schedule(cfg)
+    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
+    shardings = state_shardings(cfg, spec, tx, mesh)
+    train, evaluate = compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    return Steps(tx, shardings, train, evaluate)
 
 
 def compile_diagnose(cfg: Config, spec: ModelSpec, shardings: TrainState, mesh: Mesh) -> Callable | None:

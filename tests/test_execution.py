@@ -33,11 +33,8 @@ def train_losses(*overrides: str) -> tuple[np.ndarray, dict]:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_divides(cfg, mesh)
     spec = ts.model_spec(cfg)
-    schedule = make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
-    shardings = ts.state_shardings(cfg, spec, tx, mesh)
-    step, _ = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
-    state = ts.init_state(cfg, spec, tx, shardings)
+    steps = ts.build_steps(cfg, spec, mesh)
+    state, step = steps.init(cfg, spec), steps.train
     losses = []
     for batch in text_batches():
         state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))

@@ -8,8 +8,6 @@ from jax.sharding import PartitionSpec as P
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import from_dict
-from jaxtrain.optimizer import make_optimizer
-from jaxtrain.schedules import make_schedule
 
 MESHES = {  # (data, fsdp, tensor)
     "1x1": (1, 1, 1),
@@ -35,11 +33,9 @@ def two_steps(mesh_shape):
     cfg = config(*mesh_shape)
     n = int(np.prod(mesh_shape))
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n])
-    spec, schedule = ts.model_spec(cfg), make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
-    shardings = ts.state_shardings(cfg, spec, tx, mesh)
-    state = ts.init_state(cfg, spec, tx, shardings)
-    step, _ = ts.compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    spec = ts.model_spec(cfg)
+    steps = ts.build_steps(cfg, spec, mesh)
+    state, step = steps.init(cfg, spec), steps.train
     batches = np.random.default_rng(0).integers(0, 256, (2, 16, 33), dtype=np.int32)
     losses = []
     for batch in batches:
