@@ -46,7 +46,7 @@ def activation_rms(params: Any, tokens: jax.Array, *, spec: ts.ModelSpec) -> dic
     captured = nnx.to_pure_dict(captured)
     out = {"embedding": _rms(captured["embed_tokens"][0])}
     for i, block in sorted(captured["blocks"].items()):
-        out[f"block{i}.attn"] = _rms(block["attn"]["__call__"][0])
+        out[f"block{i}.attn"] = _rms(block["attn"]["__call__"][0][0])  # (output, kv cache)
         out[f"block{i}.mlp"] = _rms(block["mlp"]["__call__"][0])
     out["logits"] = _rms(logits)
     return out

@@ -12,6 +12,8 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
 * Execution options (`model.dtype/attention/remat/scan_layers`) change how the step is
   computed, never the parameter tree: blocks may be rematerialised (`jax.checkpoint`
   with a policy) and/or run as one `lax.scan` over their stacked weights.
+* Incremental decoding (`Transformer.decode`) keeps each layer's keys and values in a
+  `KVCache`: new tokens attend to every cached position up to their own.
 
 Every parameter is created with logical axis names (`out_sharding` metadata):
   vocab, embed (the model width), heads, kv_heads, head_dim, mlp,
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -90,6 +93,26 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
+@flax.struct.dataclass
+class KVCache:
+    """One layer's keys and values for positions [0, length); buffers hold max_len."""
+
+    k: jax.Array  # (B, max_len, kv_heads, head_dim)
+    v: jax.Array
+    length: jax.Array  # int32 scalar: positions filled so far
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> "KVCache":
+        zeros = jnp.zeros((batch, max_len, cfg.kv_heads, cfg.head_dim), dtype)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def extend(self, k: jax.Array, v: jax.Array) -> "KVCache":
+        at = (0, self.length, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+                       jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+                       self.length + k.shape[1])
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if rate == 0.0 or key is None:
         return x
@@ -109,19 +132,40 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, "head_dim", cfg.norm_eps)
             self.k_norm = RMSNorm(h, "head_dim", cfg.norm_eps)
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        cfg, dtype = self.cfg, x.dtype
+    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries (B, T, N, D), keys and values (B, T, K, D): projected, QK-normed, rotated."""
+        dtype = x.dtype
         q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dtype))
         k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dtype))
-        if cfg.qk_norm:
+        if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
-        implementation = None if cfg.attention == "auto" else cfg.attention
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                           implementation=implementation)
-        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dtype))
+        return apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta), v
+
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Causal self-attention over x; with a cache, over the cached positions and x
+        (x's positions must continue the cache: cache.length, cache.length + 1, ...)."""
+        q, k, v = self._qkv(x, positions)
+        if cache is None:
+            implementation = None if self.cfg.attention == "auto" else self.cfg.attention
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               implementation=implementation)
+        else:
+            cache = cache.extend(k, v)
+            visible = jnp.arange(cache.k.shape[1])[None, :] <= positions[0][:, None]  # (T, max_len)
+            out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=visible[None, None], scale=self.scale)
+        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(x.dtype)), cache
+
+    def weights(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The attention probabilities (B, N, T, T) of x, for inspection (float32).
+        logits = scale * q.k, causal mask, softmax over keys; query head n reads kv head
+        n // (N / K)."""
+        q, k, _ = self._qkv(x, positions)
+        k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+        logits = self.scale * jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+        return jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
 
 
 class SwiGLU(nnx.Module):
@@ -147,12 +191,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         keys = jax.random.split(key) if key is not None else (None, None)
-        branch = dropout(self.attn(self.attn_norm(x), positions), self.dropout_rate, keys[0])
-        x = x + self.residual * branch
+        attended, cache = self.attn(self.attn_norm(x), positions, cache)
+        x = x + self.residual * dropout(attended, self.dropout_rate, keys[0])
         branch = dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
-        return x + self.residual * branch
+        return x + self.residual * branch, cache
 
 
 class Transformer(nnx.Module):
@@ -173,12 +218,30 @@ class Transformer(nnx.Module):
         x = self.embed_tokens(tokens)
         if self.cfg.remat == "none" and not self.cfg.scan_layers:
             for i, block in enumerate(self.blocks):
-                x = block(x, positions, _layer_key(dropout_key, i))
+                x, _ = block(x, positions, _layer_key(dropout_key, i))
         else:
             x = self._blocks_as_function(x, positions, dropout_key)
+        return self.logits(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
         return jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
+
+    def empty_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        return [KVCache.empty(self.cfg, batch, max_len, compute_dtype(self.cfg)) for _ in self.blocks]
+
+    def decode(self, tokens: jax.Array, caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+        """Logits of `tokens` (B, T), which continue the cached sequence, and the caches
+        extended by them. Prefill and one-token steps are the same call."""
+        start = caches[0].length
+        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed_tokens(tokens)
+        extended = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block(x, positions, None, cache)
+            extended.append(cache)
+        return self.logits(x), extended
 
     def _blocks_as_function(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
         """The blocks as one pure function of (weights, x), rematerialised and/or scanned.
@@ -191,7 +254,7 @@ class Transformer(nnx.Module):
         states = [nnx.to_pure_dict(nnx.state(block)) for block in self.blocks]
 
         def apply(state, x, key):
-            return nnx.merge(graphdef, state)(x, positions, key)
+            return nnx.merge(graphdef, state)(x, positions, key)[0]
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[self.cfg.remat])
