@@ -24,11 +24,12 @@ from jaxtrain.config import CheckpointConfig
 
 
 class Checkpointer:
-    def __init__(self, workdir: Path, cfg: CheckpointConfig):
+    def __init__(self, workdir: Path, cfg: CheckpointConfig, read_only: bool = False):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             Path(workdir).absolute() / "checkpoints", options=options,
@@ -60,6 +61,13 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
         ))
         return restored.state, restored.data, restored.meta
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters (optimizer state is not read): for evaluation and inspection."""
+        target = {"params": abstract_params}
+        state = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                       restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+        return self._manager.restore(step, args=ocp.args.Composite(state=state)).state["params"]
 
     def read_meta(self, step: int) -> dict:
         """Only the metadata item of a checkpoint (no arrays are read)."""

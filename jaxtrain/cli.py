@@ -4,6 +4,10 @@
     jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
     jaxtrain bench CONFIG [--steps 10 --warmup 2 --set ...]   (one JSON line)
+    jaxtrain eval WORKDIR [--data GLOB ...] [--step N]
+    jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens]
+    jaxtrain dry-run CONFIG [--devices N --backend gpu] [--schedule-png FILE] [--set ...]
 
 Bad input (config, data, paths) prints one line `jaxtrain: error: ...` and exits 2;
 `JAXTRAIN_DEBUG=1` shows the traceback instead.
@@ -48,6 +52,35 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
     _add_set(bench)
+    evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits/byte of a checkpoint")
+    evaluate.add_argument("workdir")
+    evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    evaluate.add_argument("--data", nargs="+", default=None, metavar="GLOB",
+                          help="text files/globs to evaluate on (default: the run's own data); their "
+                               "validation split is chosen by the same rule as data.paths")
+    generate = commands.add_parser("generate", help="sample text from a checkpoint (KV-cached)")
+    generate.add_argument("workdir")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    plot = commands.add_parser("plot", help="overlay the logged curves of several runs in one PNG")
+    plot.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.add_argument("--metric", default="loss,val_loss,lr", help="comma-separated metrics.jsonl keys")
+    plot.add_argument("--x", choices=("step", "tokens"), default="step")
+    dry = commands.add_parser("dry-run", help="resolve a config: params by role, shardings, FLOPs, memory, schedule")
+    dry.add_argument("config")
+    dry.add_argument("--devices", type=int, default=None,
+                     help="simulated device count for the mesh (default: this machine's)")
+    dry.add_argument("--schedule-png", default=None, metavar="FILE", help="also plot the LR schedule")
+    dry.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None,
+                     help="platform the run is planned for: sets dtype/attention under auto "
+                          "(default: this machine's)")
+    dry.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
+    _add_set(dry)
     return parser
 
 
@@ -117,6 +150,78 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxtrain.evaluate import evaluate_run
+    from jaxtrain.saved_run import load_run
+
+    report = evaluate_run(load_run(args.workdir, args.step), args.data)
+    print(json.dumps(report))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jaxtrain.data.corpus import decode, encode
+    from jaxtrain.generate import check_sampling, generate
+    from jaxtrain.saved_run import load_run
+
+    prompt = encode(args.prompt)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, len(prompt))
+    run = load_run(args.workdir, args.step)
+    tokens = generate(run.model(), prompt[None], max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + decode(tokens[0]))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxtrain.metrics import read_metrics
+    from jaxtrain.plotting import plot_runs
+
+    metrics = [m for m in args.metric.split(",") if m]
+    runs = {}
+    for workdir in args.workdirs:
+        rows = read_metrics(Path(workdir) / "metrics.jsonl")
+        if not rows:
+            raise UserError(f"{workdir}: no metrics.jsonl rows (not a jaxtrain workdir, or no step logged yet)")
+        runs[Path(workdir).name if Path(workdir).name not in runs else workdir] = rows
+    for metric in metrics:
+        if not any(metric in row for rows in runs.values() for row in rows):
+            raise UserError(f"--metric {metric}: not logged by any of the runs")
+    plot_runs(runs, metrics, args.x, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxtrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    import jax
+
+    from jaxtrain import dry_run
+
+    devices = args.devices or jax.device_count()
+    if devices <= 0:
+        raise UserError(f"--devices {devices}: must be positive")
+    plan = dry_run.plan(cfg, devices, backend=args.backend or jax.default_backend())
+    print(json.dumps(plan) if args.json else dry_run.format_plan(plan))
+    if args.schedule_png:
+        from pathlib import Path
+
+        from jaxtrain.plotting import plot_schedule
+
+        plot_schedule(cfg, Path(args.schedule_png))
+        if not args.json:
+            print(f"wrote {args.schedule_png}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from jaxtrain.config import load_config
 
@@ -156,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": _train, "sweep": _sweep, "coord-check": _coord_check,
-                "bench": _bench}[args.command](args)
+                "bench": _bench, "eval": _eval, "generate": _generate, "plot": _plot,
+                "dry-run": _dry_run}[args.command](args)
     except UserError as err:
         if os.environ.get("JAXTRAIN_DEBUG"):
             raise

@@ -1,4 +1,4 @@
-"""PNG figures for the sweep and the coordinate check (matplotlib, no display needed)."""
+"""PNG figures: sweeps, the coordinate check, and run curves (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,50 @@ def plot_coord_check(report: dict[str, Any], path: Path) -> None:
         ax.axis("off")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"coordinate check: {report['parametrization']} (RMS of activations vs width)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path: Path) -> None:
+    """Overlay the logged curves of several runs: one panel per metric, one line per run.
+    `runs` maps a label to its metrics.jsonl rows; rows without a metric are skipped
+    (val_loss is logged only at evaluation steps)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.9), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for label, rows in runs.items():
+            points = [(r[x_key], r[metric]) for r in rows if r.get(metric) is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], ".-" if len(points) < 30 else "-",
+                    label=label, markersize=4)
+        ax.set_title(metric)
+        ax.set_xlabel(x_key)
+        if metric in ("loss", "val_loss"):  # the interesting part is near the end
+            finite = [r[metric] for rows in runs.values() for r in rows[len(rows) // 10:]
+                      if r.get(metric) is not None and math.isfinite(r[metric])]
+            if finite:
+                ax.set_ylim(min(finite) - 0.05, max(finite) + 0.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_schedule(cfg, path: Path) -> None:
+    """The learning rate of every step of a config's schedule."""
+    import jax
+    import numpy as np
+
+    from jaxtrain.schedules import make_schedule
+
+    steps = np.arange(cfg.train.steps)
+    lrs = np.asarray(jax.vmap(make_schedule(cfg))(steps))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(steps, lrs)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{cfg.schedule.name}: peak {cfg.optimizer.lr:g}, warmup {cfg.schedule.warmup_steps} steps")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import yaml
 
 from jaxtrain import parametrization, sharding
@@ -27,6 +26,7 @@ from jaxtrain.config import Config, ModelConfig
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
 from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.evaluate import Evaluator, validation_set
 from jaxtrain.metrics import MetricsLogger
 from jaxtrain.model import check_compute
 from jaxtrain.parametrization import Table
@@ -85,15 +85,6 @@ def _check_vocab(cfg: Config) -> None:
                                               f"vocabulary ({BYTE_VOCAB}) of the corpus")
 
 
-class _Evaluator:
-    def __init__(self, evaluate, batches: list[jax.Array]):
-        self.evaluate, self.batches = evaluate, batches
-
-    def __call__(self, params) -> float:
-        losses = [self.evaluate(params, b) for b in self.batches]
-        return float(np.mean(jax.device_get(losses)))
-
-
 class _Throughput:
     """tokens/s between logged rows, excluding evaluation pauses; ETA from the same rate."""
 
@@ -139,7 +130,7 @@ class _Parts:
     shardings: ts.TrainState
     train_step: Callable
     diagnose: Callable | None  # every diagnostics.every_steps steps
-    evaluate: _Evaluator
+    evaluate: Evaluator
     iterator: Any  # grain DatasetIterator, checkpointable
     to_global: Callable  # process-local numpy batch -> global jax.Array
 
@@ -150,10 +141,10 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
     pid, nproc = jax.process_index(), jax.process_count()
     batch_sharding = sharding.batch_sharding(mesh)
     to_global = lambda local: jax.make_array_from_process_local_data(batch_sharding, local)
-    val = [to_global(b) for b in pipeline.validation_batches(cfg, corpus.val, pid, nproc)]
     iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
     diagnose = ts.compile_diagnose(cfg, spec, shardings, mesh)
-    return _Parts(spec, tx, shardings, steps.train, diagnose, _Evaluator(steps.evaluate, val), iterator, to_global)
+    evaluator = Evaluator(steps.evaluate, validation_set(cfg, corpus, mesh))
+    return _Parts(spec, tx, shardings, steps.train, diagnose, evaluator, iterator, to_global)
 
 
 def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, int, int | None]:

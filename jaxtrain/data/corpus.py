@@ -88,5 +88,15 @@ def load_corpus(paths: tuple[str, ...], val_fraction: float) -> Corpus:
     return Corpus(_join(train_docs), _join(val_docs), len(train_docs), len(val_docs))
 
 
+def encode(text: str) -> np.ndarray:
+    """Text -> byte tokens (int32), as the corpus tokenizes it."""
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def decode(tokens) -> str:
+    """Byte tokens -> text; ids outside the byte range and invalid UTF-8 become U+FFFD."""
+    return bytes(int(t) if 0 <= int(t) < BYTE_VOCAB else 0xFF for t in tokens).decode("utf-8", errors="replace")
+
+
 def corpus_for(cfg: DataConfig) -> Corpus:
     return load_corpus(tuple(cfg.paths), cfg.val_fraction)

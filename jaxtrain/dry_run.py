@@ -1,0 +1,203 @@
+"""`jaxtrain dry-run`: the plan of a run, from abstract shapes only (nothing is allocated,
+nothing is compiled), so a cluster-sized config resolves in seconds on a laptop.
+
+It reports the resolved config; parameters by parametrization role with their init std
+and learning-rate / weight-decay / Adam-epsilon multipliers; the mesh (for a simulated
+device count) and every parameter's partition spec; model FLOPs per token and per step
+(`flops.py`); tokens per step; the learning-rate schedule; and an estimate of memory per
+device.
+
+Memory per device (bytes), with P = parameter elements held by one device (the exact
+sum over parameters of size / product of the mesh axes sharding it):
+
+    params 4P + Adam moments 8P + gradients 4P               (all float32)
+  + saved activations   L * t * a(remat) * b                 (b = compute-dtype bytes)
+  + recomputation       t * a(none) * b                      (one block, if remat != none)
+  + logits              3 * t * V/tp * 4                     (logits, softmax, their gradient)
+
+t = tokens per device per microbatch = batch * seq_len / (data * fsdp * microbatches),
+tp = the tensor axis. a(remat) counts the elements one block saves for the backward pass
+per token, read off `jax.ad_checkpoint` residuals of this model (d = d_model,
+f = d_ff, H = heads, T = seq_len):
+
+    none            11 d + 6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
+                    scores and probabilities; cuDNN flash attention keeps neither)
+    dots_saveable    8 d + 2 f/tp
+    full             2 d
+
+`model.attention: auto` counts as cuDNN on GPU in bfloat16 (what JAX picks there) and as
+XLA otherwise. The compute dtype and attention follow `--backend` (default: this machine's).
+
+It is an estimate: XLA's buffer assignment may fuse away or add temporaries; the test
+suite holds it to the compiled step's own memory analysis for small configs.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+from jaxtrain import flops, sharding
+from jaxtrain import train_step as ts
+from jaxtrain.config import Config
+from jaxtrain.parametrization import path_str
+from jaxtrain.schedules import make_schedule
+
+_COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
+    """The config's mesh over `devices` simulated devices."""
+    shape = sharding.mesh_shape(cfg.mesh, devices)
+    return AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _flash_attention(cfg: Config, backend: str) -> bool:
+    if cfg.model.attention == "auto":
+        return backend == "gpu" and _compute_dtype_name(cfg, backend) == "bfloat16"
+    return cfg.model.attention == "cudnn"
+
+
+def block_activations_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
+    """a(remat): elements one block keeps for the backward pass, per token."""
+    d, f, heads, seq = cfg.model.d_model, cfg.model.ff_dim, cfg.model.n_heads, cfg.data.seq_len
+    if remat == "none":
+        scores = 0 if _flash_attention(cfg, backend) else 4 * heads * seq / tensor
+        return 11 * d + 6 * f / tensor + scores
+    if remat == "dots_saveable":
+        return 8 * d + 2 * f / tensor
+    return 2 * d
+
+
+def _compute_dtype_name(cfg: Config, backend: str) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "float32" if backend == "cpu" else "bfloat16"
+
+
+def memory_per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
+                      backend: str = "gpu") -> dict[str, float]:
+    """The estimate of the module docstring, in bytes, by component."""
+    model, tensor = cfg.model, mesh_shape["tensor"]
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
+    tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
+    b = _COMPUTE_BYTES[_compute_dtype_name(cfg, backend)]
+    per_token = functools.partial(block_activations_per_token, cfg, tensor=tensor, backend=backend)
+    saved = model.n_layers * tokens * per_token(model.remat) * b
+    recompute = 0.0 if model.remat == "none" else tokens * per_token("none") * b
+    parts = {"params": 4.0 * params_per_device, "optimizer": 8.0 * params_per_device,
+             "gradients": 4.0 * params_per_device, "activations": saved + recompute,
+             "logits": 3.0 * tokens * model.vocab_size / tensor * 4}
+    return {**parts, "total": sum(parts.values())}
+
+
+def plan(cfg: Config, devices: int, backend: str = "gpu") -> dict[str, Any]:
+    """Everything the dry run reports, as plain data."""
+    spec = ts.model_spec(cfg)
+    mesh = abstract_mesh(cfg, devices)
+    params, roles = [], collections.defaultdict(lambda: collections.defaultdict(set))
+    role_counts: dict[str, int] = collections.Counter()
+    logical_axes = _logical_axes_by_path(spec)
+    for path, rule in spec.table.rules.items():
+        axes = logical_axes[path]
+        pspec = sharding.logical_to_spec(axes, rule.shape, mesh)
+        shards = math.prod(math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s))
+                           for s in pspec if s is not None)
+        size = math.prod(rule.shape)
+        params.append({"path": path, "shape": list(rule.shape), "role": rule.role, "logical_axes": list(axes),
+                       "partition_spec": [s if s is None or isinstance(s, str) else list(s) for s in pspec],
+                       "per_device": size // shards})
+        role_counts[rule.role] += size
+        for field in ("init_std", "multiplier", "lr", "weight_decay", "eps"):
+            roles[rule.role][field].add(round(getattr(rule, field), 8))
+    per_device = sum(p["per_device"] for p in params)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len)
+    return {
+        "config": cfg.to_dict(),
+        "devices": devices,
+        "mesh": dict(mesh.shape),
+        "params_total": sum(role_counts.values()),
+        "roles": {role: {"params": role_counts[role], **{k: sorted(v) for k, v in fields.items()}}
+                  for role, fields in roles.items()},
+        "params": params,
+        "params_per_device": per_device,
+        "flops_per_token": flops_per_token,
+        "matmul_params": flops.matmul_params(cfg.model),
+        "tokens_per_step": tokens_per_step,
+        "flops_per_step": flops_per_token * tokens_per_step,
+        "memory_per_device": memory_per_device(cfg, per_device, dict(mesh.shape), backend),
+        "compute_dtype": _compute_dtype_name(cfg, backend),
+        "schedule": schedule_summary(cfg),
+    }
+
+
+def _logical_axes_by_path(spec: ts.ModelSpec) -> dict[str, tuple[str, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(spec.logical_axes, is_leaf=lambda x: isinstance(x, P))[0]
+    return {path_str(key_path): tuple(axes) for key_path, axes in flat}
+
+
+def schedule_summary(cfg: Config) -> dict[str, Any]:
+    steps = cfg.train.steps
+    lrs = np.asarray(jax.vmap(make_schedule(cfg))(np.arange(steps)))
+    return {"name": cfg.schedule.name, "peak_lr": cfg.optimizer.lr, "warmup_steps": cfg.schedule.warmup_steps,
+            "steps": steps, "first_lr": float(lrs[0]), "final_lr": float(lrs[-1]),
+            "tokens": steps * cfg.train.batch_size * cfg.data.seq_len}
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _one_row_per_layer_kind(params: list[dict]) -> dict[str, dict]:
+    """Parameters with the layer index replaced by `*` (all layers are alike), in model order."""
+    rows: dict[str, dict] = {}
+    for q in sorted(params, key=lambda q: [int(k) if k.isdigit() else k for k in q["path"].split(".")][:1]):
+        rows.setdefault(re.sub(r"^blocks\.\d+\.", "blocks.*.", q["path"]), q)
+    return rows
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    lines = ["# resolved config", yaml.safe_dump(p["config"], sort_keys=False).rstrip(), "",
+             f"# parameters: {p['params_total']:,} ({_count(p['params_total'])}), "
+             f"{p['params_per_device']:,} per device",
+             f"{'role':<10} {'params':>14}  {'init std':<24} {'multiplier':<18} {'lr x':<14} {'wd x':<10} eps x"]
+    fmt = lambda values: ",".join(f"{v:.4g}" for v in values)
+    for role, r in p["roles"].items():
+        lines.append(f"{role:<10} {r['params']:>14,}  {fmt(r['init_std']):<24} {fmt(r['multiplier']):<18} "
+                     f"{fmt(r['lr']):<14} {fmt(r['weight_decay']):<10} {fmt(r['eps'])}")
+    lines += ["", f"# mesh over {p['devices']} devices: {p['mesh']}",
+              f"{'parameter (blocks.* = every layer)':<36} {'shape':<18} {'logical axes':<34} partition spec"]
+    for path, q in _one_row_per_layer_kind(p["params"]).items():
+        lines.append(f"{path:<36} {str(tuple(q['shape'])):<18} {str(tuple(q['logical_axes'])):<34} "
+                     f"{tuple(q['partition_spec'])}")
+    s, m = p["schedule"], p["memory_per_device"]
+    lines += ["", "# compute",
+              f"model FLOPs per token {p['flops_per_token']:.4g} (6N + 12 L H d_head T, N = "
+              f"{p['matmul_params']:,} matmul params incl. the unembedding)",
+              f"tokens per step {p['tokens_per_step']:,}; FLOPs per step {p['flops_per_step']:.4g}; "
+              f"total {p['flops_per_step'] * s['steps']:.4g} over {s['steps']:,} steps ({_count(s['tokens'])} tokens)",
+              "", f"# memory per device (estimate, compute dtype {p['compute_dtype']})"]
+    lines += [f"{k:<12} {_bytes(v)}" for k, v in m.items()]
+    lines += ["", f"# schedule: {s['name']}, peak lr {s['peak_lr']:g}, warmup {s['warmup_steps']} steps, "
+                  f"lr at step 0 {s['first_lr']:.3g}, at the last step {s['final_lr']:.3g}"]
+    return "\n".join(lines)

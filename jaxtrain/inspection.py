@@ -1,0 +1,74 @@
+"""Looking inside a saved run: what `notebooks/inspect.ipynb` shows, as plain functions.
+
+    parameter_stats(run)          one row per parameter: role, layer, shape, RMS, the
+                                  table's init std and multipliers, top singular value
+    activation_stats(run, batch)  RMS of embeddings, each block's attention/MLP output, logits
+    attention_maps(model, tokens) softmax attention probabilities, one (B, N, T, T) per layer
+    sample_tokens(run, n)         the first n validation windows of the run's corpus
+
+Everything runs on the devices the run was loaded onto (`saved_run.load_run`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain import diagnostics
+from jaxtrain.coord_check import activation_rms
+from jaxtrain.data import pipeline
+from jaxtrain.data.corpus import corpus_for
+from jaxtrain.model import Transformer
+from jaxtrain.parametrization import path_str
+from jaxtrain.saved_run import SavedRun
+
+
+def _layer(path: str) -> int | None:
+    match = re.match(r"blocks\.(\d+)\.", path)
+    return int(match.group(1)) if match else None
+
+
+def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
+    """Per parameter: path, role, layer (None outside the blocks), shape, RMS, and for
+    matrices the top singular value of the weight the forward pass uses, as a fan-in x
+    fan-out matrix (`diagnostics.singular_values`)."""
+    flat = jax.tree_util.tree_flatten_with_path(run.params)[0]
+    sigma = jax.jit(lambda params: diagnostics.singular_values(params, run.spec.table, 30))(run.params)
+    rows = []
+    for key_path, value in flat:
+        path = path_str(key_path)
+        rule = run.spec.table.rules[path]
+        row = {"path": path, "role": rule.role, "layer": _layer(path), "shape": tuple(value.shape),
+               "rms": float(jnp.sqrt(jnp.mean(jnp.square(value)))), "init_std": rule.init_std,
+               "multiplier": rule.multiplier, "lr_multiplier": rule.lr, "wd_multiplier": rule.weight_decay}
+        if f"sv/{path}" in sigma:
+            row["top_singular_value"] = float(sigma[f"sv/{path}"])
+        rows.append(row)
+    return rows
+
+
+def sample_tokens(run: SavedRun, n: int = 1) -> np.ndarray:
+    """(n, seq_len + 1) tokens: the first validation windows of the run's own corpus."""
+    batch = pipeline.validation_batches(run.cfg, corpus_for(run.cfg.data).val)[0]
+    return batch[:n]
+
+
+def activation_stats(run: SavedRun, batch: np.ndarray) -> dict[str, float]:
+    """RMS of the embeddings, every block's attention/MLP outputs and the logits."""
+    rms = jax.jit(lambda params, tokens: activation_rms(params, tokens, spec=run.spec))
+    return {k: float(v) for k, v in rms(run.params, jnp.asarray(batch[:, :-1])).items()}
+
+
+def attention_maps(model: Transformer, tokens: jax.Array) -> list[jax.Array]:
+    """Attention probabilities of every layer, (B, N, T, T) each, for tokens (B, T)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = model.embed_tokens(tokens)
+    maps = []
+    for block in model.blocks:
+        maps.append(block.attn.weights(block.attn_norm(x), positions))
+        x, _ = block(x, positions, None)
+    return maps

@@ -1,0 +1,158 @@
+"""Looking at finished runs: eval, generate (KV cache vs recompute), plot, the notebook.
+
+Two tiny runs are trained once: one on the default 8-device fsdp mesh, one on a
+data=2 x fsdp=2 x tensor=2 mesh. Both are read back on other meshes (the notebook
+kernel has a single CPU device).
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, run_cli
+from jaxtrain import inspection
+from jaxtrain import train_step as ts
+from jaxtrain.config import MeshConfig, load_config
+from jaxtrain.data.corpus import encode
+from jaxtrain.evaluate import evaluate_run
+from jaxtrain.generate import generate, generate_by_recompute
+from jaxtrain.metrics import read_metrics
+from jaxtrain.saved_run import load_run
+from jaxtrain.train import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{'fsdp8': workdir, 'dp2_fsdp2_tp2': workdir}, each a finished tiny run."""
+    workdirs = {}
+    for name, mesh in [("fsdp8", []), ("dp2_fsdp2_tp2", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])]:
+        workdirs[name] = tmp_path_factory.mktemp(name)
+        run(load_config(TINY, mesh), workdirs[name], console=False)
+    return workdirs
+
+
+def logged_val_loss(workdir, step):
+    return next(r["val_loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["step"] == step)
+
+
+def test_eval_cli_reproduces_the_logged_validation_loss(runs):
+    workdir = runs["fsdp8"]
+    result = run_cli("eval", str(workdir), "--step", "20")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    logged = logged_val_loss(workdir, 20)
+    assert report["step"] == 20 and report["tokens_seen"] == 20 * 16 * 64
+    assert report["val_loss"] == pytest.approx(logged, rel=1e-5)
+    assert report["perplexity"] == pytest.approx(math.exp(report["val_loss"]))
+    assert report["bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2))
+
+
+def test_eval_on_another_mesh_matches_the_log(runs):
+    """Written on data2 x fsdp2 x tensor2, evaluated on fsdp4 x tensor2 and on one device."""
+    workdir = runs["dp2_fsdp2_tp2"]
+    logged = logged_val_loss(workdir, 40)
+    for mesh in (MeshConfig(data=1, fsdp=4, tensor=2), None):
+        loaded = load_run(workdir, mesh_cfg=mesh)
+        assert loaded.step == 40
+        assert evaluate_run(loaded)["val_loss"] == pytest.approx(logged, rel=1e-5)
+
+
+def test_eval_and_generate_bad_input_is_one_line(runs, tmp_path):
+    cases = [("eval", str(runs["fsdp8"]), "--step", "25"),
+             ("eval", str(tmp_path)),
+             ("generate", str(runs["fsdp8"]), "--prompt", ""),
+             ("generate", str(runs["fsdp8"]), "--prompt", "x", "--temperature", "-1")]
+    for args in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, args
+        assert result.stderr.strip().splitlines()[-1].startswith("jaxtrain: error:"), result.stderr
+    assert "saved: [20, 30, 40]" in run_cli(*cases[0]).stderr
+
+
+def test_generate_is_deterministic_for_a_seed(runs):
+    args = ("generate", str(runs["fsdp8"]), "--prompt", "def ", "--max-new-tokens", "24", "--top-k", "20")
+    first, again = run_cli(*args, "--seed", "3"), run_cli(*args, "--seed", "3")
+    other = run_cli(*args, "--seed", "4")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout and first.stdout.startswith("def ")
+    assert first.stdout != other.stdout
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.7, 5)])
+def test_kv_cache_draws_the_same_tokens_as_recomputing_the_sequence(runs, temperature, top_k):
+    model = load_run(runs["fsdp8"]).model()
+    prompt = jnp.asarray(np.stack([encode("import os\nde"), encode("class A:\n  b")]))
+    kwargs = dict(max_new_tokens=20, temperature=temperature, top_k=top_k, seed=11)
+    cached = generate(model, prompt, **kwargs)
+    assert cached.shape == (2, 20)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(generate_by_recompute(model, prompt, **kwargs)))
+
+
+def test_kv_cache_logits_equal_full_forward_with_qk_norm_and_mup():
+    cfg = load_config(TINY, ["model.qk_norm=true", "parametrization.name=mup", "parametrization.d0=32",
+                             "model.n_kv_heads=1"])
+    spec = ts.model_spec(cfg)
+    model = ts.bind_model(spec, ts.init_params(cfg, spec, jax.random.PRNGKey(1)))
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, 256)
+    full = model(tokens)
+    caches = model.empty_caches(2, 16)
+    prefill, caches = model.decode(tokens[:, :7], caches)
+    pieces = [prefill]
+    for t in range(7, 12):
+        logits, caches = model.decode(tokens[:, t:t + 1], caches)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full), atol=2e-5)
+    assert int(caches[0].length) == 12
+
+
+def test_attention_maps_reproduce_the_attention_output(runs):
+    loaded = load_run(runs["fsdp8"])
+    model = loaded.model()
+    tokens = jnp.asarray(inspection.sample_tokens(loaded, 2)[:, :32])
+    maps = inspection.attention_maps(model, tokens)
+    assert len(maps) == loaded.cfg.model.n_layers and maps[0].shape == (2, 4, 32, 32)
+    np.testing.assert_allclose(np.asarray(maps[0].sum(-1)), 1.0, atol=1e-5)
+    assert float(jnp.triu(maps[0], k=1).max()) == 0.0  # causal
+    block = model.blocks[0]
+    x = block.attn_norm(model.embed_tokens(tokens))
+    positions = jnp.broadcast_to(jnp.arange(32), tokens.shape)
+    _, _, v = block.attn._qkv(x, positions)
+    v = jnp.repeat(v, 2, axis=2)  # 4 query heads share 2 kv heads
+    by_hand = jnp.einsum("bnts,bsnh,nhd->btd", maps[0], v, block.attn.wo[...])
+    np.testing.assert_allclose(np.asarray(by_hand), np.asarray(block.attn(x, positions)[0]), atol=2e-5)
+
+
+def test_plot_overlays_runs_and_rejects_unknown_metrics(runs, tmp_path):
+    out = tmp_path / "curves.png"
+    result = run_cli("plot", str(runs["fsdp8"]), str(runs["dp2_fsdp2_tp2"]), "--out", str(out),
+                     "--metric", "loss,val_loss,lr", "--x", "tokens")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    bad = run_cli("plot", str(runs["fsdp8"]), "--out", str(tmp_path / "x.png"), "--metric", "nope")
+    assert bad.returncode == 2 and "--metric nope" in bad.stderr and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", ["fsdp8", "dp2_fsdp2_tp2"])
+def test_notebook_runs_headless_on_one_device(runs, name, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    notebook = nbformat.read(REPO / "notebooks" / "inspect.ipynb", as_version=4)
+    # the kernel inherits this environment: one CPU device, not the tests' eight
+    monkeypatch.setenv("JAXTRAIN_WORKDIR", str(runs[name]))
+    monkeypatch.setenv("JAXTRAIN_STEP", "30")
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", ""))
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "step 30 of 40" in text and "loaded on {'data': 1, 'fsdp': 1, 'tensor': 1} (1 cpu devices)" in text
+    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # curves, singular values, activations, attention maps
+    assert text.count("--- seed") == 2
