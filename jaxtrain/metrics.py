@@ -5,11 +5,14 @@
 On resume, rows after the restored checkpoint are dropped (they will be recomputed), so
 the file of a resumed run equals that of an uninterrupted one except for timing fields.
 TensorBoard events go to `WORKDIR/tb` (tensorboardX, no TensorFlow needed); a resumed
-writer purges events after the restored step.
+writer purges events after the restored step. With `train.wandb_project` set, rows also go
+to Weights & Biases (optional: never imported otherwise), one W&B run per workdir,
+resumed with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -17,6 +20,8 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from jaxtrain.errors import ConfigError
 
 TIMING_KEYS = ("tokens_per_sec", "eta_sec")
 
@@ -37,11 +42,30 @@ def truncate_after(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def check_wandb(project: str | None) -> None:
+    """A one-line error, before training starts, if W&B is asked for but not installed."""
+    if project is None:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("train.wandb_project", f"{project!r} needs the wandb package "
+                                                 "(pip install wandb), which is not installed") from None
+
+
+def _wandb_run(workdir: Path, project: str, run_config: dict):
+    import wandb
+
+    run_id = hashlib.sha1(str(workdir.absolute()).encode()).hexdigest()[:16]
+    return wandb.init(project=project, name=workdir.name, id=run_id, resume="allow", dir=str(workdir),
+                      config=run_config)
+
+
 class MetricsLogger:
     """Writes rows to metrics.jsonl and TensorBoard, and shows progress on the terminal."""
 
     def __init__(self, workdir: Path, start_step: int, total_steps: int, enabled: bool = True,
-                 console: bool = True):
+                 console: bool = True, wandb_project: str | None = None, run_config: dict | None = None):
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
         self._tty = console and sys.stderr.isatty()
@@ -52,6 +76,7 @@ class MetricsLogger:
         truncate_after(self.path, start_step)
         self._file = self.path.open("a")
         self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1)
+        self._wandb = _wandb_run(workdir, wandb_project, run_config or {}) if wandb_project else None
         if self._tty:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -63,6 +88,8 @@ class MetricsLogger:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, row["step"])
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         self._display(self._show, row)
 
     def _display(self, show, *args) -> None:
@@ -103,3 +130,5 @@ class MetricsLogger:
             self._display(self._bar.close)
         self._tb.close()
         self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

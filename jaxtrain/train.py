@@ -27,7 +27,7 @@ from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.evaluate import Evaluator, validation_set
-from jaxtrain.metrics import MetricsLogger
+from jaxtrain.metrics import MetricsLogger, check_wandb
 from jaxtrain.model import check_compute
 from jaxtrain.parametrization import Table
 from jaxtrain.preemption import StopRequest, stop_on_signal
@@ -105,6 +105,7 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, cons
     workdir = Path(workdir)
     _check_vocab(cfg)
     check_compute(cfg.model)
+    check_wandb(cfg.train.wandb_project)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_divides(cfg, mesh)
     corpus = corpus_for(cfg.data)
@@ -163,7 +164,8 @@ def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus,
     parts = _build(cfg, spec, mesh, corpus)
     state, tokens, resumed_from = _init_or_restore(cfg, parts, ckpt)
     step = int(jax.device_get(state.step))
-    logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0, console=console)
+    logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0, console=console,
+                           wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
     try:
         if resumed_from is not None:
             logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
