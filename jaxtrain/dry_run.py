@@ -41,7 +41,6 @@ import re
 from typing import Any
 
 import jax
-import numpy as np
 import yaml
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
@@ -49,7 +48,7 @@ from jaxtrain import flops, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.parametrization import path_str
-from jaxtrain.schedules import make_schedule
+from jaxtrain.schedules import lr_per_step
 
 _COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -147,7 +146,7 @@ def _logical_axes_by_path(spec: ts.ModelSpec) -> dict[str, tuple[str, ...]]:
 
 def schedule_summary(cfg: Config) -> dict[str, Any]:
     steps = cfg.train.steps
-    lrs = np.asarray(jax.vmap(make_schedule(cfg))(np.arange(steps)))
+    lrs = lr_per_step(cfg)
     return {"name": cfg.schedule.name, "peak_lr": cfg.optimizer.lr, "warmup_steps": cfg.schedule.warmup_steps,
             "steps": steps, "first_lr": float(lrs[0]), "final_lr": float(lrs[-1]),
             "tokens": steps * cfg.train.batch_size * cfg.data.seq_len}

@@ -123,15 +123,11 @@ def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path:
 
 def plot_schedule(cfg, path: Path) -> None:
     """The learning rate of every step of a config's schedule."""
-    import jax
-    import numpy as np
+    from jaxtrain.schedules import lr_per_step
 
-    from jaxtrain.schedules import make_schedule
-
-    steps = np.arange(cfg.train.steps)
-    lrs = np.asarray(jax.vmap(make_schedule(cfg))(steps))
+    lrs = lr_per_step(cfg)
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(steps, lrs)
+    ax.plot(range(len(lrs)), lrs)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.set_title(f"{cfg.schedule.name}: peak {cfg.optimizer.lr:g}, warmup {cfg.schedule.warmup_steps} steps")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtrain.config import Config
 
@@ -64,3 +66,8 @@ def make_schedule(cfg: Config) -> Schedule:
     if s.name == "cosine":
         return cosine(peak, s.warmup_steps, total, s.final_lr_fraction)
     return wsd(peak, s.warmup_steps, total, s.decay_fraction, s.final_lr_fraction)
+
+
+def lr_per_step(cfg: Config) -> np.ndarray:
+    """The learning rate of every step 0 .. train.steps-1 (for summaries and plots)."""
+    return np.asarray(jax.vmap(make_schedule(cfg))(np.arange(cfg.train.steps)))
