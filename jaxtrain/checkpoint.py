@@ -10,17 +10,40 @@ returns (so the next step may donate the buffers), then writes in a background t
 Every checkpoint is written to a temporary directory and renamed when complete, so an
 interrupted save is never mistaken for a checkpoint. `keep` newest are retained.
 Restoring takes the target shardings, so a checkpoint restores onto whatever mesh the
-current run uses.
+current run uses (another device count or axis sizes: orbax reads each device's shard).
+
+What can go wrong on disk, and what happens:
+  killed mid-save       the temporary directory is ignored (and removed at the next start)
+  corrupted checkpoint  (truncated or missing files) `restore_newest` warns, moves it to
+                        WORKDIR/checkpoints.unreadable/<step>, and uses the previous one
+  failed save           (disk full, permissions) `CheckpointSaveError` names the step and the
+                        checkpoints still intact; earlier checkpoints are never touched
+With several processes every call here is collective: all processes make it together.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxtrain.config import CheckpointConfig
+from jaxtrain.errors import UserError
+
+UNREADABLE_DIR = "checkpoints.unreadable"
+
+
+class CheckpointSaveError(UserError):
+    """Writing a checkpoint failed; the earlier ones are intact."""
+
+    exit_code = 1
 
 
 class Checkpointer:
@@ -30,11 +53,13 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_save,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # left by a save killed mid-write
         )
-        self._manager = ocp.CheckpointManager(
-            Path(workdir).absolute() / "checkpoints", options=options,
-            item_names=("state", "data", "meta"))
+        self._directory = Path(workdir).absolute() / "checkpoints"
+        self._manager = ocp.CheckpointManager(self._directory, options=options,
+                                              item_names=("state", "data", "meta"))
         self._every = cfg.every_steps
+        self._saving: int | None = None  # step of the save that may still be in flight
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -51,7 +76,23 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        return self._manager.save(step, args=args, force=True)
+        self.wait()  # orbax would wait for the previous save too; this attributes its failure
+        with self._reporting_failure(step):
+            saved = self._manager.save(step, args=args, force=True)
+        self._saving = step
+        return saved
+
+    @contextlib.contextmanager
+    def _reporting_failure(self, step: int) -> Iterator[None]:
+        """Turn a failed write into one line naming the step and what is still intact."""
+        try:
+            yield
+        except Exception as err:
+            intact = [s for s in self.all_steps() if s != step]
+            raise CheckpointSaveError(
+                f"checkpoint save at step {step} in {self._directory} failed "
+                f"({_first_line(err)}); intact checkpoints: steps {intact or 'none'}"
+            ) from err
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """abstract_state: ShapeDtypeStructs carrying the target shardings."""
@@ -69,12 +110,98 @@ class Checkpointer:
                                        restore_args=ocp.checkpoint_utils.construct_restore_args(target))
         return self._manager.restore(step, args=ocp.args.Composite(state=state)).state["params"]
 
+    def restore_newest(self, abstract_state: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data, meta) of the newest checkpoint that reads back completely,
+        or None when there is none. Unreadable newer ones are reported through `warn` and
+        moved aside (never deleted), so the run continues from the previous checkpoint and
+        later saves of those step numbers do not collide with them."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if steps:
+            _silence_abandoned_reads(self._directory)
+        for step in steps:
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except Exception as err:  # noqa: BLE001 - any read failure means "unusable"
+                moved = self._move_aside(step)
+                warn(f"checkpoint at step {step} is unreadable ({_first_line(err)}); "
+                     f"skipped it and moved it to {moved}")
+        return None
+
+    def newest_meta(self) -> dict | None:
+        """The metadata of the newest checkpoint whose metadata reads (None: no checkpoint)."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return self.read_meta(step)
+            except Exception:  # noqa: BLE001 - restore_newest reports and skips it later
+                continue
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        target = self._directory.parent / UNREADABLE_DIR / f"{step}.{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            shutil.move(str(self._directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxtrain: moved checkpoint {step} aside")
+        self._manager.reload()
+        return target
+
     def read_meta(self, step: int) -> dict:
         """Only the metadata item of a checkpoint (no arrays are read)."""
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the in-flight save is on disk (raises CheckpointSaveError if it failed)."""
+        if self._saving is not None:
+            step, self._saving = self._saving, None
+            with self._reporting_failure(step):
+                self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
+
+
+# A failed orbax read abandons its other in-flight shard reads; each later fails again and
+# prints a traceback (asyncio "exception never retrieved", "Exception ignored in" when the
+# coroutine is collected, "Event loop is closed" when tensorstore completes a read after
+# orbax closed its loop). The one-line warning already says it all.
+_ABANDONED_READ = "_read_array_index_and_device_put"
+
+
+class _DropAbandonedReads(logging.Filter):
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.needles = (_ABANDONED_READ, str(directory))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(needle in message for needle in self.needles)
+
+
+def _silence_abandoned_reads(directory: Path) -> None:
+    """Drop only the late reports of failed reads from `directory` (installed once)."""
+    logging.getLogger("asyncio").addFilter(_DropAbandonedReads(directory))
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxtrain", False):
+        return
+
+    def hook(unraisable) -> None:
+        abandoned = getattr(unraisable.object, "__qualname__", "") == _ABANDONED_READ
+        late_callback = str(unraisable.exc_value) == "Event loop is closed"  # read done after orbax gave up
+        if not (abandoned or late_callback):
+            previous(unraisable)
+
+    hook._jaxtrain = True
+    sys.unraisablehook = hook
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost cause's first line (orbax wraps the tensorstore error that says what
+    is wrong with the file), shortened for a one-line message."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= 240 else line[:237] + "..."

@@ -1,6 +1,7 @@
 """`jaxtrain <command>`: thin entry points over the library.
 
     jaxtrain train CONFIG --workdir DIR [--set key.path=value ...]
+                   [--coordinator HOST:PORT --num-processes N --process-id I]
     jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
     jaxtrain bench CONFIG [--steps 10 --warmup 2 --set ...]   (one JSON line)
@@ -31,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="run directory; rerunning on it resumes")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set model.d_model=512 (repeatable)")
+    group = train.add_argument_group("multi-process (jaxtrain/distributed.py; default: SLURM/TPU pod "
+                                     "auto-detection, else one process)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N")
+    group.add_argument("--process-id", type=int, default=None, metavar="I")
+    group.add_argument("--peer-timeout", type=int, default=None, metavar="SECONDS",
+                       help="exit with an error when a peer process is silent this long (default 30)")
     sweep = commands.add_parser("sweep", help="train a grid of short runs; loss vs learning rate per width/depth")
     sweep.add_argument("config")
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
@@ -225,7 +233,11 @@ def _dry_run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from jaxtrain.config import load_config
 
+    from jaxtrain import distributed
+
     cfg = load_config(args.config, args.overrides)
+    group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(group, args.peer_timeout or distributed.DEFAULT_PEER_TIMEOUT)
     from jaxtrain.train import run  # imports jax: only once the config is known to be valid
 
     result = run(cfg, args.workdir)

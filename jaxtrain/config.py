@@ -189,6 +189,9 @@ class TrainConfig(_Section):
     microbatches: int = Field(1, gt=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
+    # After SIGTERM/SIGINT: finish the step, checkpoint it, exit; if that takes longer than
+    # this, exit anyway (status 124) and resume from the newest complete checkpoint.
+    grace_period_sec: float = Field(60.0, gt=0)
     # Also send every metrics.jsonl row to this Weights & Biases project (needs `wandb`
     # installed and logged in, or WANDB_MODE=offline); None = never touch W&B.
     wandb_project: str | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from jaxtrain.evaluate import Evaluator, validation_set
 from jaxtrain.metrics import MetricsLogger, check_wandb
 from jaxtrain.model import check_compute
 from jaxtrain.parametrization import Table
-from jaxtrain.preemption import StopRequest, stop_on_signal
+from jaxtrain.preemption import StopRequest, StopVote, stop_on_signal
 
 # What a checkpoint's contents depend on (None means all of the section's keys); resuming
 # with a change there is an error. Everything else (steps, logging, mesh, threads, how the
@@ -52,9 +53,9 @@ class RunResult:
 def check_workdir(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer) -> None:
     """Refuse to resume a run whose model, data or parametrization table differ (before
     anything is written); then record the resolved config and table in the workdir."""
-    latest = ckpt.latest_step()
+    meta = ckpt.newest_meta()
     path = workdir / "config.yaml"
-    if latest is not None and path.exists():
+    if meta is not None and path.exists():
         saved = yaml.safe_load(path.read_text()) or {}
         new = cfg.to_dict()
         for section, keys in _IDENTITY_KEYS.items():
@@ -64,8 +65,8 @@ def check_workdir(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer) 
                 if old != value:
                     raise ConfigError(f"{section}.{key}", f"workdir {workdir} holds a run with {old!r}, "
                                                           f"this config says {value!r}; use a new --workdir")
-    if latest is not None:
-        saved_table = ckpt.read_meta(latest).get("parametrization")
+    if meta is not None:
+        saved_table = meta.get("parametrization")
         if saved_table is not None:
             parametrization.check_matches(saved_table, table)
     if jax.process_index() == 0:
@@ -77,6 +78,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _warn(text: str) -> None:
+    if jax.process_index() == 0:
+        print(f"jaxtrain: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _check_vocab(cfg: Config) -> None:
@@ -116,7 +122,7 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, cons
     ckpt = Checkpointer(workdir, cfg.checkpoint)
     try:
         check_workdir(workdir, cfg, spec.table, ckpt)
-        with stop_on_signal() as stop:
+        with stop_on_signal(cfg.train.grace_period_sec) as stop:
             return _train(cfg, spec, workdir, mesh, corpus, ckpt, stop, stop_after, console)
     finally:
         ckpt.close()
@@ -149,12 +155,13 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
 
 
 def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, int, int | None]:
-    """(state, tokens seen, step resumed from or None); restoring also rewinds the iterator."""
-    resumed_from = ckpt.latest_step()
-    if resumed_from is None:
-        return ts.init_state(cfg, parts.spec, parts.tx, parts.shardings), 0, None
+    """(state, tokens seen, step resumed from or None) from the newest readable checkpoint
+    (unreadable newer ones are reported and skipped); restoring also rewinds the iterator."""
     target = ts.abstract_state(cfg, parts.spec, parts.tx, parts.shardings)
-    state, data_state, meta = ckpt.restore(resumed_from, target)
+    newest = ckpt.restore_newest(target, warn=_warn)
+    if newest is None:
+        return ts.init_state(cfg, parts.spec, parts.tx, parts.shardings), 0, None
+    resumed_from, state, data_state, meta = newest
     parts.iterator.set_state(data_state)
     return state, int(meta["tokens"]), resumed_from
 
@@ -169,13 +176,14 @@ def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus,
     try:
         if resumed_from is not None:
             logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
-        state, step, tokens, val_loss = _loop(cfg, parts, ckpt, logger, stop, stop_after, state, step, tokens)
+        state, step, tokens, val_loss, stopped_by = _loop(cfg, parts, ckpt, logger, stop, stop_after,
+                                                          state, step, tokens)
         ckpt.wait()
         if val_loss is None:  # resumed a finished run: report its quality anyway
             val_loss = parts.evaluate(state.params)
     finally:
         logger.close()
-    return RunResult(step, tokens, val_loss, corpus.unigram_entropy(), resumed_from, stop.signum)
+    return RunResult(step, tokens, val_loss, corpus.unigram_entropy(), resumed_from, stopped_by)
 
 
 def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger, stop: StopRequest,
@@ -184,6 +192,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     # stored in every checkpoint's meta; dumped once, not per step
     run_meta = {"config": cfg.to_dict(), "parametrization": parts.spec.table.to_json()}
     throughput, pending, val_loss = _Throughput(tokens), None, None
+    vote, stopped_by = StopVote(), None
     while step < cfg.train.steps:
         batch = parts.to_global(next(parts.iterator))
         state, metrics = parts.train_step(state, batch)
@@ -206,7 +215,8 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
             throughput.paused += time.perf_counter() - started
         if evaluate_now or diagnose_now or step % cfg.train.log_every == 0:
             pending = (step, tokens, metrics, val_loss if evaluate_now else None)
-        halt = stop.requested or step == stop_after
+        stopped_by = vote(stop)  # the same answer on every process after the same step
+        halt = stopped_by is not None or step == stop_after
         meta = {"tokens": tokens, "step": step, **run_meta}
         saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
         if halt:
@@ -214,7 +224,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
             break
     if pending is not None:
         logger.write(_row(*pending, throughput, cfg))
-    return state, step, tokens, val_loss
+    return state, step, tokens, val_loss, stopped_by
 
 
 def _row(step: int, tokens: int, metrics: dict, val_loss: float | None, throughput: _Throughput,

@@ -5,8 +5,11 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -26,3 +29,44 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     """Run `python -m jaxtrain ARGS` the way a user would; the env carries the 8 devices."""
     return subprocess.run([sys.executable, "-m", "jaxtrain", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, **kwargs)
+
+
+def cli_env(devices: int) -> dict[str, str]:
+    """This environment with `devices` simulated CPU devices instead of 8."""
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    return env
+
+
+def start_cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jaxtrain", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def logged_rows(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 240) -> int:
+    """Block until the run in `workdir` has logged `step` (or later); returns the newest step."""
+    deadline = time.time() + timeout
+    while True:
+        rows = logged_rows(workdir)
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()}"
+        assert time.time() < deadline, f"step {step} not reached in {timeout} s"
+        time.sleep(0.02)
+
+
+def final_params(workdir: Path, step: int | None = None):
+    """The params of a run's checkpoint as host numpy arrays (for exact comparisons)."""
+    import jax
+
+    from jaxtrain.saved_run import load_run
+
+    return jax.device_get(load_run(workdir, step).params)

@@ -55,17 +55,20 @@ def test_iterator_resumes_to_exactly_the_next_batches(tiny_cfg):
 def test_processes_read_disjoint_windows_covering_the_epoch():
     cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=256"])
     tokens = corpus_for(cfg.data).train
-    n = pipeline.num_windows(tokens, cfg.data.seq_len)
-    per_process = [(n + 1) // 2, n // 2]  # epoch positions 0, 2, 4, ... and 1, 3, 5, ...
-    epoch = []
-    for process in (0, 1):
-        ds = pipeline.train_dataset(cfg, tokens, process, 2)
-        assert len(ds[0]) == cfg.train.batch_size // 2
-        windows = [tuple(w) for i in range(per_process[process] // 2 + 1) for w in ds[i]]
-        epoch.append(windows[: per_process[process]])
+    n, batch, local = pipeline.num_windows(tokens, cfg.data.seq_len), 4, 2
+    single = pipeline.train_dataset(cfg, tokens, 0, 1)
+    parts = [pipeline.train_dataset(cfg, tokens, process, 2) for process in (0, 1)]
+    epoch = [[], []]
+    for i in range(-(-n // batch)):  # every batch that starts inside the first epoch
+        # the processes' rows, stacked in process order, are the single-process global batch
+        np.testing.assert_array_equal(np.concatenate([parts[0][i], parts[1][i]]), single[i])
+        for process in (0, 1):
+            rows = parts[process][i]
+            assert len(rows) == local
+            epoch[process] += [tuple(w) for j, w in enumerate(rows) if i * batch + process * local + j < n]
     assert not set(epoch[0]) & set(epoch[1])
     everything = {tuple(pipeline.Window(tokens, cfg.data.seq_len)(i)) for i in range(n)}
-    assert set(epoch[0]) | set(epoch[1]) == everything
+    assert set(epoch[0]) | set(epoch[1]) == everything and len(epoch[0]) + len(epoch[1]) == n
 
 
 def test_validation_batches_are_fixed(tiny_cfg):

@@ -2,10 +2,13 @@
 
 Training: window i is tokens[i*T : i*T + T + 1] (T = seq_len; inputs and shifted targets
 come from one window). Window indices are globally shuffled with a seeded permutation that
-grain redraws every epoch, repeated forever, then strided by process
-(`[process_index::process_count]`) so hosts never read the same window, and batched to the
-per-process batch. The iterator's state (`get_state()`, a small dict) is saved in every
-checkpoint; restoring it yields exactly the batches an uninterrupted run would see next.
+grain redraws every epoch and repeated forever. Global batch b is windows [b*B, (b+1)*B)
+of that stream (B = train.batch_size); process p of P reads only its contiguous slice,
+rows [p*B/P, (p+1)*B/P), which is the part of the global batch its devices hold. So
+hosts never read the same window, and the global batch (content and order) is the same
+for any number of processes. The iterator's state (`get_state()`: the number of batches
+consumed, equal on every process) is saved in every checkpoint; restoring it yields
+exactly the batches an uninterrupted run would see next, also with another process count.
 
 Validation: the first `val_batches` full batches of consecutive windows of the validation
 split, in order, the same at every evaluation.
@@ -45,8 +48,16 @@ def train_dataset(cfg: Config, tokens: np.ndarray, process_index: int, process_c
         raise DataError(f"data.paths: training split has {len(tokens)} tokens, fewer than one batch of "
                         f"{cfg.train.batch_size} windows of data.seq_len+1={cfg.data.seq_len + 1}")
     ds = grain.MapDataset.range(n).shuffle(seed=cfg.data.seed).repeat(None)
-    ds = ds[process_index::process_count].map(Window(tokens, cfg.data.seq_len))
-    return ds.batch(local_batch_size(cfg, process_count), drop_remainder=True)
+    return _process_slices(ds.map(Window(tokens, cfg.data.seq_len)), cfg, process_index, process_count)
+
+
+def _process_slices(windows: grain.MapDataset, cfg: Config, process_index: int,
+                    process_count: int) -> grain.MapDataset:
+    """Batches of this process's rows of every global batch: the stream is cut into
+    per-process batches, and process p takes every P-th one starting at p (lazily: the
+    other processes' windows are never read)."""
+    local = windows.batch(local_batch_size(cfg, process_count), drop_remainder=True)
+    return local[process_index::process_count]
 
 
 def train_iterator(cfg: Config, tokens: np.ndarray, process_index: int = 0,
@@ -58,12 +69,10 @@ def train_iterator(cfg: Config, tokens: np.ndarray, process_index: int = 0,
 
 def validation_batches(cfg: Config, tokens: np.ndarray, process_index: int = 0,
                        process_count: int = 1) -> list[np.ndarray]:
-    local = local_batch_size(cfg, process_count)
     n_batches = min(cfg.data.val_batches, num_windows(tokens, cfg.data.seq_len) // cfg.train.batch_size)
     if n_batches == 0:
         raise DataError(f"data.val_fraction: validation split has {len(tokens)} tokens, fewer than one "
                         f"batch of {cfg.train.batch_size} windows of {cfg.data.seq_len + 1}")
-    window = Window(tokens, cfg.data.seq_len)
-    ds = grain.MapDataset.range(n_batches * cfg.train.batch_size)[process_index::process_count]
-    ds = ds.map(window).batch(local, drop_remainder=True)
+    windows = grain.MapDataset.range(n_batches * cfg.train.batch_size).map(Window(tokens, cfg.data.seq_len))
+    ds = _process_slices(windows, cfg, process_index, process_count)
     return [ds[i] for i in range(n_batches)]
