@@ -39,9 +39,11 @@ def cli_env(devices: int) -> dict[str, str]:
     return env
 
 
-def start_cli(*args: str, **kwargs) -> subprocess.Popen:
+def start_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Start `python -m jaxtrain ARGS` unbuffered (a killed process still shows its output)."""
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "jaxtrain", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
 
 def logged_rows(workdir: Path) -> list[dict]:
@@ -70,3 +72,27 @@ def final_params(workdir: Path, step: int | None = None):
     from jaxtrain.saved_run import load_run
 
     return jax.device_get(load_run(workdir, step).params)
+
+
+# The tiny config as the CLI runs it, one row per step: the reference the recovery and
+# multi-process tests compare against (checkpoints at steps 20, 30, 40).
+REFERENCE_SETTINGS = ("--set", "train.log_every=1")
+
+
+@pytest.fixture(scope="session")
+def cli_reference(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("cli_reference")
+    done = run_cli("train", str(TINY), "--workdir", str(workdir), *REFERENCE_SETTINGS)
+    assert done.returncode == 0, done.stderr
+    return workdir
+
+
+def assert_same_params(got, want, rtol: float = 0.0) -> None:
+    import jax
+    import numpy as np
+
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        if rtol:
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
