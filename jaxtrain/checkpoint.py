@@ -113,18 +113,30 @@ class Checkpointer:
     def restore_newest(self, abstract_state: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data, meta) of the newest checkpoint that reads back completely,
         or None when there is none. Unreadable newer ones are reported through `warn` and
-        moved aside (never deleted), so the run continues from the previous checkpoint and
-        later saves of those step numbers do not collide with them."""
+        moved aside (never deleted), so later saves of those step numbers do not collide
+        with them. If no checkpoint reads at all, the cause is more likely this run's
+        target (e.g. another optimizer structure) than the disk: that is an error, and
+        nothing is moved."""
         steps = sorted(self.all_steps(), reverse=True)
         if steps:
             _silence_abandoned_reads(self._directory)
+        unreadable = []
         for step in steps:
             try:
-                return (step, *self.restore(step, abstract_state))
+                restored = self.restore(step, abstract_state)
             except Exception as err:  # noqa: BLE001 - any read failure means "unusable"
-                moved = self._move_aside(step)
-                warn(f"checkpoint at step {step} is unreadable ({_first_line(err)}); "
+                unreadable.append((step, err))
+                continue
+            for bad_step, err in unreadable:
+                moved = self._move_aside(bad_step)
+                warn(f"checkpoint at step {bad_step} is unreadable ({_first_line(err)}); "
                      f"skipped it and moved it to {moved}")
+            return (step, *restored)
+        if unreadable:
+            step, err = unreadable[0]
+            raise UserError(f"{self._directory}: no checkpoint reads back into this run's state (step {step}: "
+                            f"{_first_line(err)}); nothing was changed (move the checkpoints aside "
+                            f"to start over)")
         return None
 
     def newest_meta(self) -> dict | None:
@@ -168,33 +180,29 @@ class Checkpointer:
 # coroutine is collected, "Event loop is closed" when tensorstore completes a read after
 # orbax closed its loop). The one-line warning already says it all.
 _ABANDONED_READ = "_read_array_index_and_device_put"
+_QUIET_DIRECTORIES: set[str] = set()  # checkpoint directories whose late read failures are dropped
 
 
 class _DropAbandonedReads(logging.Filter):
-    def __init__(self, directory: Path):
-        super().__init__()
-        self.needles = (_ABANDONED_READ, str(directory))
-
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(needle in message for needle in self.needles)
+        return not (_ABANDONED_READ in message or any(d in message for d in _QUIET_DIRECTORIES))
+
+
+def _drop_abandoned_reads(unraisable: Any) -> None:
+    abandoned = getattr(unraisable.object, "__qualname__", "") == _ABANDONED_READ
+    late_callback = str(unraisable.exc_value) == "Event loop is closed"  # read done after orbax gave up
+    if not (abandoned or late_callback):
+        _drop_abandoned_reads.previous(unraisable)
 
 
 def _silence_abandoned_reads(directory: Path) -> None:
-    """Drop only the late reports of failed reads from `directory` (installed once)."""
-    logging.getLogger("asyncio").addFilter(_DropAbandonedReads(directory))
-    previous = sys.unraisablehook
-    if getattr(previous, "_jaxtrain", False):
-        return
-
-    def hook(unraisable) -> None:
-        abandoned = getattr(unraisable.object, "__qualname__", "") == _ABANDONED_READ
-        late_callback = str(unraisable.exc_value) == "Event loop is closed"  # read done after orbax gave up
-        if not (abandoned or late_callback):
-            previous(unraisable)
-
-    hook._jaxtrain = True
-    sys.unraisablehook = hook
+    """Drop only the late reports of failed reads (hooks installed once per process)."""
+    if not _QUIET_DIRECTORIES:
+        logging.getLogger("asyncio").addFilter(_DropAbandonedReads())
+        _drop_abandoned_reads.previous = sys.unraisablehook
+        sys.unraisablehook = _drop_abandoned_reads
+    _QUIET_DIRECTORIES.add(str(directory))
 
 
 def _first_line(err: BaseException) -> str:

@@ -31,6 +31,16 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
                           timeout=timeout, cwd=REPO, **kwargs)
 
 
+def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`jaxtrain ARGS` in this process (no interpreter start-up): (status, stdout, stderr)."""
+    from jaxtrain import cli
+
+    capsys.readouterr()
+    status = cli.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
 def cli_env(devices: int) -> dict[str, str]:
     """This environment with `devices` simulated CPU devices instead of 8."""
     env = dict(os.environ)

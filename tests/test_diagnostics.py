@@ -29,6 +29,7 @@ def test_sharpness_is_the_top_hessian_eigenvalue():
 @pytest.mark.slow
 def test_diagnostics_are_logged_only_at_their_interval(tmp_path):
     cfg = load_config(TINY, ["train.steps=20", "diagnostics.every_steps=10", "diagnostics.sharpness=true",
+                             "diagnostics.power_iterations=4",
                              "train.log_every=4"])
     run(cfg, tmp_path, console=False)
     rows = read_metrics(tmp_path / "metrics.jsonl")

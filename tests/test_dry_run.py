@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, cli_in_process, run_cli
 from jaxtrain import dry_run, flops, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import load_config
@@ -92,8 +92,8 @@ def test_remat_and_microbatches_shrink_the_activation_estimate():
     assert memory("train.microbatches=2") == pytest.approx(plain / 2)
 
 
-def test_devices_that_do_not_fit_the_mesh_are_one_line():
-    result = run_cli("dry-run", str(SMALL), "--devices", "6", "--set", "mesh.tensor=4")
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("jaxtrain: error: config key 'mesh.fsdp': -1 cannot fill: "
-                                     "6 devices are not divisible by 4")
+def test_devices_that_do_not_fit_the_mesh_are_one_line(capsys):
+    status, _, err = cli_in_process(capsys, "dry-run", str(SMALL), "--devices", "6", "--set", "mesh.tensor=4")
+    assert status == 2
+    assert err.strip() == ("jaxtrain: error: config key 'mesh.fsdp': -1 cannot fill: "
+                           "6 devices are not divisible by 4")

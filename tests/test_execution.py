@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, cli_in_process, run_cli
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import load_config
@@ -96,11 +96,11 @@ def test_bench_reports_throughput_mfu_and_memory():
     assert report["tokens_per_s"] == pytest.approx(16 * 64 / report["step_time_s"])
 
 
-def test_bench_bad_input_is_one_line():
-    result = run_cli("bench", str(TINY), "--steps", "0")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--steps 0" in result.stderr
-    result = run_cli("bench", str(TINY), "--set", "model.attention=cudnn")
-    assert result.returncode == 2 and "model.attention" in result.stderr, result.stderr
+def test_bench_bad_input_is_one_line(capsys):
+    status, _, err = cli_in_process(capsys, "bench", str(TINY), "--steps", "0")
+    assert status == 2 and err.count("\n") == 1 and "--steps 0" in err
+    status, _, err = cli_in_process(capsys, "bench", str(TINY), "--set", "model.attention=cudnn")
+    assert status == 2 and "model.attention" in err, err
 
 
 @pytest.mark.parametrize("overrides, primitive", [

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, cli_in_process, run_cli
 from jaxtrain import inspection
 from jaxtrain import train_step as ts
 from jaxtrain.config import MeshConfig, load_config
@@ -64,25 +64,25 @@ def test_eval_on_another_mesh_matches_the_log(runs):
         assert evaluate_run(loaded)["val_loss"] == pytest.approx(logged, rel=1e-5)
 
 
-def test_eval_and_generate_bad_input_is_one_line(runs, tmp_path):
+def test_eval_and_generate_bad_input_is_one_line(runs, tmp_path, capsys):
     cases = [("eval", str(runs["fsdp8"]), "--step", "25"),
              ("eval", str(tmp_path)),
              ("generate", str(runs["fsdp8"]), "--prompt", ""),
              ("generate", str(runs["fsdp8"]), "--prompt", "x", "--temperature", "-1")]
     for args in cases:
-        result = run_cli(*args)
-        assert result.returncode == 2, args
-        assert result.stderr.strip().splitlines()[-1].startswith("jaxtrain: error:"), result.stderr
-    assert "saved: [20, 30, 40]" in run_cli(*cases[0]).stderr
+        status, _, err = cli_in_process(capsys, *args)
+        assert status == 2, args
+        assert err.count("\n") == 1 and err.startswith("jaxtrain: error:"), err
+    assert "saved: [20, 30, 40]" in cli_in_process(capsys, *cases[0])[2]
 
 
-def test_generate_is_deterministic_for_a_seed(runs):
+def test_generate_is_deterministic_for_a_seed(runs, capsys):
     args = ("generate", str(runs["fsdp8"]), "--prompt", "def ", "--max-new-tokens", "24", "--top-k", "20")
-    first, again = run_cli(*args, "--seed", "3"), run_cli(*args, "--seed", "3")
-    other = run_cli(*args, "--seed", "4")
-    assert first.returncode == 0, first.stderr
-    assert first.stdout == again.stdout and first.stdout.startswith("def ")
-    assert first.stdout != other.stdout
+    first, again = cli_in_process(capsys, *args, "--seed", "3"), cli_in_process(capsys, *args, "--seed", "3")
+    other = cli_in_process(capsys, *args, "--seed", "4")
+    assert first[0] == 0, first[2]
+    assert first[1] == again[1] and first[1].startswith("def ")
+    assert first[1] != other[1]
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.7, 5)])

@@ -17,7 +17,7 @@ from conftest import (REFERENCE_SETTINGS, REPO, TINY, assert_same_params, cli_en
 
 pytestmark = pytest.mark.slow
 
-PEER_TIMEOUT = 10  # --peer-timeout of the dead-peer test, seconds
+PEER_TIMEOUT = 5  # --peer-timeout of the dead-peer test, seconds
 EXIT_BOUND = PEER_TIMEOUT + 20  # the survivor must be gone within this many seconds
 
 

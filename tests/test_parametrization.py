@@ -53,11 +53,15 @@ def first_update(cfg):
     """Initial params and the size of the first AdamW update of every parameter."""
     spec = ts.model_spec(cfg)
     tx = make_optimizer(cfg.optimizer, spec.table, make_schedule(cfg))
-    params = ts.init_params(cfg, spec, jax.random.PRNGKey(0))
+    params = jax.jit(lambda key: ts.init_params(cfg, spec, key))(jax.random.PRNGKey(0))
     batch = jax.random.randint(jax.random.PRNGKey(1), (4, 33), 0, 256)
-    grads = jax.grad(lambda p: ts.loss_and_metrics(p, spec, batch, 0.0)[0])(params)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return spec, params, updates
+
+    @jax.jit  # one compiled call instead of thousands of eager ops
+    def update(params):
+        grads = jax.grad(lambda p: ts.loss_and_metrics(p, spec, batch, 0.0)[0])(params)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    return spec, params, update(params)
 
 
 @pytest.mark.parametrize("name", ["sp", "mup"])

@@ -30,6 +30,10 @@ def complete_checkpoints(workdir) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def files_of(directory):
+    return [p for p in directory.rglob("*") if p.is_file()]
+
+
 def resumed_step(output: str) -> int | None:
     found = re.search(r"resumed from checkpoint at step (\d+)", output)
     return int(found.group(1)) if found else None
@@ -119,7 +123,7 @@ def test_sigkill_anywhere_then_rerunning_ends_bitwise_equal_to_an_uninterrupted_
 
 def test_an_unreadable_newest_checkpoint_is_skipped_with_a_warning(cli_reference, tmp_path):
     workdir = copy_run(cli_reference, tmp_path / "run", keep_steps=(30, 40))
-    state_files = sorted((workdir / "checkpoints" / "40" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+    state_files = sorted(files_of(workdir / "checkpoints" / "40" / "state"), key=lambda p: p.stat().st_size)
     with state_files[-1].open("r+b") as largest:  # truncate the biggest array file
         largest.truncate(1000)
     rerun = run_cli(*train_args(workdir))
@@ -130,6 +134,39 @@ def test_an_unreadable_newest_checkpoint_is_skipped_with_a_warning(cli_reference
     assert resumed_step(rerun.stdout + rerun.stderr) == 30
     assert [p.name.split(".")[0] for p in (workdir / "checkpoints.unreadable").iterdir()] == ["40"]
     assert_same_params(final_params(workdir), final_params(cli_reference))
+
+
+def test_only_unreadable_checkpoints_are_moved_and_never_all_of_them(tmp_path):
+    """Checkpointer alone, small arrays: a truncated newest step falls back to the previous
+    one; a target no checkpoint fits (not a disk problem) is an error that moves nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtrain.checkpoint import Checkpointer, UNREADABLE_DIR
+    from jaxtrain.config import CheckpointConfig
+    from jaxtrain.errors import UserError
+
+    cfg = CheckpointConfig(every_steps=1, keep=5, async_save=False)
+    ckpt = Checkpointer(tmp_path, cfg)
+    saved = {step: jax.random.normal(jax.random.PRNGKey(step), (256, 256)) for step in (1, 2)}  # incompressible
+    for step, w in saved.items():
+        ckpt.save(step, {"w": w}, {"next_index": step}, {"tokens": step})
+    ckpt.close()
+    biggest = max(files_of(tmp_path / "checkpoints" / "2"), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    wrong = {"w": jax.ShapeDtypeStruct((3, 3), jnp.float32)}
+    ckpt = Checkpointer(tmp_path, cfg)
+    with pytest.raises(UserError, match="no checkpoint reads back into this run's state"):
+        ckpt.restore_newest(wrong, warn=pytest.fail)
+    assert complete_checkpoints(tmp_path) == [1, 2] and not (tmp_path / UNREADABLE_DIR).exists()
+    warnings = []
+    right = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
+    step, state, data, meta = ckpt.restore_newest(right, warn=warnings.append)
+    ckpt.close()
+    assert (step, data, meta) == (1, {"next_index": 1}, {"tokens": 1})
+    np.testing.assert_array_equal(state["w"], saved[1])
+    assert len(warnings) == 1 and warnings[0].startswith("checkpoint at step 2 is unreadable")
+    assert complete_checkpoints(tmp_path) == [1]
 
 
 def test_a_checkpoint_of_8_devices_continues_on_4_with_other_mesh_axes(cli_reference, tmp_path):
@@ -143,9 +180,10 @@ def test_a_checkpoint_of_8_devices_continues_on_4_with_other_mesh_axes(cli_refer
 
 def test_a_failed_save_is_reported_and_earlier_checkpoints_stay_intact(cli_reference, tmp_path):
     workdir = copy_run(cli_reference, tmp_path / "run", keep_steps=(20,))
-    # "disk full" from step 20 on: no file may grow past 400 kB (the optimizer state file is
-    # ~1 MB); with SIGXFSZ ignored such a write fails with EFBIG instead of killing the process
-    limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 400; exec "$@"', "bash", sys.executable, "-m", "jaxtrain"]
+    # "disk full" from step 20 on: no file may grow past 50 kB (a checkpoint's array metadata
+    # alone is ~100 kB, logs stay far below); with SIGXFSZ ignored such a write fails with
+    # EFBIG instead of killing the process
+    limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 50; exec "$@"', "bash", sys.executable, "-m", "jaxtrain"]
     rerun = subprocess.run([*limited, *train_args(workdir)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert rerun.returncode == 1, rerun.stderr
     last = rerun.stderr.strip().splitlines()[-1]

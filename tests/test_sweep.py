@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, cli_in_process, run_cli
 from jaxtrain.sweep import analyse, fit_optimum
 
 pytestmark = pytest.mark.slow
@@ -55,8 +55,8 @@ def test_sweep_runs_the_grid_records_divergence_and_resumes(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]
 
 
-def test_bad_grid_key_fails_before_any_run(tmp_path):
-    proc = run_cli("sweep", str(TINY), "--grid", "model.widht=32,64", "--grid", "optimizer.lr=0.01,0.1",
-                   "--out", str(tmp_path / "s"))
-    assert proc.returncode == 2 and "model.widht" in proc.stderr
+def test_bad_grid_key_fails_before_any_run(tmp_path, capsys):
+    status, _, err = cli_in_process(capsys, "sweep", str(TINY), "--grid", "model.widht=32,64",
+                                    "--grid", "optimizer.lr=0.01,0.1", "--out", str(tmp_path / "s"))
+    assert status == 2 and "model.widht" in err
     assert not (tmp_path / "s" / "runs").exists()
