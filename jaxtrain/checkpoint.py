@@ -67,9 +67,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def due(self, step: int) -> bool:
+        """Whether `save` will write at `step` without being forced."""
+        return step % self._every == 0
+
     def save(self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False) -> bool:
         """Save if `step` is a multiple of `every_steps` (or `force`); returns whether it saved."""
-        if not force and step % self._every:
+        if not (force or self.due(step)):
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),

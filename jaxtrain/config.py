@@ -192,6 +192,9 @@ class TrainConfig(_Section):
     # After SIGTERM/SIGINT: finish the step, checkpoint it, exit; if that takes longer than
     # this, exit anyway (status 124) and resume from the newest complete checkpoint.
     grace_period_sec: float = Field(60.0, gt=0)
+    # A step with a non-finite loss or gradient: `halt` stops before checkpointing it
+    # (exit 3), `skip` drops its update and counts it (jaxtrain/nonfinite.py).
+    on_nonfinite: Literal["halt", "skip"] = "halt"
     # Also send every metrics.jsonl row to this Weights & Biases project (needs `wandb`
     # installed and logged in, or WANDB_MODE=offline); None = never touch W&B.
     wandb_project: str | None = None

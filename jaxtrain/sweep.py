@@ -78,8 +78,9 @@ def plan(config: str, overrides: list[str], grid: list[Axis]) -> list[tuple[dict
     return points
 
 
-def summarize(cfg: Config, workdir: Path, seconds: float) -> dict[str, Any]:
-    """Final validation loss, mean training loss over the last 10% of steps, divergence."""
+def summarize(cfg: Config, workdir: Path, seconds: float, halted: bool = False) -> dict[str, Any]:
+    """Final validation loss, mean training loss over the last 10% of steps, divergence
+    (`halted`: the run stopped at a non-finite step)."""
     rows = read_metrics(workdir / "metrics.jsonl")
     tail_from = cfg.train.steps - max(cfg.train.steps // 10, 1)
     train = [r["loss"] for r in rows if r["step"] > tail_from]
@@ -87,7 +88,7 @@ def summarize(cfg: Config, workdir: Path, seconds: float) -> dict[str, Any]:
     train_loss = float(np.mean(train)) if train else math.nan
     val_loss = float(val[-1]) if val else math.nan
     chance = math.log(cfg.model.vocab_size)
-    diverged = not (math.isfinite(val_loss) and math.isfinite(train_loss)) or val_loss >= chance
+    diverged = halted or not (math.isfinite(val_loss) and math.isfinite(train_loss)) or val_loss >= chance
     return {"train_loss": train_loss, "val_loss": val_loss, "diverged": diverged, "seconds": seconds}
 
 
@@ -95,12 +96,16 @@ def run_point(assignment: dict, cfg: Config, workdir: Path) -> dict[str, Any]:
     done = workdir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
+    from jaxtrain.nonfinite import NonFiniteError
     from jaxtrain.train import run  # imports jax
 
-    started = time.perf_counter()
-    if run(cfg, workdir, console=False).stop_signal is not None:
-        raise StopSweep(workdir)  # stopped by a signal: not a result; rerunning resumes it
-    result = {**assignment, **summarize(cfg, workdir, time.perf_counter() - started)}
+    started, halted = time.perf_counter(), False
+    try:
+        if run(cfg, workdir, console=False).stop_signal is not None:
+            raise StopSweep(workdir)  # stopped by a signal: not a result; rerunning resumes it
+    except NonFiniteError:
+        halted = True  # on_nonfinite=halt stopped it: diverged, recorded like any other run
+    result = {**assignment, **summarize(cfg, workdir, time.perf_counter() - started, halted)}
     done.write_text(json.dumps(result, indent=1))
     return result
 

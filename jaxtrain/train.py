@@ -30,6 +30,7 @@ from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.evaluate import Evaluator, validation_set
 from jaxtrain.metrics import MetricsLogger, check_wandb
 from jaxtrain.model import check_compute
+from jaxtrain.nonfinite import NonFiniteGuard
 from jaxtrain.parametrization import Table
 from jaxtrain.preemption import StopRequest, StopVote, stop_on_signal
 
@@ -154,29 +155,31 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
     return _Parts(spec, tx, shardings, steps.train, diagnose, evaluator, iterator, to_global)
 
 
-def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, int, int | None]:
-    """(state, tokens seen, step resumed from or None) from the newest readable checkpoint
-    (unreadable newer ones are reported and skipped); restoring also rewinds the iterator."""
+def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, dict, int | None]:
+    """(state, counters, step resumed from or None) from the newest readable checkpoint
+    (unreadable newer ones are reported and skipped); restoring also rewinds the iterator.
+    counters: tokens seen and steps skipped as non-finite."""
     target = ts.abstract_state(cfg, parts.spec, parts.tx, parts.shardings)
     newest = ckpt.restore_newest(target, warn=_warn)
     if newest is None:
-        return ts.init_state(cfg, parts.spec, parts.tx, parts.shardings), 0, None
+        return ts.init_state(cfg, parts.spec, parts.tx, parts.shardings), {"tokens": 0, "skipped_steps": 0}, None
     resumed_from, state, data_state, meta = newest
     parts.iterator.set_state(data_state)
-    return state, int(meta["tokens"]), resumed_from
+    return state, {"tokens": int(meta["tokens"]), "skipped_steps": int(meta.get("skipped_steps", 0))}, resumed_from
 
 
 def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
            stop: StopRequest, stop_after: int | None, console: bool) -> RunResult:
     parts = _build(cfg, spec, mesh, corpus)
-    state, tokens, resumed_from = _init_or_restore(cfg, parts, ckpt)
-    step = int(jax.device_get(state.step))
+    state, counters, resumed_from = _init_or_restore(cfg, parts, ckpt)
+    step, tokens = int(jax.device_get(state.step)), counters["tokens"]
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, counters["skipped_steps"])
     logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0, console=console,
                            wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
     try:
         if resumed_from is not None:
             logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
-        state, step, tokens, val_loss, stopped_by = _loop(cfg, parts, ckpt, logger, stop, stop_after,
+        state, step, tokens, val_loss, stopped_by = _loop(cfg, parts, ckpt, logger, stop, stop_after, guard,
                                                           state, step, tokens)
         ckpt.wait()
         if val_loss is None:  # resumed a finished run: report its quality anyway
@@ -187,7 +190,7 @@ def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus,
 
 
 def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger, stop: StopRequest,
-          stop_after: int | None, state: ts.TrainState, step: int, tokens: int):
+          stop_after: int | None, guard: NonFiniteGuard, state: ts.TrainState, step: int, tokens: int):
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     # stored in every checkpoint's meta; dumped once, not per step
     run_meta = {"config": cfg.to_dict(), "parametrization": parts.spec.table.to_json()}
@@ -197,8 +200,10 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
         batch = parts.to_global(next(parts.iterator))
         state, metrics = parts.train_step(state, batch)
         step, tokens = step + 1, tokens + tokens_per_step
+        metrics = guard.record(step, metrics)
         if pending is not None:  # step N-1's metrics, fetched after step N was dispatched
-            logger.write(_row(*pending, throughput, cfg))
+            guard.check(ckpt.latest_step(), upto=step - 1)
+            logger.write({**_row(*pending, throughput, cfg), **guard.row_fields()})
             pending = None
         last = step == cfg.train.steps
         evaluate_now = step % cfg.train.eval_every == 0 or last
@@ -217,13 +222,16 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
             pending = (step, tokens, metrics, val_loss if evaluate_now else None)
         stopped_by = vote(stop)  # the same answer on every process after the same step
         halt = stopped_by is not None or step == stop_after
-        meta = {"tokens": tokens, "step": step, **run_meta}
+        if last or halt or ckpt.due(step):
+            guard.check(ckpt.latest_step())  # never checkpoint a state from a non-finite step
+        meta = {"tokens": tokens, "step": step, "skipped_steps": guard.skipped, **run_meta}
         saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
         if halt:
             logger.message(f"stopping: checkpoint {'saved' if saved else 'exists'} at step {step}")
             break
     if pending is not None:
-        logger.write(_row(*pending, throughput, cfg))
+        guard.check(ckpt.latest_step())
+        logger.write({**_row(*pending, throughput, cfg), **guard.row_fields()})
     return state, step, tokens, val_loss, stopped_by
 
 

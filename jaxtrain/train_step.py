@@ -32,6 +32,8 @@ from jaxtrain.optimizer import make_optimizer
 from jaxtrain.parametrization import Table
 from jaxtrain.schedules import make_schedule
 
+NONFINITE = "nonfinite"  # train-step metric: 1 when the step's loss or gradients are not finite
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -151,12 +153,23 @@ def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: f
 
 
 def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: optax.GradientTransformation,
-               schedule: Callable, z_loss: float, dropout: bool, microbatches: int = 1) -> tuple[TrainState, dict]:
+               schedule: Callable, z_loss: float, dropout: bool, microbatches: int = 1,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+    """One optimizer step. metrics[NONFINITE] is 1 when the loss or any gradient is not
+    finite; with `skip_nonfinite` such a step keeps the old params and optimizer state (the
+    step counter still advances: the batch is consumed, the schedule moves on)."""
     dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
     grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    grad_norm = optax.global_norm(grads)  # non-finite iff some gradient entry is
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        keep_old = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep_old, params, state.params)
+        opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+    metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
+               NONFINITE: jnp.logical_not(finite).astype(jnp.int32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -172,7 +185,8 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
     rep = sharding.replicated(mesh)
     step = functools.partial(train_step, spec=spec, tx=tx, schedule=schedule,
                              z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0,
-                             microbatches=cfg.train.microbatches)
+                             microbatches=cfg.train.microbatches,
+                             skip_nonfinite=cfg.train.on_nonfinite == "skip")
     train = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, spec=spec),
