@@ -2,6 +2,8 @@
 
     jaxtrain train CONFIG --workdir DIR [--set key.path=value ...]
                    [--coordinator HOST:PORT --num-processes N --process-id I]
+    jaxtrain cooldown WORKDIR --step N --decay STEPS|FRACTION --workdir NEW [--shape 1-sqrt]
+    jaxtrain schedule CONFIG --out lr.png [--set ...]
     jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
     jaxtrain bench CONFIG [--steps 10 --warmup 2 --set ...]   (one JSON line)
@@ -39,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--process-id", type=int, default=None, metavar="I")
     group.add_argument("--peer-timeout", type=int, default=None, metavar="SECONDS",
                        help="exit with an error when a peer process is silent this long (default 30)")
+    cool = commands.add_parser("cooldown", help="branch a decay phase from a checkpoint of a stable-phase "
+                                                "(wsd/constant) run into a new workdir, and train it")
+    cool.add_argument("parent", metavar="WORKDIR", help="the stable-phase run (only read)")
+    cool.add_argument("--step", type=int, default=None, help="checkpoint to branch from (default: newest)")
+    cool.add_argument("--decay", required=True, metavar="STEPS|FRACTION",
+                      help="decay length: steps (e.g. 200) or the branch's fraction in decay (e.g. 0.2)")
+    cool.add_argument("--workdir", required=True, help="new workdir for the branch (rerunning resumes it)")
+    cool.add_argument("--shape", choices=("linear", "cosine", "1-sqrt", "exponential"), default="linear")
+    cool.add_argument("--final-lr-fraction", type=float, default=None,
+                      help="lr_min as a fraction of the peak (default: the parent's)")
+    _add_set(cool)
+    sched = commands.add_parser("schedule", help="plot a config's learning-rate schedule to PNG")
+    sched.add_argument("config")
+    sched.add_argument("--out", required=True, help="PNG file to write")
+    _add_set(sched)
     sweep = commands.add_parser("sweep", help="train a grid of short runs; loss vs learning rate per width/depth")
     sweep.add_argument("config")
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
@@ -238,15 +255,43 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
     distributed.initialize(group, args.peer_timeout or distributed.DEFAULT_PEER_TIMEOUT)
-    from jaxtrain.train import run  # imports jax: only once the config is known to be valid
+    return _run_and_report(cfg, args.workdir)
 
-    result = run(cfg, args.workdir)
+
+def _run_and_report(cfg, workdir: str) -> int:
+    from jaxtrain.train import run
+
+    result = run(cfg, workdir)
     if result.stop_signal is not None:
         print(f"jaxtrain: stopped by signal {result.stop_signal} after step {result.step}; "
               f"rerun the same command to resume", file=sys.stderr)
         return 128 + result.stop_signal
     print(f"final val_loss {result.val_loss:.4f} nats/byte ({result.val_loss / math.log(2):.3f} bits/byte) "
           f"at step {result.step}; byte-unigram entropy of the corpus {result.unigram_entropy:.4f} nats/byte")
+    return 0
+
+
+def _cooldown(args: argparse.Namespace) -> int:
+    from jaxtrain.cooldown import create_branch
+
+    cfg, lineage = create_branch(args.parent, args.step, args.decay, args.workdir, args.shape,
+                                 args.final_lr_fraction, args.overrides)
+    print(f"cooldown branch of {lineage['parent']} at step {lineage['step']}: {lineage['decay_steps']} "
+          f"{lineage['decay_shape']} decay steps to {lineage['final_lr_fraction']:g} x peak, in {args.workdir}")
+    return _run_and_report(cfg, args.workdir)
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from jaxtrain.config import load_config
+    from jaxtrain.plotting import plot_schedule
+
+    from pathlib import Path
+
+    cfg = load_config(args.config, args.overrides)
+    if not Path(args.out).absolute().parent.is_dir():
+        raise UserError(f"--out {args.out}: its directory does not exist")
+    plot_schedule(cfg, Path(args.out))
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -272,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     _tune_cpu_xla()
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "sweep": _sweep, "coord-check": _coord_check,
+        return {"train": _train, "cooldown": _cooldown, "schedule": _schedule, "sweep": _sweep, "coord-check": _coord_check,
                 "bench": _bench, "eval": _eval, "generate": _generate, "plot": _plot,
                 "dry-run": _dry_run}[args.command](args)
     except UserError as err:

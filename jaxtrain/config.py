@@ -134,8 +134,9 @@ class OptimizerConfig(_Section):
 class ScheduleConfig(_Section):
     name: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    # WSD: fraction of all steps spent in the final linear decay.
+    # WSD: fraction of all steps spent in the final decay, and its shape (schedules.py).
     decay_fraction: float = Field(0.2, gt=0, le=1)
+    decay_shape: Literal["linear", "cosine", "1-sqrt", "exponential"] = "linear"
     # Learning rate at the end of the decay, as a fraction of the peak.
     final_lr_fraction: float = Field(0.1, ge=0, le=1)
 
@@ -228,6 +229,9 @@ class Config(_Section):
 
 
 def _check_cross_sections(cfg: Config) -> None:
+    if cfg.schedule.decay_shape == "exponential" and cfg.schedule.final_lr_fraction == 0:
+        raise ConfigError("schedule.final_lr_fraction", "must be > 0 for the exponential decay shape "
+                                                        "(it decays geometrically towards it)")
     if cfg.schedule.warmup_steps >= cfg.train.steps:
         raise ConfigError(
             "schedule.warmup_steps",

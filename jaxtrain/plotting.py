@@ -130,7 +130,8 @@ def plot_schedule(cfg, path: Path) -> None:
     ax.plot(range(len(lrs)), lrs)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
-    ax.set_title(f"{cfg.schedule.name}: peak {cfg.optimizer.lr:g}, warmup {cfg.schedule.warmup_steps} steps")
+    shape = f" ({cfg.schedule.decay_shape} decay)" if cfg.schedule.name == "wsd" else ""
+    ax.set_title(f"{cfg.schedule.name}{shape}: peak {cfg.optimizer.lr:g}, warmup {cfg.schedule.warmup_steps} steps")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -67,7 +67,7 @@ def read_config(workdir: str | Path) -> Config:
 
 
 @contextlib.contextmanager
-def _quiet_absl():
+def quiet_absl():
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -94,7 +94,7 @@ def load_run(workdir: str | Path, step: int | None = None, mesh_cfg: MeshConfig 
     cfg = read_config(workdir)
     if not (workdir / "checkpoints").is_dir():
         raise UserError(f"{workdir}: has no checkpoints yet")
-    with _quiet_absl():  # orbax warns that a read-only manager will not save or delete
+    with quiet_absl():  # orbax warns that a read-only manager will not save or delete
         ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
     try:
         saved = tuple(sorted(ckpt.all_steps()))

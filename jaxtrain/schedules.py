@@ -7,8 +7,11 @@ With peak lr eta, warmup W, total steps S and final fraction f (lr_min = f * eta
 * cosine:    lr(s) = lr_min + (eta - lr_min) * (1 + cos(pi * p)) / 2,  p = (s - W) / (S - W).
 * WSD (warmup-stable-decay, Hu et al. 2024 "MiniCPM"; Hagele et al. 2024 "Scaling Laws and
   Compute-Optimal Training Beyond Fixed Training Durations"): constant eta until the last
-  D = decay_fraction * S steps, then linear to lr_min: lr(s) = eta - (eta - lr_min) * q,
-  q = (s - (S - D)) / D.
+  D = decay_fraction * S steps, then from eta to lr_min with q = (s - (S - D)) / D in [0, 1]:
+    linear       lr = lr_min + (eta - lr_min) * (1 - q)
+    cosine       lr = lr_min + (eta - lr_min) * (1 + cos(pi * q)) / 2
+    1-sqrt       lr = lr_min + (eta - lr_min) * (1 - sqrt(q))   (Hagele et al. 2024, Sec. 3)
+    exponential  lr = eta * (lr_min / eta) ** q                 (needs lr_min > 0)
 
 The step argument may be a traced int; results are float32 scalars.
 """
@@ -48,14 +51,25 @@ def cosine(peak: float, warmup: int, total: int, final_fraction: float) -> Sched
     return _with_warmup(peak, warmup, after)
 
 
-def wsd(peak: float, warmup: int, total: int, decay_fraction: float, final_fraction: float) -> Schedule:
+# WSD decay shapes: fraction of the way from lr_min to eta left at decay progress q in [0, 1]
+DECAY_SHAPES: dict[str, Callable] = {
+    "linear": lambda q: 1.0 - q,
+    "cosine": lambda q: 0.5 * (1.0 + jnp.cos(jnp.pi * q)),
+    "1-sqrt": lambda q: 1.0 - jnp.sqrt(q),
+}
+
+
+def wsd(peak: float, warmup: int, total: int, decay_fraction: float, final_fraction: float,
+        shape: str = "linear") -> Schedule:
     low = peak * final_fraction
     decay_steps = max(round(decay_fraction * total), 1)
     decay_start = total - decay_steps
 
     def after(step):
         progress = jnp.clip((step - decay_start) / decay_steps, 0.0, 1.0)
-        return peak - (peak - low) * progress
+        if shape == "exponential":
+            return peak * (low / peak) ** progress
+        return low + (peak - low) * DECAY_SHAPES[shape](progress)
     return _with_warmup(peak, warmup, after)
 
 
@@ -65,7 +79,7 @@ def make_schedule(cfg: Config) -> Schedule:
         return constant(peak, s.warmup_steps)
     if s.name == "cosine":
         return cosine(peak, s.warmup_steps, total, s.final_lr_fraction)
-    return wsd(peak, s.warmup_steps, total, s.decay_fraction, s.final_lr_fraction)
+    return wsd(peak, s.warmup_steps, total, s.decay_fraction, s.final_lr_fraction, s.decay_shape)
 
 
 def lr_per_step(cfg: Config) -> np.ndarray:

@@ -1,0 +1,122 @@
+"""`jaxtrain cooldown`: branch a decay phase from any checkpoint of a stable-phase run.
+
+A WSD or constant-LR run can be stopped anywhere in its stable phase and "cooled down"
+(Hagele et al. 2024): continue from checkpoint k with the learning rate decaying from the
+peak to lr_min over D more steps. That branch is exactly a WSD run of k + D steps whose
+decay starts at step k, so it is written as one:
+
+    train.steps = k + D,  schedule = wsd,  decay_fraction = D / (k + D)
+
+with the parent's warmup and peak, so its LR equals the parent's up to step k. The branch
+is a new workdir holding a copy of checkpoint k (params, optimizer, RNG, data position),
+the parent's logged rows up to k, the resolved config and `lineage.json` (parent workdir,
+step, decay). The parent is only read. The new workdir is assembled in a temporary
+directory and renamed when complete; rerunning the same command resumes the branch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxtrain import config as config_lib
+from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.config import Config
+from jaxtrain.errors import UserError
+from jaxtrain.metrics import truncate_after
+from jaxtrain.saved_run import quiet_absl, read_config
+
+LINEAGE_FILE = "lineage.json"
+
+
+def decay_steps(decay: str, step: int) -> int:
+    """D from `--decay`: a step count ("200") or the branch's fraction in decay ("0.2":
+    D / (k + D) = 0.2)."""
+    try:
+        value = float(decay)
+    except ValueError:
+        value = -1.0
+    if value >= 1 and value == int(value):
+        return int(value)
+    if 0 < value < 1:
+        return max(round(value * step / (1 - value)), 1)
+    raise UserError(f"--decay {decay!r}: expected a number of steps (e.g. 200) or a fraction in (0, 1)")
+
+
+def branch_config(parent: Config, step: int, steps: int, shape: str, final_fraction: float | None,
+                  overrides: list[str]) -> Config:
+    """The parent's config with the decay phase starting at `step` and lasting `steps`."""
+    s = parent.schedule
+    if s.name not in ("wsd", "constant"):
+        raise UserError(f"the parent's schedule is {s.name!r}: a cooldown branches from the stable phase "
+                        f"of a 'wsd' or 'constant' schedule")
+    if s.name == "wsd":
+        decay_start = parent.train.steps - max(round(s.decay_fraction * parent.train.steps), 1)
+        if step > decay_start:
+            raise UserError(f"--step {step}: the parent already decays from step {decay_start}; "
+                            f"branch from a checkpoint at or before it")
+    if step < s.warmup_steps:
+        raise UserError(f"--step {step}: still in the parent's warmup ({s.warmup_steps} steps)")
+    raw = parent.to_dict()
+    raw["train"]["steps"] = step + steps
+    raw["schedule"].update(name="wsd", decay_fraction=steps / (step + steps), decay_shape=shape)
+    if final_fraction is not None:
+        raw["schedule"]["final_lr_fraction"] = final_fraction
+    return config_lib.from_dict(config_lib.apply_overrides(raw, overrides))
+
+
+def create_branch(parent_dir: str | Path, step: int | None, decay: str, new_dir: str | Path, shape: str = "linear",
+                  final_fraction: float | None = None, overrides: list[str] | None = None) -> tuple[Config, dict]:
+    """Write the branch workdir (or, if it exists from an earlier call with the same lineage,
+    reuse it) and return its config and lineage."""
+    parent_dir, new_dir = Path(parent_dir).absolute(), Path(new_dir).absolute()
+    parent = read_config(parent_dir)
+    with quiet_absl():  # orbax notes that a read-only manager will not write
+        ckpt = Checkpointer(parent_dir, parent.checkpoint, read_only=True)
+    try:
+        saved = sorted(ckpt.all_steps())
+    finally:
+        ckpt.close()
+    if not saved:
+        raise UserError(f"{parent_dir}: has no complete checkpoint to branch from")
+    step = saved[-1] if step is None else step
+    if step not in saved:
+        raise UserError(f"--step {step}: no checkpoint at that step in {parent_dir} (saved: {saved})")
+    n_decay = decay_steps(decay, step)
+    cfg = branch_config(parent, step, n_decay, shape, final_fraction, overrides or [])
+    lineage = {"parent": str(parent_dir), "step": step, "decay_steps": n_decay, "decay_shape": shape,
+               "final_lr_fraction": cfg.schedule.final_lr_fraction}
+    if new_dir.exists():
+        return cfg, _existing_branch(new_dir, lineage, cfg)
+    if new_dir == parent_dir or parent_dir in new_dir.parents:
+        raise UserError(f"--workdir {new_dir}: must be outside the parent workdir")
+    tmp = new_dir.with_name(f".{new_dir.name}.tmp-{int(time.time())}")
+    try:
+        (tmp / "checkpoints").mkdir(parents=True)
+        shutil.copytree(parent_dir / "checkpoints" / str(step), tmp / "checkpoints" / str(step))
+        if (parent_dir / "metrics.jsonl").exists():
+            shutil.copy2(parent_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+            truncate_after(tmp / "metrics.jsonl", step)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (tmp / LINEAGE_FILE).write_text(json.dumps({**lineage, "created": time.time()}, indent=1))
+        tmp.rename(new_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cfg, lineage
+
+
+def _existing_branch(new_dir: Path, lineage: dict, cfg: Config) -> dict[str, Any]:
+    path = new_dir / LINEAGE_FILE
+    if not path.is_file():
+        raise UserError(f"--workdir {new_dir}: exists and is not a cooldown branch; choose a new directory")
+    recorded = json.loads(path.read_text())
+    different = {k: (recorded.get(k), v) for k, v in lineage.items() if recorded.get(k) != v}
+    if different:
+        key, (old, new) = next(iter(different.items()))
+        raise UserError(f"--workdir {new_dir}: holds a branch with {key}={old!r}, this command asks for {new!r}")
+    return recorded

@@ -1,0 +1,63 @@
+"""`jaxtrain cooldown`: a decay branch from step k of a WSD run follows the decay from k on,
+records its lineage, and leaves every file of the parent untouched."""
+
+import hashlib
+import json
+import math
+
+import pytest
+
+from conftest import TINY, cli_in_process
+from jaxtrain.config import load_config
+from jaxtrain.metrics import read_metrics
+from jaxtrain.train import run
+
+pytestmark = pytest.mark.slow
+
+PEAK, FINAL = 3e-3, 0.1  # tiny.yaml's lr and the default final_lr_fraction
+
+
+def snapshot(directory):
+    return {p: (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def wsd_parent(tmp_path_factory):
+    """40 steps of WSD: stable until step 32, checkpoints at 20, 30, 40."""
+    workdir = tmp_path_factory.mktemp("wsd_parent")
+    run(load_config(TINY, ["schedule.name=wsd", "train.log_every=1"]), workdir, console=False)
+    return workdir
+
+
+def test_a_branch_from_step_20_decays_from_there_and_leaves_the_parent_alone(wsd_parent, tmp_path, capsys):
+    before = snapshot(wsd_parent)
+    branch = tmp_path / "cooldown"
+    status, out, err = cli_in_process(capsys, "cooldown", str(wsd_parent), "--step", "20", "--decay", "10",
+                                      "--shape", "1-sqrt", "--workdir", str(branch))
+    assert status == 0, err
+    rows = {r["step"]: r for r in read_metrics(branch / "metrics.jsonl")}
+    parent_rows = {r["step"]: r for r in read_metrics(wsd_parent / "metrics.jsonl")}
+    assert sorted(rows) == list(range(1, 31))
+    assert all(rows[s]["loss"] == parent_rows[s]["loss"] for s in range(1, 21))  # the shared history
+    low = PEAK * FINAL
+    for n in range(21, 31):  # row n logs the LR of the update from step n-1 to n
+        q = (n - 1 - 20) / 10
+        assert rows[n]["lr"] == pytest.approx(low + (PEAK - low) * (1 - math.sqrt(q)), rel=1e-5), n
+    lineage = json.loads((branch / "lineage.json").read_text())
+    assert (lineage["parent"], lineage["step"], lineage["decay_steps"]) == (str(wsd_parent), 20, 10)
+    assert snapshot(wsd_parent) == before
+    again = cli_in_process(capsys, "cooldown", str(wsd_parent), "--step", "20", "--decay", "10",
+                           "--shape", "cosine", "--workdir", str(branch))
+    assert again[0] == 2 and "decay_shape='1-sqrt'" in again[2]  # another branch: refused
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (("--step", "40", "--decay", "5"), "the parent already decays from step 32"),
+    (("--step", "25", "--decay", "5"), "--step 25: no checkpoint at that step"),
+    (("--step", "20", "--decay", "1.5"), "--decay '1.5'"),
+])
+def test_bad_branches_are_one_line_and_write_nothing(wsd_parent, tmp_path, capsys, args, culprit):
+    status, _, err = cli_in_process(capsys, "cooldown", str(wsd_parent), *args, "--workdir", str(tmp_path / "b"))
+    assert status == 2 and err.count("\n") == 1 and culprit in err, err
+    assert not (tmp_path / "b").exists()
