@@ -61,3 +61,12 @@ def test_bad_branches_are_one_line_and_write_nothing(wsd_parent, tmp_path, capsy
     status, _, err = cli_in_process(capsys, "cooldown", str(wsd_parent), *args, "--workdir", str(tmp_path / "b"))
     assert status == 2 and err.count("\n") == 1 and culprit in err, err
     assert not (tmp_path / "b").exists()
+
+
+def test_resuming_in_warmup_stable_and_decay_continues_the_same_lr_sequence(wsd_parent, tmp_path):
+    cfg = load_config(TINY, ["schedule.name=wsd", "train.log_every=1"])
+    for stop in (3, 20, 35):  # warmup ends at 5, decay starts at 32
+        assert run(cfg, tmp_path, stop_after=stop, console=False).step == stop
+    run(cfg, tmp_path, console=False)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert lrs == [r["lr"] for r in read_metrics(wsd_parent / "metrics.jsonl")] and len(lrs) == 40
