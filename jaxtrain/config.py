@@ -211,6 +211,9 @@ class DiagnosticsConfig(_Section):
     # on Hessian-vector products (one extra forward+backward pair per iteration).
     sharpness: bool = False
     power_iterations: int = Field(20, gt=0)
+    # Stability telemetry (jaxtrain/telemetry.py: max attention logit per layer, log Z,
+    # per-role grad norm, update/param RMS, param norm) every this many steps (0 = never).
+    telemetry_every: int = Field(0, ge=0)
 
 
 class Config(_Section):

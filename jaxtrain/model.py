@@ -157,15 +157,31 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=visible[None, None], scale=self.scale)
         return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(x.dtype)), cache
 
-    def weights(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """The attention probabilities (B, N, T, T) of x, for inspection (float32).
-        logits = scale * q.k, causal mask, softmax over keys; query head n reads kv head
-        n // (N / K)."""
-        q, k, _ = self._qkv(x, positions)
+    def _scores(self, q: jax.Array, k: jax.Array, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+        """scale * q.k (B, N, Tq, Tk), float32, -inf where the causal mask hides a key;
+        query head n reads kv head n // (N / K)."""
         k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
         logits = self.scale * jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
-        return jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+        causal = q_positions[:, :, None] >= k_positions[:, None, :]
+        return jnp.where(causal[:, None], logits, -jnp.inf)
+
+    def logits(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The masked attention logits (B, N, T, T) of x."""
+        q, k, _ = self._qkv(x, positions)
+        return self._scores(q, k, positions, positions)
+
+    def weights(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The attention probabilities (B, N, T, T) of x, for inspection (float32)."""
+        return jax.nn.softmax(self.logits(x, positions), axis=-1)
+
+    def max_logit(self, x: jax.Array, positions: jax.Array, chunk: int = 256) -> jax.Array:
+        """The largest attention logit any query gives any visible key (a scalar): the
+        quantity whose growth precedes attention-logit divergence (Wortsman et al. 2023).
+        Queries go `chunk` at a time so no (T, T) matrix is held at once."""
+        q, k, _ = self._qkv(x, positions)
+        maxima = [jnp.max(self._scores(q[:, s:s + chunk], k, positions[:, s:s + chunk], positions))
+                  for s in range(0, x.shape[1], chunk)]
+        return jnp.max(jnp.stack(maxima))
 
 
 class SwiGLU(nnx.Module):

@@ -137,6 +137,7 @@ class _Parts:
     tx: Any
     shardings: ts.TrainState
     train_step: Callable
+    train_telemetry: Callable  # the step with stability telemetry, every diagnostics.telemetry_every steps
     diagnose: Callable | None  # every diagnostics.every_steps steps
     evaluate: Evaluator
     iterator: Any  # grain DatasetIterator, checkpointable
@@ -152,7 +153,7 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
     iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
     diagnose = ts.compile_diagnose(cfg, spec, shardings, mesh)
     evaluator = Evaluator(steps.evaluate, validation_set(cfg, corpus, mesh))
-    return _Parts(spec, tx, shardings, steps.train, diagnose, evaluator, iterator, to_global)
+    return _Parts(spec, tx, shardings, steps.train, steps.train_telemetry, diagnose, evaluator, iterator, to_global)
 
 
 def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, dict, int | None]:
@@ -198,7 +199,9 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     vote, stopped_by = StopVote(), None
     while step < cfg.train.steps:
         batch = parts.to_global(next(parts.iterator))
-        state, metrics = parts.train_step(state, batch)
+        every = cfg.diagnostics.telemetry_every
+        telemetry_now = every > 0 and (step + 1) % every == 0
+        state, metrics = (parts.train_telemetry if telemetry_now else parts.train_step)(state, batch)
         step, tokens = step + 1, tokens + tokens_per_step
         metrics = guard.record(step, metrics)
         if pending is not None:  # step N-1's metrics, fetched after step N was dispatched
@@ -218,7 +221,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
             started = time.perf_counter()
             metrics = {**metrics, **jax.block_until_ready(parts.diagnose(state.params, batch, step))}
             throughput.paused += time.perf_counter() - started
-        if evaluate_now or diagnose_now or step % cfg.train.log_every == 0:
+        if evaluate_now or diagnose_now or telemetry_now or step % cfg.train.log_every == 0:
             pending = (step, tokens, metrics, val_loss if evaluate_now else None)
         stopped_by = vote(stop)  # the same answer on every process after the same step
         halt = stopped_by is not None or step == stop_after

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtrain import diagnostics, parametrization, sharding
+from jaxtrain import telemetry as telemetry_lib
 from jaxtrain.config import Config
 from jaxtrain.model import Transformer
 from jaxtrain.optimizer import make_optimizer
@@ -154,10 +155,11 @@ def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: f
 
 def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: optax.GradientTransformation,
                schedule: Callable, z_loss: float, dropout: bool, microbatches: int = 1,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False, telemetry: bool = False) -> tuple[TrainState, dict]:
     """One optimizer step. metrics[NONFINITE] is 1 when the loss or any gradient is not
     finite; with `skip_nonfinite` such a step keeps the old params and optimizer state (the
-    step counter still advances: the batch is consumed, the schedule moves on)."""
+    step counter still advances: the batch is consumed, the schedule moves on). `telemetry`
+    adds the stability telemetry of jaxtrain/telemetry.py to the metrics."""
     dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
     grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -170,6 +172,10 @@ def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: opta
         opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
     metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
                NONFINITE: jnp.logical_not(finite).astype(jnp.int32)}
+    if telemetry:
+        metrics.update(telemetry_lib.forward_telemetry(bind_model(spec, state.params), batch[:, :-1]))
+        metrics.update(telemetry_lib.optimizer_telemetry(state.params, params, grads,
+                                                         spec.table.labels(state.params)))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -179,7 +185,7 @@ def eval_step(params: Any, batch: jax.Array, *, spec: ModelSpec) -> jax.Array:
 
 
 def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, schedule: Callable,
-                  shardings: TrainState, mesh: Mesh) -> tuple[Callable, Callable]:
+                  shardings: TrainState, mesh: Mesh) -> tuple[Callable, Callable, Callable]:
     """jit the pure steps once, with explicit in/out shardings and the state donated."""
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
@@ -189,9 +195,12 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
                              skip_nonfinite=cfg.train.on_nonfinite == "skip")
     train = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
                     donate_argnums=0)
+    # compiled on first use only, i.e. only when diagnostics.telemetry_every > 0
+    train_telemetry = jax.jit(functools.partial(step, telemetry=True), in_shardings=(shardings, batch_sh),
+                              out_shardings=(shardings, rep), donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, spec=spec),
                        in_shardings=(shardings.params, batch_sh), out_shardings=rep)
-    return train, evaluate
+    return train, train_telemetry, evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +210,7 @@ class Steps:
     tx: optax.GradientTransformation
     shardings: TrainState
     train: Callable  # jitted train_step(state, batch) -> (state, metrics)
+    train_telemetry: Callable  # the same step, its metrics with the stability telemetry
     evaluate: Callable  # jitted eval_step(params, batch) -> loss
 
     def init(self, cfg: Config, spec: ModelSpec) -> TrainState:
@@ -212,8 +222,8 @@ def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh) -> Steps:
     schedule = make_schedule(cfg)
     tx = make_optimizer(cfg.optimizer, spec.table, schedule)
     shardings = state_shardings(cfg, spec, tx, mesh)
-    train, evaluate = compile_steps(cfg, spec, tx, schedule, shardings, mesh)
-    return Steps(tx, shardings, train, evaluate)
+    train, train_telemetry, evaluate = compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    return Steps(tx, shardings, train, train_telemetry, evaluate)
 
 
 def compile_diagnose(cfg: Config, spec: ModelSpec, shardings: TrainState, mesh: Mesh) -> Callable | None:
