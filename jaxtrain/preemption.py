@@ -44,10 +44,6 @@ class StopRequest:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
     def receive(self, signum: int) -> None:
         with self._lock:
             if self.signum is not None:  # a second signal: stop now
