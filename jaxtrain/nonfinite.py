@@ -16,7 +16,7 @@ the guard never makes the host wait for a step it would not wait for anyway.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -31,9 +31,12 @@ class NonFiniteError(UserError):
 
 
 class NonFiniteGuard:
-    def __init__(self, mode: str, skipped_before: int = 0):
+    """`newest_checkpoint()` names the last good state in the halt message (asked only then)."""
+
+    def __init__(self, mode: str, newest_checkpoint: Callable[[], int | None], skipped_before: int = 0):
         self.mode = mode
         self.skipped = skipped_before
+        self._newest_checkpoint = newest_checkpoint
         self._unchecked: list[tuple[int, jax.Array, dict]] = []
 
     def record(self, step: int, metrics: dict) -> dict:
@@ -43,7 +46,7 @@ class NonFiniteGuard:
         self._unchecked.append((step, metrics.pop(NONFINITE), metrics))
         return metrics
 
-    def check(self, last_saved: int | None, upto: int | None = None) -> None:
+    def check(self, upto: int | None = None) -> None:
         """Fetch the flags recorded since the last check, up to step `upto` (default all):
         count skipped steps, or raise at the first non-finite step under `halt`."""
         unchecked = [entry for entry in self._unchecked if upto is None or entry[0] <= upto]
@@ -60,6 +63,7 @@ class NonFiniteGuard:
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             name, value = next(((k, v) for k, v in values.items() if not math.isfinite(v)),
                                ("a gradient entry", math.nan))
+            last_saved = self._newest_checkpoint()
             kept = f"the newest checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint exists"
             raise NonFiniteError(f"step {step}: {name} is {value} (train.on_nonfinite=halt); stopped before saving "
                                  f"it, {kept}. Rerun to resume there (e.g. with a lower optimizer.lr), "

@@ -174,7 +174,7 @@ def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus,
     parts = _build(cfg, spec, mesh, corpus)
     state, counters, resumed_from = _init_or_restore(cfg, parts, ckpt)
     step, tokens = int(jax.device_get(state.step)), counters["tokens"]
-    guard = NonFiniteGuard(cfg.train.on_nonfinite, counters["skipped_steps"])
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, ckpt.latest_step, counters["skipped_steps"])
     logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0, console=console,
                            wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
     try:
@@ -197,15 +197,15 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     run_meta = {"config": cfg.to_dict(), "parametrization": parts.spec.table.to_json()}
     throughput, pending, val_loss = _Throughput(tokens), None, None
     vote, stopped_by = StopVote(), None
+    telemetry_every = cfg.diagnostics.telemetry_every
     while step < cfg.train.steps:
         batch = parts.to_global(next(parts.iterator))
-        every = cfg.diagnostics.telemetry_every
-        telemetry_now = every > 0 and (step + 1) % every == 0
+        telemetry_now = telemetry_every > 0 and (step + 1) % telemetry_every == 0
         state, metrics = (parts.train_telemetry if telemetry_now else parts.train_step)(state, batch)
         step, tokens = step + 1, tokens + tokens_per_step
         metrics = guard.record(step, metrics)
         if pending is not None:  # step N-1's metrics, fetched after step N was dispatched
-            guard.check(ckpt.latest_step(), upto=step - 1)
+            guard.check(upto=step - 1)
             logger.write({**_row(*pending, throughput, cfg), **guard.row_fields()})
             pending = None
         last = step == cfg.train.steps
@@ -226,14 +226,14 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
         stopped_by = vote(stop)  # the same answer on every process after the same step
         halt = stopped_by is not None or step == stop_after
         if last or halt or ckpt.due(step):
-            guard.check(ckpt.latest_step())  # never checkpoint a state from a non-finite step
+            guard.check()  # never checkpoint a state from a non-finite step
         meta = {"tokens": tokens, "step": step, "skipped_steps": guard.skipped, **run_meta}
         saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
         if halt:
             logger.message(f"stopping: checkpoint {'saved' if saved else 'exists'} at step {step}")
             break
     if pending is not None:
-        guard.check(ckpt.latest_step())
+        guard.check()
         logger.write({**_row(*pending, throughput, cfg), **guard.row_fields()})
     return state, step, tokens, val_loss, stopped_by
 
