@@ -266,8 +266,11 @@ def _run_and_report(cfg, workdir: str) -> int:
         print(f"jaxtrain: stopped by signal {result.stop_signal} after step {result.step}; "
               f"rerun the same command to resume", file=sys.stderr)
         return 128 + result.stop_signal
-    print(f"final val_loss {result.val_loss:.4f} nats/byte ({result.val_loss / math.log(2):.3f} bits/byte) "
-          f"at step {result.step}; byte-unigram entropy of the corpus {result.unigram_entropy:.4f} nats/byte")
+    import jax
+
+    if jax.process_index() == 0:  # the result is the same on every process; say it once
+        print(f"final val_loss {result.val_loss:.4f} nats/byte ({result.val_loss / math.log(2):.3f} bits/byte) "
+              f"at step {result.step}; byte-unigram entropy of the corpus {result.unigram_entropy:.4f} nats/byte")
     return 0
 
 

@@ -57,6 +57,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight_and_stop_toget
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert f"resumed from checkpoint at step {stops[0]}" in out
+    assert out.count("final val_loss") == 1  # only process 0 speaks for the run
     got, want = logged_rows(tmp_path), logged_rows(cli_reference)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 41))
     for a, b in zip(got, want, strict=True):  # the same global batches; gloo sums in another order
