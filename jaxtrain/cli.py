@@ -285,10 +285,10 @@ def _cooldown(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from jaxtrain.config import load_config
     from jaxtrain.plotting import plot_schedule
-
-    from pathlib import Path
 
     cfg = load_config(args.config, args.overrides)
     if not Path(args.out).absolute().parent.is_dir():

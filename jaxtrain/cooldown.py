@@ -30,6 +30,7 @@ from jaxtrain.config import Config
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import truncate_after
 from jaxtrain.saved_run import quiet_absl, read_config
+from jaxtrain.schedules import wsd_decay_start
 
 LINEAGE_FILE = "lineage.json"
 
@@ -56,7 +57,7 @@ def branch_config(parent: Config, step: int, steps: int, shape: str, final_fract
         raise UserError(f"the parent's schedule is {s.name!r}: a cooldown branches from the stable phase "
                         f"of a 'wsd' or 'constant' schedule")
     if s.name == "wsd":
-        decay_start = parent.train.steps - max(round(s.decay_fraction * parent.train.steps), 1)
+        decay_start = wsd_decay_start(parent.train.steps, s.decay_fraction)
         if step > decay_start:
             raise UserError(f"--step {step}: the parent already decays from step {decay_start}; "
                             f"branch from a checkpoint at or before it")

@@ -59,11 +59,16 @@ DECAY_SHAPES: dict[str, Callable] = {
 }
 
 
+def wsd_decay_start(total: int, decay_fraction: float) -> int:
+    """The step where WSD's decay begins: the last max(round(decay_fraction * S), 1) steps decay."""
+    return total - max(round(decay_fraction * total), 1)
+
+
 def wsd(peak: float, warmup: int, total: int, decay_fraction: float, final_fraction: float,
         shape: str = "linear") -> Schedule:
     low = peak * final_fraction
-    decay_steps = max(round(decay_fraction * total), 1)
-    decay_start = total - decay_steps
+    decay_start = wsd_decay_start(total, decay_fraction)
+    decay_steps = total - decay_start
 
     def after(step):
         progress = jnp.clip((step - decay_start) / decay_steps, 0.0, 1.0)
