@@ -40,6 +40,9 @@ def _peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process peak RSS"
 
 
+BENCH_LR = np.float32(1e-3)  # any rate: the step's cost does not depend on it
+
+
 def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, float]:
     """(compiled step, initial state, device batch, compile seconds)."""
     spec = ts.model_spec(cfg)
@@ -48,7 +51,7 @@ def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, fl
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
     batch = jax.device_put(tokens.astype(np.int32), sharding.batch_sharding(mesh))
     started = time.perf_counter()
-    compiled = steps.train.lower(state, batch).compile()
+    compiled = steps.train.lower(state, batch, BENCH_LR).compile()
     return compiled, state, batch, time.perf_counter() - started
 
 
@@ -59,11 +62,11 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     sharding.check_batch_divides(cfg, mesh)
     step, state, batch, compile_s = _compiled_step(cfg, mesh)
     for _ in range(warmup):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, BENCH_LR)
     jax.block_until_ready(state)
     started = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, BENCH_LR)
     jax.block_until_ready((state, metrics))
     step_time = (time.perf_counter() - started) / steps
 

@@ -132,13 +132,34 @@ class OptimizerConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    """The learning-rate schedule (jaxtrain/schedules.py). Lengths in steps, tokens or as a
+    fraction of the run: give at most one of each group."""
+
+    name: Literal["constant", "linear", "cosine", "wsd", "power"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    # WSD: fraction of all steps spent in the final decay, and its shape (schedules.py).
+    warmup_tokens: int | None = Field(None, ge=0)
+    warmup_fraction: float | None = Field(None, ge=0, lt=1)
+    # WSD and Power: the final decay, its length (default: 0.2 of the run) and shape.
     decay_fraction: float = Field(0.2, gt=0, le=1)
+    decay_steps: int | None = Field(None, gt=0)
+    decay_tokens: int | None = Field(None, gt=0)
     decay_shape: Literal["linear", "cosine", "1-sqrt", "exponential"] = "linear"
-    # Learning rate at the end of the decay, as a fraction of the peak.
+    # Learning rate at the end of the decay, as a fraction of the peak (Power: of the
+    # learning rate where the decay starts).
     final_lr_fraction: float = Field(0.1, ge=0, le=1)
+    # Power: lr = min(optimizer.lr, batch_size * power_a * tokens_seen ** power_b).
+    power_a: float = Field(4.0, gt=0)
+    power_b: float = Field(-0.51, lt=0)
+
+    @model_validator(mode="after")
+    def _one_length_each(self) -> "ScheduleConfig":
+        for group, given in (("warmup", {"warmup_steps": self.warmup_steps or None, "warmup_tokens": self.warmup_tokens,
+                                         "warmup_fraction": self.warmup_fraction}),
+                             ("decay", {"decay_steps": self.decay_steps, "decay_tokens": self.decay_tokens})):
+            named = [k for k, v in given.items() if v is not None]
+            if len(named) > 1:
+                raise ValueError(f"give the {group} length once, not as {' and '.join(named)}")
+        return self
 
 
 class DataConfig(_Section):
@@ -180,6 +201,15 @@ class CheckpointConfig(_Section):
     async_save: bool = True
 
 
+class InitFromConfig(_Section):
+    """Continued pretraining (jaxtrain/rewarm.py): a new run starts from another run's
+    checkpoint instead of a random init; its own schedule and data apply from step 0."""
+
+    workdir: str
+    step: int | None = Field(None, ge=0)  # None: the newest checkpoint
+    optimizer: bool = False  # also load the Adam moments (otherwise they start at zero)
+
+
 class TrainConfig(_Section):
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=0)  # global, in sequences
@@ -196,6 +226,9 @@ class TrainConfig(_Section):
     # A step with a non-finite loss or gradient: `halt` stops before checkpointing it
     # (exit 3), `skip` drops its update and counts it (jaxtrain/nonfinite.py).
     on_nonfinite: Literal["halt", "skip"] = "halt"
+    # Start from another run's checkpoint (rewarm / continued pretraining); used only while
+    # this workdir has no checkpoint of its own.
+    init_from: InitFromConfig | None = None
     # Also send every metrics.jsonl row to this Weights & Biases project (needs `wandb`
     # installed and logged in, or WANDB_MODE=offline); None = never touch W&B.
     wandb_project: str | None = None
@@ -235,10 +268,12 @@ def _check_cross_sections(cfg: Config) -> None:
     if cfg.schedule.decay_shape == "exponential" and cfg.schedule.final_lr_fraction == 0:
         raise ConfigError("schedule.final_lr_fraction", "must be > 0 for the exponential decay shape "
                                                         "(it decays geometrically towards it)")
-    if cfg.schedule.warmup_steps >= cfg.train.steps:
-        raise ConfigError(
-            "schedule.warmup_steps",
-            f"{cfg.schedule.warmup_steps} must be smaller than train.steps={cfg.train.steps}")
+    s, tokens_per_step = cfg.schedule, cfg.train.batch_size * cfg.data.seq_len
+    for key, warmup in (("warmup_steps", s.warmup_steps * tokens_per_step), ("warmup_tokens", s.warmup_tokens),
+                        ("warmup_fraction", s.warmup_fraction and s.warmup_fraction * cfg.train.steps * tokens_per_step)):
+        if warmup and warmup >= cfg.train.steps * tokens_per_step:
+            raise ConfigError(f"schedule.{key}", f"{getattr(s, key)} must be shorter than the run "
+                                                 f"(train.steps={cfg.train.steps} of {tokens_per_step} tokens)")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

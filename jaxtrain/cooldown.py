@@ -1,13 +1,13 @@
 """`jaxtrain cooldown`: branch a decay phase from any checkpoint of a stable-phase run.
 
-A WSD or constant-LR run can be stopped anywhere in its stable phase and "cooled down"
-(Hagele et al. 2024): continue from checkpoint k with the learning rate decaying from the
-peak to lr_min over D more steps. That branch is exactly a WSD run of k + D steps whose
-decay starts at step k, so it is written as one:
+A WSD, constant-LR or Power run can be stopped anywhere in its stable phase and "cooled
+down" (Hagele et al. 2024): continue from checkpoint k with the learning rate decaying
+from its value at k to lr_min over D more steps. That branch is exactly a WSD (Power for a
+Power parent) run of k + D steps whose decay starts at step k, so it is written as one:
 
-    train.steps = k + D,  schedule = wsd,  decay_fraction = D / (k + D)
+    train.steps = k + D,  schedule = wsd | power,  decay_steps = D
 
-with the parent's warmup and peak, so its LR equals the parent's up to step k. The branch
+with the parent's warmup (in tokens) and peak, so its LR equals the parent's up to step k. The branch
 is a new workdir holding a copy of checkpoint k (params, optimizer, RNG, data position),
 the parent's logged rows up to k, the resolved config and `lineage.json` (parent workdir,
 step, decay). The parent is only read. The new workdir is assembled in a temporary
@@ -30,7 +30,7 @@ from jaxtrain.config import Config
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import truncate_after
 from jaxtrain.saved_run import quiet_absl, read_config
-from jaxtrain.schedules import wsd_decay_start
+from jaxtrain.schedules import resolve
 
 LINEAGE_FILE = "lineage.json"
 
@@ -52,20 +52,20 @@ def decay_steps(decay: str, step: int) -> int:
 def branch_config(parent: Config, step: int, steps: int, shape: str, final_fraction: float | None,
                   overrides: list[str]) -> Config:
     """The parent's config with the decay phase starting at `step` and lasting `steps`."""
-    s = parent.schedule
-    if s.name not in ("wsd", "constant"):
+    s, lengths = parent.schedule, resolve(parent)
+    if s.name not in ("wsd", "constant", "power"):
         raise UserError(f"the parent's schedule is {s.name!r}: a cooldown branches from the stable phase "
-                        f"of a 'wsd' or 'constant' schedule")
-    if s.name == "wsd":
-        decay_start = wsd_decay_start(parent.train.steps, s.decay_fraction)
-        if step > decay_start:
-            raise UserError(f"--step {step}: the parent already decays from step {decay_start}; "
-                            f"branch from a checkpoint at or before it")
-    if step < s.warmup_steps:
-        raise UserError(f"--step {step}: still in the parent's warmup ({s.warmup_steps} steps)")
+                        f"of a 'wsd', 'constant' or 'power' schedule")
+    if s.name != "constant" and step * lengths.per_step > lengths.decay_start:
+        raise UserError(f"--step {step}: the parent already decays from step {lengths.decay_start // lengths.per_step}; "
+                        f"branch from a checkpoint at or before it")
+    if step * lengths.per_step < lengths.warmup:
+        raise UserError(f"--step {step}: still in the parent's warmup ({lengths.warmup // lengths.per_step} steps)")
     raw = parent.to_dict()
     raw["train"]["steps"] = step + steps
-    raw["schedule"].update(name="wsd", decay_fraction=steps / (step + steps), decay_shape=shape)
+    # the parent's warmup in tokens (a fraction would stretch with the branch's length)
+    raw["schedule"].update(name="power" if s.name == "power" else "wsd", decay_steps=steps, decay_tokens=None,
+                           decay_shape=shape, warmup_steps=0, warmup_fraction=None, warmup_tokens=lengths.warmup)
     if final_fraction is not None:
         raw["schedule"]["final_lr_fraction"] = final_fraction
     return config_lib.from_dict(config_lib.apply_overrides(raw, overrides))

@@ -48,7 +48,7 @@ from jaxtrain import flops, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.parametrization import path_str
-from jaxtrain.schedules import lr_per_step
+from jaxtrain.schedules import lr_per_step, resolve
 
 _COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -145,9 +145,8 @@ def _logical_axes_by_path(spec: ts.ModelSpec) -> dict[str, tuple[str, ...]]:
 
 
 def schedule_summary(cfg: Config) -> dict[str, Any]:
-    steps = cfg.train.steps
-    lrs = lr_per_step(cfg)
-    return {"name": cfg.schedule.name, "peak_lr": cfg.optimizer.lr, "warmup_steps": cfg.schedule.warmup_steps,
+    steps, lrs, lengths = cfg.train.steps, lr_per_step(cfg), resolve(cfg)
+    return {"name": cfg.schedule.name, "peak_lr": cfg.optimizer.lr, "warmup_steps": lengths.warmup / lengths.per_step,
             "steps": steps, "first_lr": float(lrs[0]), "final_lr": float(lrs[-1]),
             "tokens": steps * cfg.train.batch_size * cfg.data.seq_len}
 
@@ -197,6 +196,6 @@ def format_plan(p: dict[str, Any]) -> str:
               f"total {p['flops_per_step'] * s['steps']:.4g} over {s['steps']:,} steps ({_count(s['tokens'])} tokens)",
               "", f"# memory per device (estimate, compute dtype {p['compute_dtype']})"]
     lines += [f"{k:<12} {_bytes(v)}" for k, v in m.items()]
-    lines += ["", f"# schedule: {s['name']}, peak lr {s['peak_lr']:g}, warmup {s['warmup_steps']} steps, "
+    lines += ["", f"# schedule: {s['name']}, peak lr {s['peak_lr']:g}, warmup {s['warmup_steps']:g} steps, "
                   f"lr at step 0 {s['first_lr']:.3g}, at the last step {s['final_lr']:.3g}"]
     return "\n".join(lines)

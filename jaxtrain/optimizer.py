@@ -2,7 +2,7 @@
 
     clip_by_global_norm
     -> per role: scale_by_adam(eps * eps_mult) -> add_decayed_weights -> scale(lr_mult)
-    -> scale_by_learning_rate(schedule)
+    -> scale by -lr(t), the rate the host computed for this step (`learning_rate=`)
 
 so a parameter of role R moves by
     -lr(t) * lr_R * (m_hat / (sqrt(v_hat) + eps * eps_R) + lambda'_R * theta).
@@ -16,11 +16,11 @@ Init and optimizer read the same table, so they cannot drift apart.
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from jaxtrain.config import OptimizerConfig
 from jaxtrain.parametrization import ROLES, ParamRule, Table
-from jaxtrain.schedules import Schedule
 
 
 def _role_rule(table: Table, role: str) -> ParamRule | None:
@@ -43,11 +43,22 @@ def _role_transform(cfg: OptimizerConfig, rule: ParamRule) -> optax.GradientTran
     return optax.chain(*steps)
 
 
-def make_optimizer(cfg: OptimizerConfig, table: Table, schedule: Schedule) -> optax.GradientTransformation:
+def scale_by_given_learning_rate() -> optax.GradientTransformationExtraArgs:
+    """updates -> -learning_rate * updates, the rate passed to `update(..., learning_rate=lr)`.
+    The schedule lives on the host (a function of tokens seen, jaxtrain/schedules.py), so
+    the optimizer state holds no schedule counter that could disagree with it."""
+    def update(updates, state, params=None, *, learning_rate, **extra_args):
+        del params, extra_args
+        return jax.tree.map(lambda u: -learning_rate * u, updates), state
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimizerConfig, table: Table) -> optax.GradientTransformationExtraArgs:
+    """The chain; call its update with `learning_rate=lr` (the step's scheduled rate)."""
     rules = {role: _role_rule(table, role) for role in ROLES}
     per_role = optax.partition({role: _role_transform(cfg, rule) for role, rule in rules.items() if rule},
                                table.labels)
-    steps = [per_role, optax.scale_by_learning_rate(schedule)]
+    steps = [per_role, scale_by_given_learning_rate()]
     if cfg.clip_norm > 0:
         steps.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
     return optax.chain(*steps)

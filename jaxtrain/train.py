@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import yaml
 
-from jaxtrain import parametrization, sharding
+from jaxtrain import parametrization, rewarm, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config, ModelConfig
@@ -33,6 +34,7 @@ from jaxtrain.model import check_compute
 from jaxtrain.nonfinite import NonFiniteGuard
 from jaxtrain.parametrization import Table
 from jaxtrain.preemption import StopRequest, StopVote, stop_on_signal
+from jaxtrain.schedules import make_schedule
 
 # What a checkpoint's contents depend on (None means all of the section's keys); resuming
 # with a change there is an error. Everything else (steps, logging, mesh, threads, how the
@@ -156,14 +158,19 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
     return _Parts(spec, tx, shardings, steps.train, steps.train_telemetry, diagnose, evaluator, iterator, to_global)
 
 
-def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts.TrainState, dict, int | None]:
+def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer,
+                     notes: list[str]) -> tuple[ts.TrainState, dict, int | None]:
     """(state, counters, step resumed from or None) from the newest readable checkpoint
     (unreadable newer ones are reported and skipped); restoring also rewinds the iterator.
-    counters: tokens seen and steps skipped as non-finite."""
+    counters: tokens seen and steps skipped as non-finite. A new run with train.init_from
+    starts from that run's checkpoint (jaxtrain/rewarm.py); what it loaded goes to `notes`."""
     target = ts.abstract_state(cfg, parts.spec, parts.tx, parts.shardings)
     newest = ckpt.restore_newest(target, warn=_warn)
     if newest is None:
-        return ts.init_state(cfg, parts.spec, parts.tx, parts.shardings), {"tokens": 0, "skipped_steps": 0}, None
+        state = ts.init_state(cfg, parts.spec, parts.tx, parts.shardings)
+        if cfg.train.init_from is not None:
+            state = rewarm.initial_state(cfg, parts.spec.table, state, target, notes.append)
+        return state, {"tokens": 0, "skipped_steps": 0}, None
     resumed_from, state, data_state, meta = newest
     parts.iterator.set_state(data_state)
     return state, {"tokens": int(meta["tokens"]), "skipped_steps": int(meta.get("skipped_steps", 0))}, resumed_from
@@ -172,7 +179,8 @@ def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> tuple[ts
 def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
            stop: StopRequest, stop_after: int | None, console: bool) -> RunResult:
     parts = _build(cfg, spec, mesh, corpus)
-    state, counters, resumed_from = _init_or_restore(cfg, parts, ckpt)
+    notes: list[str] = []
+    state, counters, resumed_from = _init_or_restore(cfg, parts, ckpt, notes)
     step, tokens = int(jax.device_get(state.step)), counters["tokens"]
     guard = NonFiniteGuard(cfg.train.on_nonfinite, ckpt.latest_step, counters["skipped_steps"])
     logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0, console=console,
@@ -180,6 +188,8 @@ def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus,
     try:
         if resumed_from is not None:
             logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
+        for note in notes:
+            logger.message(note)
         state, step, tokens, val_loss, stopped_by = _loop(cfg, parts, ckpt, logger, stop, stop_after, guard,
                                                           state, step, tokens)
         ckpt.wait()
@@ -196,12 +206,14 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     # stored in every checkpoint's meta; dumped once, not per step
     run_meta = {"config": cfg.to_dict(), "parametrization": parts.spec.table.to_json()}
     throughput, pending, val_loss = _Throughput(tokens), None, None
+    schedule = make_schedule(cfg, step, tokens)  # the budget counts the tokens already seen
     vote, stopped_by = StopVote(), None
     telemetry_every = cfg.diagnostics.telemetry_every
     while step < cfg.train.steps:
         batch = parts.to_global(next(parts.iterator))
         telemetry_now = telemetry_every > 0 and (step + 1) % telemetry_every == 0
-        state, metrics = (parts.train_telemetry if telemetry_now else parts.train_step)(state, batch)
+        lr = np.float32(schedule(tokens))
+        state, metrics = (parts.train_telemetry if telemetry_now else parts.train_step)(state, batch, lr)
         step, tokens = step + 1, tokens + tokens_per_step
         metrics = guard.record(step, metrics)
         if pending is not None:  # step N-1's metrics, fetched after step N was dispatched

@@ -1,6 +1,9 @@
 """The compiled boundary: TrainState, its sharded init, and the pure train/eval steps.
 
-    train_step(state, batch) -> (state, metrics)      jitted once, state donated
+    train_step(state, batch, lr) -> (state, metrics)      jitted once, state donated
+
+lr is the step's learning rate, computed by the host from the tokens seen
+(jaxtrain/schedules.py): a scalar argument, so every value reuses the one compilation.
 
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the NNX module is rebuilt
 from the static graph definition inside each step (`nnx.merge`), so no stateful object
@@ -31,7 +34,6 @@ from jaxtrain.config import Config
 from jaxtrain.model import Transformer
 from jaxtrain.optimizer import make_optimizer
 from jaxtrain.parametrization import Table
-from jaxtrain.schedules import make_schedule
 
 NONFINITE = "nonfinite"  # train-step metric: 1 when the step's loss or gradients are not finite
 
@@ -153,8 +155,8 @@ def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: f
     return jax.tree.map(lambda x: x / microbatches, total)
 
 
-def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: optax.GradientTransformation,
-               schedule: Callable, z_loss: float, dropout: bool, microbatches: int = 1,
+def train_step(state: TrainState, batch: jax.Array, lr: jax.Array, *, spec: ModelSpec,
+               tx: optax.GradientTransformationExtraArgs, z_loss: float, dropout: bool, microbatches: int = 1,
                skip_nonfinite: bool = False, telemetry: bool = False) -> tuple[TrainState, dict]:
     """One optimizer step. metrics[NONFINITE] is 1 when the loss or any gradient is not
     finite; with `skip_nonfinite` such a step keeps the old params and optimizer state (the
@@ -162,7 +164,7 @@ def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: opta
     adds the stability telemetry of jaxtrain/telemetry.py to the metrics."""
     dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
     grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=lr)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)  # non-finite iff some gradient entry is
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -170,7 +172,7 @@ def train_step(state: TrainState, batch: jax.Array, *, spec: ModelSpec, tx: opta
         keep_old = lambda new, old: jnp.where(finite, new, old)
         params = jax.tree.map(keep_old, params, state.params)
         opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
-    metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
+    metrics = {**metrics, "grad_norm": grad_norm, "lr": lr,
                NONFINITE: jnp.logical_not(finite).astype(jnp.int32)}
     if telemetry:
         metrics.update(telemetry_lib.forward_telemetry(bind_model(spec, state.params), batch[:, :-1]))
@@ -184,19 +186,19 @@ def eval_step(params: Any, batch: jax.Array, *, spec: ModelSpec) -> jax.Array:
     return loss_and_metrics(params, spec, batch, 0.0)[1]["loss"]
 
 
-def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, schedule: Callable,
-                  shardings: TrainState, mesh: Mesh) -> tuple[Callable, Callable, Callable]:
+def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState,
+                  mesh: Mesh) -> tuple[Callable, Callable, Callable]:
     """jit the pure steps once, with explicit in/out shardings and the state donated."""
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
-    step = functools.partial(train_step, spec=spec, tx=tx, schedule=schedule,
+    step = functools.partial(train_step, spec=spec, tx=tx,
                              z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0,
                              microbatches=cfg.train.microbatches,
                              skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    train = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
+    train = jax.jit(step, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep),
                     donate_argnums=0)
     # compiled on first use only, i.e. only when diagnostics.telemetry_every > 0
-    train_telemetry = jax.jit(functools.partial(step, telemetry=True), in_shardings=(shardings, batch_sh),
+    train_telemetry = jax.jit(functools.partial(step, telemetry=True), in_shardings=(shardings, batch_sh, rep),
                               out_shardings=(shardings, rep), donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, spec=spec),
                        in_shardings=(shardings.params, batch_sh), out_shardings=rep)
@@ -209,7 +211,7 @@ class Steps:
 
     tx: optax.GradientTransformation
     shardings: TrainState
-    train: Callable  # jitted train_step(state, batch) -> (state, metrics)
+    train: Callable  # jitted train_step(state, batch, lr) -> (state, metrics)
     train_telemetry: Callable  # the same step, its metrics with the stability telemetry
     evaluate: Callable  # jitted eval_step(params, batch) -> loss
 
@@ -218,11 +220,10 @@ class Steps:
 
 
 def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh) -> Steps:
-    """config -> schedule -> optax chain from the table -> shardings -> jitted steps."""
-    schedule = make_schedule(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, schedule)
+    """config -> optax chain from the table -> shardings -> jitted steps."""
+    tx = make_optimizer(cfg.optimizer, spec.table)
     shardings = state_shardings(cfg, spec, tx, mesh)
-    train, train_telemetry, evaluate = compile_steps(cfg, spec, tx, schedule, shardings, mesh)
+    train, train_telemetry, evaluate = compile_steps(cfg, spec, tx, shardings, mesh)
     return Steps(tx, shardings, train, train_telemetry, evaluate)
 
 

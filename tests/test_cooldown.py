@@ -70,3 +70,63 @@ def test_resuming_in_warmup_stable_and_decay_continues_the_same_lr_sequence(wsd_
     run(cfg, tmp_path, console=False)
     lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert lrs == [r["lr"] for r in read_metrics(wsd_parent / "metrics.jsonl")] and len(lrs) == 40
+
+
+def rewarm_config(parent, *sets):
+    return load_config(TINY, [f"train.init_from={{workdir: {parent}, step: 30, optimizer: {sets[0]}}}", *sets[1:]])
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_rewarm_starts_from_the_parents_params_and_optionally_its_optimizer_state(wsd_parent, optimizer):
+    import jax
+    import numpy as np
+
+    from conftest import assert_same_params
+    from jaxtrain import rewarm, sharding
+    from jaxtrain import train_step as ts
+    from jaxtrain.checkpoint import Checkpointer
+
+    cfg = rewarm_config(wsd_parent, str(optimizer).lower())
+    mesh = sharding.make_mesh(cfg.mesh)
+    spec = ts.model_spec(cfg)
+    steps = ts.build_steps(cfg, spec, mesh)
+    fresh, target = steps.init(cfg, spec), ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
+    notes = []
+    state = rewarm.initial_state(cfg, spec.table, fresh, target, notes.append)
+    ckpt = Checkpointer(wsd_parent, cfg.checkpoint, read_only=True)
+    parent_state = ckpt.restore(30, target)[0]
+    ckpt.close()
+    assert_same_params(jax.device_get(state.params), jax.device_get(parent_state.params))
+    expected_opt = parent_state.opt_state if optimizer else steps.init(cfg, spec).opt_state
+    for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(expected_opt), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(state.step) == 0 and "step 30" in notes[0]
+
+
+def test_a_rewarm_run_warms_up_again_on_other_data_and_leaves_the_parent_alone(wsd_parent, tmp_path, capsys):
+    before = snapshot(wsd_parent)
+    parent_rows = read_metrics(wsd_parent / "metrics.jsonl")
+    args = ("train", str(TINY), "--workdir", str(tmp_path / "rewarm"),
+            "--set", f"train.init_from={{workdir: {wsd_parent}, step: 30}}", "--set", "train.steps=10",
+            "--set", "train.log_every=1", "--set", "schedule.name=constant",  # warmup 5 steps back to the peak
+            "--set", "data.paths=['{stdlib}/http/*.py', '{stdlib}/xml/**/*.py']")  # switch data
+    status, out, err = cli_in_process(capsys, *args)
+    assert status == 0, err
+    assert f"initialized from {wsd_parent} checkpoint at step 30 (params)" in out
+    rows = read_metrics(tmp_path / "rewarm" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 11)) and rows[-1]["tokens"] == 10 * 16 * 64
+    assert [r["lr"] for r in rows[:6]] == pytest.approx([PEAK * k / 5 for k in (1, 2, 3, 4, 5, 5)])
+    assert rows[0]["loss"] < parent_rows[0]["loss"] - 1.0  # trained params, not a random init
+    assert snapshot(wsd_parent) == before
+    status, out, err = cli_in_process(capsys, *args)  # rerun: resumes its own checkpoint
+    assert status == 0 and "resumed from checkpoint at step 10" in out and "initialized" not in out
+
+
+def test_a_rewarm_from_another_model_or_a_missing_step_names_the_key(wsd_parent, tmp_path, capsys):
+    base = ("train", str(TINY), "--workdir", str(tmp_path / "bad"))
+    status, _, err = cli_in_process(capsys, *base, "--set", f"train.init_from={{workdir: {wsd_parent}}}",
+                                    "--set", "model.d_model=128")
+    assert status == 2 and "model.d_model" in err and err.count("\n") == 1
+    status, _, err = cli_in_process(capsys, *base, "--set", f"train.init_from={{workdir: {wsd_parent}, step: 7}}")
+    assert status == 2 and "train.init_from.step" in err and "[20, 30, 40]" in err
+    assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())

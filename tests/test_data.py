@@ -52,6 +52,22 @@ def test_iterator_resumes_to_exactly_the_next_batches(tiny_cfg):
         np.testing.assert_array_equal(next(resumed), want)
 
 
+def test_a_doubled_batch_size_continues_at_the_next_unread_window(tiny_cfg):
+    tokens = corpus_for(tiny_cfg.data).train
+    small = pipeline.train_iterator(tiny_cfg, tokens)
+    expected = [next(small) for _ in range(9)]  # batches of 16 windows
+    first = pipeline.train_iterator(tiny_cfg, tokens)
+    for _ in range(5):
+        next(first)
+    big_cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"batch_size": 32})})
+    big = pipeline.train_iterator(big_cfg, tokens)
+    big.set_state(first.get_state())
+    np.testing.assert_array_equal(next(big), np.concatenate(expected[5:7]))
+    again = pipeline.train_iterator(big_cfg, tokens)  # and a later resume at the same (new) size
+    again.set_state(big.get_state())
+    np.testing.assert_array_equal(next(again), np.concatenate(expected[7:9]))
+
+
 def test_processes_read_disjoint_windows_covering_the_epoch():
     cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=256"])
     tokens = corpus_for(cfg.data).train

@@ -33,7 +33,7 @@ def compiled_step(cfg):
     state = ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32,
                                  sharding=sharding.batch_sharding(mesh))
-    return steps.train.lower(state, batch).compile()
+    return steps.train.lower(state, batch, cfg.optimizer.lr).compile()
 
 
 def test_cluster_config_plan_from_the_cli(tmp_path):

@@ -15,7 +15,7 @@ from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import load_config
 from jaxtrain.optimizer import make_optimizer
-from jaxtrain.schedules import make_schedule
+from jaxtrain.schedules import lr_per_step
 
 STEPS, BATCH, SEQ = 4, 32, 64
 
@@ -35,9 +35,9 @@ def train_losses(*overrides: str) -> tuple[np.ndarray, dict]:
     spec = ts.model_spec(cfg)
     steps = ts.build_steps(cfg, spec, mesh)
     state, step = steps.init(cfg, spec), steps.train
-    losses = []
-    for batch in text_batches():
-        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    losses, lrs = [], lr_per_step(cfg)
+    for i, batch in enumerate(text_batches()):
+        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)), np.float32(lrs[i]))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state.params)
 
@@ -111,9 +111,9 @@ def test_the_options_are_in_the_traced_step(overrides, primitive):
     def jaxpr_text(*extra):
         cfg = load_config(TINY, [f"train.batch_size={BATCH}", *extra])
         spec = ts.model_spec(cfg)
-        tx = make_optimizer(cfg.optimizer, spec.table, make_schedule(cfg))
+        tx = make_optimizer(cfg.optimizer, spec.table)
         state = jax.eval_shape(lambda: ts.init_state(cfg, spec, tx, None))
-        step = lambda s, b: ts.train_step(s, b, spec=spec, tx=tx, schedule=make_schedule(cfg), z_loss=0.0,
+        step = lambda s, b: ts.train_step(s, b, cfg.optimizer.lr, spec=spec, tx=tx, z_loss=0.0,
                                           dropout=False, microbatches=cfg.train.microbatches)
         return str(jax.make_jaxpr(step)(state, text_batches()[0]))
 

@@ -33,16 +33,16 @@ def test_skip_drops_exactly_the_nonfinite_update():
     steps = ts.build_steps(cfg, spec, mesh)
     batch = jax.random.randint(jax.random.PRNGKey(0), (16, 65), 0, 256)
     poisoned = batch.at[3, 7].set(10**6)  # out of the vocabulary: a NaN embedding row
-    state, metrics = steps.train(steps.init(cfg, spec), batch)
+    state, metrics = steps.train(steps.init(cfg, spec), batch, cfg.optimizer.lr)
     assert int(metrics[ts.NONFINITE]) == 0
     before = jax.device_get((state.params, state.opt_state))  # the step donates its input
-    state, metrics = steps.train(state, poisoned)
+    state, metrics = steps.train(state, poisoned, cfg.optimizer.lr)
     assert int(metrics[ts.NONFINITE]) == 1 and not np.isfinite(float(metrics["loss"]))
     for got, want in zip(jax.tree.leaves(jax.device_get((state.params, state.opt_state))),
                          jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(got, want)
     assert int(state.step) == 2  # the batch is consumed and the schedule moves on
-    state, metrics = steps.train(state, batch)
+    state, metrics = steps.train(state, batch, cfg.optimizer.lr)
     assert int(metrics[ts.NONFINITE]) == 0 and all_finite(state.params)
 
 

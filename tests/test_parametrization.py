@@ -52,14 +52,15 @@ def test_roles_come_from_axes_not_names():
 def first_update(cfg):
     """Initial params and the size of the first AdamW update of every parameter."""
     spec = ts.model_spec(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, make_schedule(cfg))
+    tx = make_optimizer(cfg.optimizer, spec.table)
+    lr = float(make_schedule(cfg)(0))
     params = jax.jit(lambda key: ts.init_params(cfg, spec, key))(jax.random.PRNGKey(0))
     batch = jax.random.randint(jax.random.PRNGKey(1), (4, 33), 0, 256)
 
     @jax.jit  # one compiled call instead of thousands of eager ops
     def update(params):
         grads = jax.grad(lambda p: ts.loss_and_metrics(p, spec, batch, 0.0)[0])(params)
-        return tx.update(grads, tx.init(params), params)[0]
+        return tx.update(grads, tx.init(params), params, learning_rate=lr)[0]
 
     return spec, params, update(params)
 
@@ -129,10 +130,11 @@ def test_weight_decay_width_exponent_and_mode():
     raw = cfg.to_dict()
     raw["optimizer"].update(weight_decay=0.1, weight_decay_mode="independent", lr=1.0)
     spec = ts.model_spec(from_dict(raw))
-    tx = make_optimizer(from_dict(raw).optimizer, spec.table, make_schedule(from_dict(raw)))
+    tx = make_optimizer(from_dict(raw).optimizer, spec.table)
+    lr = float(make_schedule(from_dict(raw))(0))
     params = ts.init_params(from_dict(raw), spec, jax.random.PRNGKey(0))
     zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)  # zero gradients: only decay acts
+    updates, _ = tx.update(zero, tx.init(params), params, learning_rate=lr)  # zero gradients: only decay acts
     w = params["blocks"][0]["mlp"]["w_down"]
     # independent: -(lr(t)/eta) * lambda * m^gamma * theta, no muP LR multiplier
     np.testing.assert_allclose(updates["blocks"][0]["mlp"]["w_down"], -0.1 * 2.0 * w, rtol=1e-5)

@@ -39,7 +39,7 @@ def two_steps(mesh_shape):
     batches = np.random.default_rng(0).integers(0, 256, (2, 16, 33), dtype=np.int32)
     losses = []
     for batch in batches:
-        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)), cfg.optimizer.lr)
         losses.append(float(metrics["loss"]))
     return losses, state
 

@@ -22,8 +22,8 @@ def test_telemetry_matches_direct_computation_and_leaves_the_update_alone():
     steps = ts.build_steps(cfg, spec, sharding.make_mesh(cfg.mesh))
     batch = jax.random.randint(jax.random.PRNGKey(0), (16, 65), 0, 256)
     before = jax.device_get(steps.init(cfg, spec).params)
-    plain, _ = steps.train(steps.init(cfg, spec), batch)
-    watched, metrics = steps.train_telemetry(steps.init(cfg, spec), batch)
+    plain, _ = steps.train(steps.init(cfg, spec), batch, cfg.optimizer.lr)
+    watched, metrics = steps.train_telemetry(steps.init(cfg, spec), batch, cfg.optimizer.lr)
     after = jax.device_get(watched.params)
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(jax.device_get(plain.params)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

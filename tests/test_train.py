@@ -13,7 +13,6 @@ from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import load_config
 from jaxtrain.metrics import TIMING_KEYS, read_metrics
 from jaxtrain.optimizer import make_optimizer
-from jaxtrain.schedules import make_schedule
 from jaxtrain.train import run
 
 pytestmark = pytest.mark.slow
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.slow
 def final_state(cfg, workdir):
     mesh = sharding.make_mesh(cfg.mesh)
     spec = ts.model_spec(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table, make_schedule(cfg))
+    tx = make_optimizer(cfg.optimizer, spec.table)
     shardings = ts.state_shardings(cfg, spec, tx, mesh)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
     try:

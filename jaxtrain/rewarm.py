@@ -1,0 +1,76 @@
+"""Continued pretraining ("rewarm"): a new run that starts from another run's checkpoint.
+
+    train:
+      init_from: {workdir: runs/base, step: 4000, optimizer: false}
+
+When the new run's workdir has no checkpoint of its own, its initial state takes the
+parameters of checkpoint `step` (default: the newest) of `workdir`, and with
+`optimizer: true` also the Adam moments. Everything else starts fresh: step and tokens at
+0, so the new run's own schedule applies from its start (a warmup back to the peak is the
+"rewarm" of continued pretraining, Ibrahim et al. 2024, "Simple and Scalable Strategies to
+Continually Pre-train Large Language Models"); the data section may name other data
+(switch data, or mix in replay); the RNG comes from train.seed. The parent is only read.
+
+The model and parametrization must be the parent's (the parameters have to fit); a
+difference is one error line naming the key. Once the new run has checkpointed, it
+resumes from its own checkpoints and `init_from` is not read again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from jaxtrain import parametrization
+from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.config import Config, ModelConfig
+from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.saved_run import quiet_absl, read_config
+
+_MODEL_KEYS = tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.EXECUTION_KEYS)
+
+
+def check_parent(cfg: Config, parent: Config, parent_dir: Path, table: parametrization.Table) -> None:
+    """The parent's model and parametrization must be this run's."""
+    mine, theirs = cfg.to_dict(), parent.to_dict()
+    for section, keys in (("model", _MODEL_KEYS), ("parametrization", tuple(mine["parametrization"]))):
+        for key in keys:
+            if mine[section][key] != theirs[section][key]:
+                raise ConfigError(f"{section}.{key}", f"is {mine[section][key]!r}, but train.init_from.workdir "
+                                                      f"{parent_dir} was trained with {theirs[section][key]!r}")
+    saved_table = parent_dir / "parametrization.json"
+    if saved_table.is_file():
+        parametrization.check_matches(json.loads(saved_table.read_text()), table)
+
+
+def initial_state(cfg: Config, table: parametrization.Table, fresh: Any, abstract: Any,
+                  message: Callable[[str], None]) -> Any:
+    """`fresh` (a newly initialized TrainState) with the parent's params, and optimizer
+    state if asked; `abstract` is the restore target (ShapeDtypeStructs with shardings)."""
+    source = cfg.train.init_from
+    parent_dir = Path(source.workdir).absolute()
+    parent = read_config(parent_dir)
+    check_parent(cfg, parent, parent_dir, table)
+    with quiet_absl():
+        ckpt = Checkpointer(parent_dir, parent.checkpoint, read_only=True)
+    try:
+        saved = sorted(ckpt.all_steps())
+        step = source.step if source.step is not None else (saved[-1] if saved else None)
+        if step is None or step not in saved:
+            raise ConfigError("train.init_from.step", f"{source.step} is not a checkpoint of {parent_dir} "
+                                                      f"(saved: {saved})")
+        if source.optimizer:
+            try:
+                state, _, _ = ckpt.restore(step, abstract)
+            except (ValueError, KeyError, TypeError) as err:
+                raise UserError(f"train.init_from.optimizer: the optimizer state of {parent_dir} step {step} "
+                                f"does not fit this run's optimizer ({str(err).splitlines()[0][:200]})") from None
+            fresh = fresh.replace(params=state.params, opt_state=state.opt_state)
+        else:
+            fresh = fresh.replace(params=ckpt.restore_params(step, abstract.params))
+    finally:
+        ckpt.close()
+    loaded = "params and optimizer state" if source.optimizer else "params"
+    message(f"initialized from {parent_dir} checkpoint at step {step} ({loaded}); step and tokens start at 0")
+    return fresh
