@@ -4,6 +4,7 @@
                    [--coordinator HOST:PORT --num-processes N --process-id I]
     jaxtrain cooldown WORKDIR --step N --decay STEPS|FRACTION --workdir NEW [--shape 1-sqrt]
     jaxtrain schedule CONFIG --out lr.png [--set ...]
+    jaxtrain fit-schedule-law RUN... [--predict RUN_OR_CONFIG ...] [--out DIR]
     jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
     jaxtrain bench CONFIG [--steps 10 --warmup 2 --set ...]   (one JSON line)
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     sched.add_argument("config")
     sched.add_argument("--out", required=True, help="PNG file to write")
     _add_set(sched)
+    law = commands.add_parser("fit-schedule-law", help="fit L = L0 + A*S1^-alpha - C*S2 to runs; predict "
+                                                       "the loss curves of other schedules")
+    law.add_argument("runs", nargs="+", metavar="RUN", help="workdirs whose logged training loss is fitted")
+    law.add_argument("--predict", nargs="+", default=[], metavar="RUN_OR_CONFIG",
+                     help="workdirs (prediction error where they ran) or config files (prediction only)")
+    law.add_argument("--out", default=None, help="directory for schedule_law.json and schedule_law.png")
     sweep = commands.add_parser("sweep", help="train a grid of short runs; loss vs learning rate per width/depth")
     sweep.add_argument("config")
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
@@ -284,6 +291,34 @@ def _cooldown(args: argparse.Namespace) -> int:
     return _run_and_report(cfg, args.workdir)
 
 
+def _fit_schedule_law(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from jaxtrain.plotting import plot_schedule_law
+    from jaxtrain.schedule_law import fit_and_predict
+
+    report = fit_and_predict(args.runs, args.predict)
+    law = report["law"]
+    print(f"L = {law['L0']:.4f} + {law['A']:.4f} * S1^-{law['alpha']:.4f} - {law['C']:.4f} * S2 "
+          f"(fitted on {len(args.runs)} run(s))")
+    for kind in ("fitted", "predicted"):
+        for r in report[kind]:
+            line = f"{kind:<9} {r['run']}: final loss predicted {r['predicted_final_loss']:.4f}"
+            if "mean_abs_error" in r:
+                line += (f", logged {r['logged_final_loss']:.4f} vs law {r['predicted_tail_loss']:.4f} "
+                         f"(error {r['final_error']:+.4f}); curve mean |error| {r['mean_abs_error']:.4f}, "
+                         f"max {r['max_abs_error']:.4f}")
+            print(line)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "schedule_law.json").write_text(json.dumps(report, indent=1))
+        plot_schedule_law(report, out / "schedule_law.png")
+        print(f"wrote {out / 'schedule_law.json'} and {out / 'schedule_law.png'}")
+    return 0
+
+
 def _schedule(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -320,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     _tune_cpu_xla()
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "cooldown": _cooldown, "schedule": _schedule, "sweep": _sweep, "coord-check": _coord_check,
+        return {"train": _train, "cooldown": _cooldown, "schedule": _schedule,
+                "fit-schedule-law": _fit_schedule_law, "sweep": _sweep, "coord-check": _coord_check,
                 "bench": _bench, "eval": _eval, "generate": _generate, "plot": _plot,
                 "dry-run": _dry_run}[args.command](args)
     except UserError as err:

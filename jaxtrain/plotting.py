@@ -123,16 +123,47 @@ def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path:
 
 def plot_schedule(cfg, path: Path) -> None:
     """The learning rate of every step of a config's schedule."""
-    from jaxtrain.schedules import lr_per_step
+    from jaxtrain.schedules import lr_per_step, resolve
 
-    lrs = lr_per_step(cfg)
+    lrs, lengths = lr_per_step(cfg), resolve(cfg)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(range(len(lrs)), lrs)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
-    shape = f" ({cfg.schedule.decay_shape} decay)" if cfg.schedule.name == "wsd" else ""
-    ax.set_title(f"{cfg.schedule.name}{shape}: peak {cfg.optimizer.lr:g}, warmup {cfg.schedule.warmup_steps} steps")
+    shape = f" ({cfg.schedule.decay_shape} decay)" if cfg.schedule.name in ("wsd", "power") else ""
+    ax.set_title(f"{cfg.schedule.name}{shape}: peak {cfg.optimizer.lr:g}, "
+                 f"warmup {lengths.warmup / lengths.per_step:g} steps")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_schedule_law(report: dict[str, Any], path: Path) -> None:
+    """Logged training loss (dots) and the fitted law's curve per run: solid for the runs
+    it was fitted on, dashed for the runs it predicts."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    colors = plt.get_cmap("tab10")
+    errors = {r["run"]: r for r in report["fitted"] + report["predicted"]}
+    lows = []
+    for i, curve in enumerate(report["curves"]):
+        color = colors(i % 10)
+        if curve["steps"]:
+            ax.plot(curve["steps"], curve["losses"], ".", color=color, alpha=0.35, markersize=3)
+            lows.append(min(curve["losses"]))
+        err = errors[curve["run"]].get("mean_abs_error")
+        label = f"{curve['run']} ({'fit' if curve['fitted'] else 'predicted'}"
+        label += f", mean |err| {err:.3f})" if err is not None else ")"
+        ax.plot(curve["law_steps"], curve["law"], "-" if curve["fitted"] else "--", color=color, label=label)
+        lows.append(min(curve["law"]))
+    law = report["law"]
+    ax.set_title(f"L = {law['L0']:.3f} + {law['A']:.3f} S1^-{law['alpha']:.3f} - {law['C']:.3f} S2", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    if lows:
+        ax.set_ylim(min(lows) - 0.05, min(lows) + 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
