@@ -19,6 +19,12 @@ Optimum: the vertex of the parabola in log2(x) through the best point and its tw
 neighbours (it lies between the neighbours); the best grid point itself when that point
 is at the edge of the grid (flagged `at_edge`: the optimum may lie outside the grid). Drift of a panel = optimum at the last curve value minus optimum at
 the first, in grid steps (the grid's smallest log2 spacing).
+
+LR sensitivity of a curve (Wortsman et al. 2023, "Small-scale proxies for large-scale
+Transformer training instabilities", Sec. 3): mean over its grid points of
+min(loss, loss_at_init) minus its best loss, diverged runs counting as loss_at_init.
+loss_at_init is ln V, the loss of uniform predictions: exact when the readout starts at
+zero (parametrization.readout_zero_init), close to it otherwise. Lower = flatter curve.
 """
 
 from __future__ import annotations
@@ -126,7 +132,13 @@ def fit_optimum(xs: list[float], losses: list[float]) -> dict[str, Any] | None:
             "method": method, "at_edge": best in (0, len(lx) - 1)}
 
 
-def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str]) -> dict[str, Any]:
+def lr_sensitivity(losses: list[float], loss_at_init: float) -> float:
+    capped = [min(x, loss_at_init) if math.isfinite(x) else loss_at_init for x in losses]
+    return float(np.mean(capped) - min(capped))
+
+
+def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str],
+            loss_at_init: float = math.inf) -> dict[str, Any]:
     xs_all = sorted({r[x_key] for r in runs})
     spacing = np.diff(np.log2(xs_all))
     step = float(spacing[spacing > 0].min()) if (spacing > 0).any() else 1.0
@@ -136,7 +148,8 @@ def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str])
         for curve, curve_runs in _group(panel_runs, [curve_key]):
             ok = [r for r in curve_runs if not r["diverged"]]
             fit = fit_optimum([r[x_key] for r in ok], [r["val_loss"] for r in ok])
-            curves.append({**panel, **curve, "optimum": fit})
+            losses = [loss_at_init if r["diverged"] else r["val_loss"] for r in curve_runs]
+            curves.append({**panel, **curve, "optimum": fit, "lr_sensitivity": lr_sensitivity(losses, loss_at_init)})
         curves.sort(key=lambda c: _sortable(c[curve_key]))  # drift runs from the smallest to the largest
         optima.extend(curves)
         fitted = [c for c in curves if c["optimum"]]
@@ -189,7 +202,7 @@ def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = ()
         runs.append(result)
         state = "diverged" if result["diverged"] else f"val {result['val_loss']:.4f} train {result['train_loss']:.4f}"
         log(f"[{i}/{len(points)}] {run_name(assignment)}: {state} ({result['seconds']:.0f}s)")
-    analysis = analyse(runs, x_key, curve_key, panel_keys)
+    analysis = analyse(runs, x_key, curve_key, panel_keys, math.log(points[0][1].model.vocab_size))
     results = {"config": str(config), "overrides": list(overrides),
                "grid": {a.key: list(a.values) for a in grid}, "x": x_key, "curve": curve_key,
                "panels": panel_keys, "runs": runs, **analysis}

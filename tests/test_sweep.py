@@ -30,6 +30,13 @@ def test_drift_is_measured_in_grid_steps():
     assert drift["drift_steps"] == pytest.approx(-1.0)
 
 
+def test_lr_sensitivity_caps_at_the_initial_loss_and_counts_diverged_runs_there():
+    runs = [{"lr": 2.0**k, "w": 1, "val_loss": loss, "diverged": diverged}
+            for k, (loss, diverged) in enumerate([(3.0, False), (2.0, False), (7.0, False), (math.nan, True)])]
+    curve = analyse(runs, "lr", "w", [], loss_at_init=5.5)["optima"][0]
+    assert curve["lr_sensitivity"] == pytest.approx((3.0 + 2.0 + 5.5 + 5.5) / 4 - 2.0)
+
+
 def test_sweep_runs_the_grid_records_divergence_and_resumes(tmp_path):
     args = ["sweep", str(TINY), "--grid", "model.d_model=32,64", "--grid", "optimizer.lr=0.003,0.03,3000",
             "--set", "train.steps=12", "--set", "train.eval_every=12", "--set", "schedule.warmup_steps=2",
