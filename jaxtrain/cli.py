@@ -10,7 +10,7 @@
     jaxtrain bench CONFIG [--steps 10 --warmup 2 --set ...]   (one JSON line)
     jaxtrain eval WORKDIR [--data GLOB ...] [--step N]
     jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
-    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens]
+    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
     jaxtrain dry-run CONFIG [--devices N --backend gpu] [--schedule-png FILE] [--set ...]
 
 Bad input (config, data, paths) prints one line `jaxtrain: error: ...` and exits 2;
@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", required=True, help="PNG file to write")
     plot.add_argument("--metric", default="loss,val_loss,lr", help="comma-separated metrics.jsonl keys")
     plot.add_argument("--x", choices=("step", "tokens"), default="step")
+    plot.add_argument("--log-y", default="", metavar="METRIC,...", help="metrics drawn on a log y axis")
     dry = commands.add_parser("dry-run", help="resolve a config: params by role, shardings, FLOPs, memory, schedule")
     dry.add_argument("config")
     dry.add_argument("--devices", type=int, default=None,
@@ -223,7 +224,7 @@ def _plot(args: argparse.Namespace) -> int:
     for metric in metrics:
         if not any(metric in row for rows in runs.values() for row in rows):
             raise UserError(f"--metric {metric}: not logged by any of the runs")
-    plot_runs(runs, metrics, args.x, Path(args.out))
+    plot_runs(runs, metrics, args.x, Path(args.out), log_y=set(args.log_y.split(",")))
     print(f"wrote {args.out}")
     return 0
 

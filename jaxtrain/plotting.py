@@ -97,7 +97,8 @@ def plot_coord_check(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path: Path) -> None:
+def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path: Path,
+              log_y: set[str] = frozenset()) -> None:
     """Overlay the logged curves of several runs: one panel per metric, one line per run.
     `runs` maps a label to its metrics.jsonl rows; rows without a metric are skipped
     (val_loss is logged only at evaluation steps)."""
@@ -109,7 +110,9 @@ def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path:
                     label=label, markersize=4)
         ax.set_title(metric)
         ax.set_xlabel(x_key)
-        if metric in ("loss", "val_loss"):  # the interesting part is near the end
+        if metric in log_y:
+            ax.set_yscale("log")
+        elif metric in ("loss", "val_loss"):  # the interesting part is near the end
             finite = [r[metric] for rows in runs.values() for r in rows[len(rows) // 10:]
                       if r.get(metric) is not None and math.isfinite(r[metric])]
             if finite:
