@@ -130,3 +130,19 @@ def test_a_rewarm_from_another_model_or_a_missing_step_names_the_key(wsd_parent,
     status, _, err = cli_in_process(capsys, *base, "--set", f"train.init_from={{workdir: {wsd_parent}, step: 7}}")
     assert status == 2 and "train.init_from.step" in err and "[20, 30, 40]" in err
     assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())
+
+
+def test_a_branch_of_a_power_run_decays_from_the_power_laws_value(tmp_path, capsys):
+    parent = tmp_path / "power"
+    run(load_config(TINY, ["schedule.name=power", "schedule.power_a=0.01", "train.log_every=1"]), parent,
+        console=False)  # the law drops below the peak from step ~3; its own decay starts at 32
+    status, _, err = cli_in_process(capsys, "cooldown", str(parent), "--step", "20", "--decay", "10",
+                                    "--workdir", str(tmp_path / "branch"))
+    assert status == 0, err
+    parent_lr = {r["step"]: r["lr"] for r in read_metrics(parent / "metrics.jsonl")}
+    branch_lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl")}
+    start = 16 * 0.01 * (20 * 1024) ** -0.51  # batch * a * n^b at the branch point
+    assert parent_lr[21] == pytest.approx(start, rel=1e-6) and start < PEAK
+    expected = [start * (FINAL + (1 - FINAL) * (1 - j / 10)) for j in range(10)]
+    assert [branch_lr[20 + j + 1] for j in range(10)] == pytest.approx(expected, rel=1e-6)
+    assert all(branch_lr[s] == parent_lr[s] for s in range(1, 21))
