@@ -60,8 +60,9 @@ def _trace(cfg: Config, batches: list[np.ndarray], probe: np.ndarray) -> list[di
     state, step = steps.init(cfg, spec), steps.train
     measure = jax.jit(lambda p, t: activation_rms(p, t, spec=spec))
     trace = [measure(state.params, probe)]
+    lr = np.float32(cfg.optimizer.lr)  # the check runs a constant schedule without warmup
     for batch in batches:
-        state, _ = step(state, batch)
+        state, _ = step(state, batch, lr)
         trace.append(measure(state.params, probe))
     return [{k: float(row[k]) for k in _in_network_order(row)} for row in jax.device_get(trace)]
 
