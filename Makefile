@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine; both create .venv and install what they need.
 #   make train   train configs/small.yaml on the Python standard-library sources
 #   make test    run the test suite (CPU, 8 simulated devices)
+#   make data    tokenize the default corpus (bytes, BPE 8k) and a second corpus into data/cache/
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= runs/small
@@ -8,7 +9,7 @@ CONFIG ?= configs/small.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test venv clean
+.PHONY: train test venv clean data train-bpe data-bench
 
 venv: $(STAMP)
 
@@ -20,6 +21,25 @@ $(STAMP): pyproject.toml
 
 train: $(STAMP)
 	$(BIN)/jaxtrain train $(CONFIG) --workdir $(WORKDIR)
+
+# Prepared token stores (jaxtrain data prepare); each is made once, atomically.
+CACHE := data/cache
+$(CACHE)/stdlib/metadata.json: | $(STAMP)
+	$(BIN)/jaxtrain data prepare --input '{stdlib}/**/*.py' --out $(CACHE)/stdlib
+$(CACHE)/stdlib-bpe8k/metadata.json: | $(STAMP)
+	$(BIN)/jaxtrain data prepare --input '{stdlib}/**/*.py' --out $(CACHE)/stdlib-bpe8k --tokenizer bpe:8192
+# the second corpus: this machine's Debian package copyright texts, with the stdlib's BPE
+$(CACHE)/copyright-bpe8k/metadata.json: $(CACHE)/stdlib-bpe8k/metadata.json
+	$(BIN)/jaxtrain data prepare --input '/usr/share/doc/*/copyright' --out $(CACHE)/copyright-bpe8k \
+		--tokenizer $(CACHE)/stdlib-bpe8k/tokenizer.json
+
+data: $(CACHE)/stdlib/metadata.json $(CACHE)/stdlib-bpe8k/metadata.json $(CACHE)/copyright-bpe8k/metadata.json
+
+train-bpe: data
+	$(BIN)/jaxtrain train configs/small_bpe.yaml --workdir runs/small_bpe
+
+data-bench: $(CACHE)/stdlib/metadata.json
+	$(BIN)/jaxtrain data bench $(CACHE)/stdlib --config configs/small.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

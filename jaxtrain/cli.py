@@ -12,6 +12,8 @@
     jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
     jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
     jaxtrain dry-run CONFIG [--devices N --backend gpu] [--schedule-png FILE] [--set ...]
+    jaxtrain data prepare --input PATH_OR_GLOB... --out DIR [--tokenizer byte|bpe:VOCAB|FILE.json]
+    jaxtrain data bench DIR --config CONFIG [--seconds S]   (one JSON line)
 
 Bad input (config, data, paths) prints one line `jaxtrain: error: ...` and exits 2;
 `JAXTRAIN_DEBUG=1` shows the traceback instead.
@@ -24,6 +26,7 @@ import math
 import os
 import sys
 
+from jaxtrain.data import commands as data_commands
 from jaxtrain.errors import UserError
 
 
@@ -88,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("workdir")
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     evaluate.add_argument("--data", nargs="+", default=None, metavar="GLOB",
-                          help="text files/globs to evaluate on (default: the run's own data); their "
-                               "validation split is chosen by the same rule as data.paths")
+                          help="prepared dataset directories, or text files/globs, to evaluate on "
+                               "(default: the run's own data); text files are split by the rule of data.paths")
     generate = commands.add_parser("generate", help="sample text from a checkpoint (KV-cached)")
     generate.add_argument("workdir")
     generate.add_argument("--prompt", required=True)
@@ -114,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: this machine's)")
     dry.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
     _add_set(dry)
+    data_commands.add_parser(commands)
     return parser
 
 
@@ -195,16 +199,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jaxtrain.data.corpus import decode, encode
+    from jaxtrain.data.sources import run_tokenizer
     from jaxtrain.generate import check_sampling, generate
     from jaxtrain.saved_run import load_run
 
-    prompt = encode(args.prompt)
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, len(prompt))
     run = load_run(args.workdir, args.step)
+    tokenizer = run_tokenizer(run.cfg)
+    prompt = tokenizer.encode_documents([args.prompt.encode("utf-8")])[0].astype("int32")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, len(prompt))
     tokens = generate(run.model(), prompt[None], max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(args.prompt + decode(tokens[0]))
+    print(args.prompt + tokenizer.decode(tokens[0]))
     return 0
 
 
@@ -277,8 +282,8 @@ def _run_and_report(cfg, workdir: str) -> int:
     import jax
 
     if jax.process_index() == 0:  # the result is the same on every process; say it once
-        print(f"final val_loss {result.val_loss:.4f} nats/byte ({result.val_loss / math.log(2):.3f} bits/byte) "
-              f"at step {result.step}; byte-unigram entropy of the corpus {result.unigram_entropy:.4f} nats/byte")
+        print(f"final val_loss {result.val_loss:.4f} nats/token ({result.val_bits_per_byte:.3f} bits/byte) "
+              f"at step {result.step}; unigram entropy of the training data {result.unigram_entropy:.4f} nats/token")
     return 0
 
 
@@ -359,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": _train, "cooldown": _cooldown, "schedule": _schedule,
                 "fit-schedule-law": _fit_schedule_law, "sweep": _sweep, "coord-check": _coord_check,
                 "bench": _bench, "eval": _eval, "generate": _generate, "plot": _plot,
-                "dry-run": _dry_run}[args.command](args)
+                "dry-run": _dry_run, "data": data_commands.run}[args.command](args)
     except UserError as err:
         if os.environ.get("JAXTRAIN_DEBUG"):
             raise

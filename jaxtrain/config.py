@@ -8,6 +8,7 @@ live in `sharding.py` and raise the same `ConfigError`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -162,12 +163,46 @@ class ScheduleConfig(_Section):
         return self
 
 
+class SourceConfig(_Section):
+    """One prepared dataset (`jaxtrain data prepare`) of a mixture."""
+
+    path: str
+    weight: float = Field(1.0, ge=0)
+    name: str | None = None  # None: the directory's name; used in val_loss/<name> and phases
+
+
+class PhaseConfig(_Section):
+    """From `start_step` (or `start_fraction` of train.steps) on, mix with these weights
+    (source name -> weight; sources not named get 0)."""
+
+    start_step: int | None = Field(None, gt=0)
+    start_fraction: float | None = Field(None, gt=0, lt=1)
+    weights: dict[str, float]
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "PhaseConfig":
+        if (self.start_step is None) == (self.start_fraction is None):
+            raise ValueError("give a phase exactly one of start_step and start_fraction")
+        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
+            raise ValueError("phase weights must be >= 0 and not all 0")
+        return self
+
+
 class DataConfig(_Section):
-    # Globs of text files; "{stdlib}" is the Python standard-library directory.
-    # site-packages is always excluded.
+    # Globs of text files, byte tokens, read into memory at start; "{stdlib}" is the
+    # Python standard-library directory. site-packages is always excluded. Used when
+    # `sources` is empty.
     paths: tuple[str, ...] = ("{stdlib}/**/*.py",)
+    # Prepared datasets (`jaxtrain data prepare`), mixed by weight; replace `paths`.
+    sources: tuple[SourceConfig, ...] = ()
+    phases: tuple[PhaseConfig, ...] = ()  # mixture weights per phase of the run
+    # Attention and positions restart at every document inside a window (segment ids).
+    packing: bool = False
+    # Warn when a source is read for more than this many epochs (repeating data beyond
+    # ~4 epochs stops helping: Muennighoff et al. 2023, "Scaling Data-Constrained LMs").
+    max_epochs: float = Field(4.0, gt=0)
     seq_len: int = Field(256, gt=1)
-    val_fraction: float = Field(0.05, gt=0, lt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # for `paths`; prepared data has its own split
     val_batches: int = Field(8, gt=0)
     seed: int = 0
     read_threads: int = Field(2, ge=0)
@@ -178,6 +213,24 @@ class DataConfig(_Section):
         if not paths:
             raise ValueError("at least one path or glob is required")
         return paths
+
+    @model_validator(mode="after")
+    def _mixture(self) -> "DataConfig":
+        names = self.source_names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must differ (got {names}); set data.sources[i].name")
+        if self.sources and not any(s.weight > 0 for s in self.sources):
+            raise ValueError("at least one source needs a weight > 0")
+        if self.phases and not self.sources:
+            raise ValueError("data.phases need data.sources")
+        for phase in self.phases:
+            unknown = sorted(set(phase.weights) - set(names))
+            if unknown:
+                raise ValueError(f"phase weights name unknown sources {unknown} (sources: {names})")
+        return self
+
+    def source_names(self) -> list[str]:
+        return [s.name or os.path.basename(os.path.normpath(s.path)) for s in self.sources]
 
 
 class MeshConfig(_Section):
@@ -264,7 +317,16 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
+def phase_start_steps(cfg: Config) -> list[int]:
+    """The first step of each of data.phases."""
+    return [p.start_step if p.start_step is not None else round(p.start_fraction * cfg.train.steps)
+            for p in cfg.data.phases]
+
+
 def _check_cross_sections(cfg: Config) -> None:
+    starts = phase_start_steps(cfg)
+    if starts != sorted(set(starts)):
+        raise ConfigError("data.phases", f"phases must start at increasing steps (got {starts})")
     if cfg.schedule.decay_shape == "exponential" and cfg.schedule.final_lr_fraction == 0:
         raise ConfigError("schedule.final_lr_fraction", "must be > 0 for the exponential decay shape "
                                                         "(it decays geometrically towards it)")

@@ -24,7 +24,7 @@ from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config, MeshConfig, apply_overrides, from_dict
 from jaxtrain.data import pipeline
-from jaxtrain.data.corpus import corpus_for
+from jaxtrain.data.sources import open_sources
 
 
 def _shape_config(cfg: Config, width: int, depth: int, steps: int) -> Config:
@@ -88,10 +88,9 @@ def slope(widths: list[int], values: list[float]) -> float | None:
 def coord_check(cfg: Config, widths: list[int], depths: list[int] | None, steps: int,
                 out: Path | None = None) -> dict[str, Any]:
     depths = depths or [cfg.model.n_layers]
-    corpus = corpus_for(cfg.data)
-    iterator = pipeline.train_iterator(cfg, corpus.train, 0, 1)
+    iterator = pipeline.train_iterator(cfg, open_sources(cfg), 0, 1)
     batches = [next(iterator) for _ in range(steps)]
-    probe = batches[0][:, :-1]
+    probe = ts.batch_tokens(batches[0])[0][:, :-1]
     records = []
     for depth in depths:
         for width in widths:

@@ -21,7 +21,7 @@ import numpy as np
 from jaxtrain import diagnostics
 from jaxtrain.coord_check import activation_rms
 from jaxtrain.data import pipeline
-from jaxtrain.data.corpus import corpus_for
+from jaxtrain.data.sources import open_sources
 from jaxtrain.model import Transformer
 from jaxtrain.parametrization import path_str
 from jaxtrain.saved_run import SavedRun
@@ -52,9 +52,9 @@ def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
 
 
 def sample_tokens(run: SavedRun, n: int = 1) -> np.ndarray:
-    """(n, seq_len + 1) tokens: the first validation windows of the run's own corpus."""
-    batch = pipeline.validation_batches(run.cfg, corpus_for(run.cfg.data).val)[0]
-    return batch[:n]
+    """(n, seq_len + 1) tokens: the first validation windows of the run's own (first) data source."""
+    batch = pipeline.validation_batches(run.cfg, open_sources(run.cfg)[0])[0]
+    return (batch["tokens"] if isinstance(batch, dict) else batch)[:n]
 
 
 def activation_stats(run: SavedRun, batch: np.ndarray) -> dict[str, float]:

@@ -142,14 +142,15 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta), v
 
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Causal self-attention over x; with a cache, over the cached positions and x
-        (x's positions must continue the cache: cache.length, cache.length + 1, ...)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Causal self-attention over x; `mask` (B, 1, T, T), if given, also hides keys of
+        other documents. With a cache, over the cached positions and x (x's positions
+        must continue the cache: cache.length, cache.length + 1, ...)."""
         q, k, v = self._qkv(x, positions)
         if cache is None:
             implementation = None if self.cfg.attention == "auto" else self.cfg.attention
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=self.scale,
                                                implementation=implementation)
         else:
             cache = cache.extend(k, v)
@@ -208,9 +209,9 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         keys = jax.random.split(key) if key is not None else (None, None)
-        attended, cache = self.attn(self.attn_norm(x), positions, cache)
+        attended, cache = self.attn(self.attn_norm(x), positions, cache, mask)
         x = x + self.residual * dropout(attended, self.dropout_rate, keys[0])
         branch = dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
         return x + self.residual * branch, cache
@@ -228,15 +229,18 @@ class Transformer(nnx.Module):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0).astype(compute_dtype(self.cfg))
 
-    def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        """tokens: (B, T) int -> logits (B, T, vocab) float32."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens: (B, T) int -> logits (B, T, vocab) float32. With `segment_ids` (B, T)
+        (packed documents), positions restart at every document and no token attends to
+        another document's."""
+        positions, mask = segment_positions_and_mask(segment_ids, tokens.shape)
         x = self.embed_tokens(tokens)
         if self.cfg.remat == "none" and not self.cfg.scan_layers:
             for i, block in enumerate(self.blocks):
-                x, _ = block(x, positions, _layer_key(dropout_key, i))
+                x, _ = block(x, positions, _layer_key(dropout_key, i), mask=mask)
         else:
-            x = self._blocks_as_function(x, positions, dropout_key)
+            x = self._blocks_as_function(x, positions, dropout_key, mask)
         return self.logits(x)
 
     def logits(self, x: jax.Array) -> jax.Array:
@@ -259,7 +263,8 @@ class Transformer(nnx.Module):
             extended.append(cache)
         return self.logits(x), extended
 
-    def _blocks_as_function(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+    def _blocks_as_function(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None,
+                            mask: jax.Array | None) -> jax.Array:
         """The blocks as one pure function of (weights, x), rematerialised and/or scanned.
 
         With scan_layers the per-layer weights are stacked inside the step (one extra copy
@@ -270,7 +275,7 @@ class Transformer(nnx.Module):
         states = [nnx.to_pure_dict(nnx.state(block)) for block in self.blocks]
 
         def apply(state, x, key):
-            return nnx.merge(graphdef, state)(x, positions, key)[0]
+            return nnx.merge(graphdef, state)(x, positions, key, mask=mask)[0]
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[self.cfg.remat])
@@ -283,6 +288,21 @@ class Transformer(nnx.Module):
             jnp.arange(len(states)))
         x, _ = jax.lax.scan(lambda x, layer: (apply(layer[0], x, layer[1]), None), x, (stacked, keys))
         return x
+
+
+def segment_positions_and_mask(segment_ids: jax.Array | None,
+                               shape: tuple[int, int]) -> tuple[jax.Array, jax.Array | None]:
+    """Positions (B, T) and the attention mask (B, 1, T, T) of packed rows: a token's
+    position counts from the first token of its document, and it sees only its own
+    document's tokens. Without segment ids: positions 0..T-1 and no mask."""
+    index = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    if segment_ids is None:
+        return index, None
+    starts_here = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                                   segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    document_start = jax.lax.cummax(jnp.where(starts_here, index, 0), axis=1)
+    same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return index - document_start, same_document[:, None]
 
 
 def _layer_key(dropout_key: jax.Array | None, layer: int | jax.Array) -> jax.Array | None:

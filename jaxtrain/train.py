@@ -26,9 +26,9 @@ from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config, ModelConfig
 from jaxtrain.data import pipeline
-from jaxtrain.data.corpus import BYTE_VOCAB, Corpus, corpus_for
+from jaxtrain.data.sources import DataSource, open_sources
 from jaxtrain.errors import ConfigError, UserError
-from jaxtrain.evaluate import Evaluator, validation_set
+from jaxtrain.evaluate import Evaluator
 from jaxtrain.metrics import MetricsLogger, check_wandb
 from jaxtrain.model import check_compute
 from jaxtrain.nonfinite import NonFiniteGuard
@@ -40,7 +40,8 @@ from jaxtrain.schedules import make_schedule
 # with a change there is an error. Everything else (steps, logging, mesh, threads, how the
 # step is computed) may change.
 _IDENTITY_KEYS = {"model": tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.EXECUTION_KEYS),
-                  "parametrization": None, "data": ("paths", "seq_len", "val_fraction", "seed")}
+                  "parametrization": None,
+                  "data": ("paths", "sources", "phases", "packing", "seq_len", "val_fraction", "seed")}
 
 
 @dataclasses.dataclass
@@ -48,7 +49,8 @@ class RunResult:
     step: int
     tokens: int
     val_loss: float | None
-    unigram_entropy: float
+    val_bits_per_byte: float | None
+    unigram_entropy: float  # nats/token of the training data (weighted over sources)
     resumed_from: int | None
     stop_signal: int | None  # set when a signal stopped the run early
 
@@ -88,12 +90,6 @@ def _warn(text: str) -> None:
         print(f"jaxtrain: warning: {text}", file=sys.stderr, flush=True)
 
 
-def _check_vocab(cfg: Config) -> None:
-    if cfg.model.vocab_size < BYTE_VOCAB:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the byte "
-                                              f"vocabulary ({BYTE_VOCAB}) of the corpus")
-
-
 class _Throughput:
     """tokens/s between logged rows, excluding evaluation pauses; ETA from the same rate."""
 
@@ -112,12 +108,12 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, cons
     invocation after that step (with a checkpoint), as a preemption would. `console=False`
     keeps the terminal quiet (metrics.jsonl and TensorBoard are still written)."""
     workdir = Path(workdir)
-    _check_vocab(cfg)
     check_compute(cfg.model)
     check_wandb(cfg.train.wandb_project)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_divides(cfg, mesh)
-    corpus = corpus_for(cfg.data)
+    sources = open_sources(cfg)
+    pipeline.check_fits(cfg, sources)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir}: exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +122,7 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, cons
     try:
         check_workdir(workdir, cfg, spec.table, ckpt)
         with stop_on_signal(cfg.train.grace_period_sec) as stop:
-            return _train(cfg, spec, workdir, mesh, corpus, ckpt, stop, stop_after, console)
+            return _train(cfg, spec, workdir, mesh, sources, ckpt, stop, stop_after, console)
     finally:
         ckpt.close()
 
@@ -146,15 +142,16 @@ class _Parts:
     to_global: Callable  # process-local numpy batch -> global jax.Array
 
 
-def _build(cfg: Config, spec: ts.ModelSpec, mesh, corpus: Corpus) -> _Parts:
+def _build(cfg: Config, spec: ts.ModelSpec, mesh, sources: list[DataSource]) -> _Parts:
     steps = ts.build_steps(cfg, spec, mesh)
     tx, shardings = steps.tx, steps.shardings
     pid, nproc = jax.process_index(), jax.process_count()
     batch_sharding = sharding.batch_sharding(mesh)
-    to_global = lambda local: jax.make_array_from_process_local_data(batch_sharding, local)
-    iterator = pipeline.train_iterator(cfg, corpus.train, pid, nproc)
+    to_global = lambda local: jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
+    iterator = pipeline.train_iterator(cfg, sources, pid, nproc, warn=_warn)
     diagnose = ts.compile_diagnose(cfg, spec, shardings, mesh)
-    evaluator = Evaluator(steps.evaluate, validation_set(cfg, corpus, mesh))
+    evaluator = Evaluator(steps.evaluate, cfg, sources, mesh)
     return _Parts(spec, tx, shardings, steps.train, steps.train_telemetry, diagnose, evaluator, iterator, to_global)
 
 
@@ -176,9 +173,9 @@ def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer,
     return state, {"tokens": int(meta["tokens"]), "skipped_steps": int(meta.get("skipped_steps", 0))}, resumed_from
 
 
-def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus, ckpt: Checkpointer,
+def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, sources: list[DataSource], ckpt: Checkpointer,
            stop: StopRequest, stop_after: int | None, console: bool) -> RunResult:
-    parts = _build(cfg, spec, mesh, corpus)
+    parts = _build(cfg, spec, mesh, sources)
     notes: list[str] = []
     state, counters, resumed_from = _init_or_restore(cfg, parts, ckpt, notes)
     step, tokens = int(jax.device_get(state.step)), counters["tokens"]
@@ -190,14 +187,15 @@ def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, corpus: Corpus,
             logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
         for note in notes:
             logger.message(note)
-        state, step, tokens, val_loss, stopped_by = _loop(cfg, parts, ckpt, logger, stop, stop_after, guard,
-                                                          state, step, tokens)
+        state, step, tokens, val, stopped_by = _loop(cfg, parts, ckpt, logger, stop, stop_after, guard,
+                                                     state, step, tokens)
         ckpt.wait()
-        if val_loss is None:  # resumed a finished run: report its quality anyway
-            val_loss = parts.evaluate(state.params)
+        if val is None:  # resumed a finished run: report its quality anyway
+            val = parts.evaluate(state.params)
     finally:
         logger.close()
-    return RunResult(step, tokens, val_loss, corpus.unigram_entropy(), resumed_from, stopped_by)
+    entropy = sum(s.weight * s.unigram_entropy for s in sources) / sum(s.weight for s in sources)
+    return RunResult(step, tokens, val["val_loss"], val["val_bits_per_byte"], entropy, resumed_from, stopped_by)
 
 
 def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger, stop: StopRequest,
@@ -205,7 +203,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     # stored in every checkpoint's meta; dumped once, not per step
     run_meta = {"config": cfg.to_dict(), "parametrization": parts.spec.table.to_json()}
-    throughput, pending, val_loss = _Throughput(tokens), None, None
+    throughput, pending, val = _Throughput(tokens), None, None
     schedule = make_schedule(cfg, step, tokens)  # the budget counts the tokens already seen
     vote, stopped_by = StopVote(), None
     telemetry_every = cfg.diagnostics.telemetry_every
@@ -225,7 +223,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
         if evaluate_now:
             jax.block_until_ready(metrics)  # the pause starts once the queued steps are done
             started = time.perf_counter()
-            val_loss = parts.evaluate(state.params)
+            val = parts.evaluate(state.params)
             throughput.paused += time.perf_counter() - started
         diagnose_now = parts.diagnose is not None and step % cfg.diagnostics.every_steps == 0
         if diagnose_now:
@@ -234,7 +232,7 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
             metrics = {**metrics, **jax.block_until_ready(parts.diagnose(state.params, batch, step))}
             throughput.paused += time.perf_counter() - started
         if evaluate_now or diagnose_now or telemetry_now or step % cfg.train.log_every == 0:
-            pending = (step, tokens, metrics, val_loss if evaluate_now else None)
+            pending = (step, tokens, metrics, val if evaluate_now else None)
         stopped_by = vote(stop)  # the same answer on every process after the same step
         halt = stopped_by is not None or step == stop_after
         if last or halt or ckpt.due(step):
@@ -247,16 +245,16 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     if pending is not None:
         guard.check()
         logger.write({**_row(*pending, throughput, cfg), **guard.row_fields()})
-    return state, step, tokens, val_loss, stopped_by
+    return state, step, tokens, val, stopped_by
 
 
-def _row(step: int, tokens: int, metrics: dict, val_loss: float | None, throughput: _Throughput,
+def _row(step: int, tokens: int, metrics: dict, val: dict | None, throughput: _Throughput,
          cfg: Config) -> dict:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     rate = throughput.measure(tokens)
     remaining = (cfg.train.steps - step) * cfg.train.batch_size * cfg.data.seq_len
     row = {"step": step, "tokens": tokens, **values, "tokens_per_sec": rate,
            "eta_sec": remaining / rate if rate > 0 else None}
-    if val_loss is not None:
-        row["val_loss"] = val_loss
+    if val is not None:
+        row.update(val)
     return row

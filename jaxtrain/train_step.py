@@ -116,15 +116,29 @@ def init_state(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation,
     return init(jax.random.PRNGKey(cfg.train.seed))
 
 
-def loss_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: float,
+def batch_tokens(batch: Any) -> tuple[jax.Array, jax.Array | None]:
+    """(tokens (B, T+1), segment ids (B, T+1) or None) of a batch: a token array, or
+    {"tokens", "segment_ids"} when documents are packed (jaxtrain/data/pipeline.py)."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch["segment_ids"]
+    return batch, None
+
+
+def loss_and_metrics(params: Any, spec: ModelSpec, batch: Any, z_loss: float,
                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """batch: (B, T+1) tokens; predicts batch[:, 1:] from batch[:, :-1]."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = bind_model(spec, params)(inputs, dropout_key=dropout_key)
+    """Predicts tokens[:, 1:] from tokens[:, :-1]. Packed: each document attends only to
+    itself, and targets in another document than their input (one per boundary) are not
+    counted, so the mean is over the predictions made within documents."""
+    tokens, segments = batch_tokens(batch)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = bind_model(spec, params)(inputs, dropout_key=dropout_key,
+                                      segment_ids=None if segments is None else segments[:, :-1])
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = jnp.mean(log_z - target_logit)
-    z_term = z_loss * jnp.mean(log_z**2)
+    weights = jnp.ones_like(log_z) if segments is None else (segments[:, 1:] == segments[:, :-1]).astype(log_z.dtype)
+    mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)
+    ce = mean(log_z - target_logit)
+    z_term = z_loss * mean(log_z**2)
     return ce + z_term, {"loss": ce, "z_loss": z_term}
 
 
@@ -134,13 +148,15 @@ def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: f
 
     Slice j holds rows j, j+k, j+2k, ... so that every device keeps its own rows (the
     batch is split over devices in contiguous blocks). Equal slices make the mean of the
-    slice means the batch mean, so the result equals the one-pass gradient up to rounding.
+    slice means the batch mean, so the result equals the one-pass gradient up to rounding
+    (with packed documents, slices may count a few more or fewer targets: each slice's
+    mean weighs its own targets).
     """
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     if microbatches == 1:
         (_, metrics), grads = grad_fn(params, spec, batch, z_loss, dropout_key)
         return grads, metrics
-    slices = batch.reshape(-1, microbatches, batch.shape[-1]).swapaxes(0, 1)
+    slices = jax.tree.map(lambda x: x.reshape(-1, microbatches, x.shape[-1]).swapaxes(0, 1), batch)
 
     def accumulate(total, indexed_slice):
         index, micro = indexed_slice
@@ -148,7 +164,8 @@ def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: f
         (_, metrics), grads = grad_fn(params, spec, micro, z_loss, key)
         return jax.tree.map(jnp.add, total, (grads, metrics)), None
 
-    metric_shapes = jax.eval_shape(lambda: loss_and_metrics(params, spec, slices[0], z_loss)[1])
+    metric_shapes = jax.eval_shape(lambda: loss_and_metrics(params, spec, jax.tree.map(lambda x: x[0], slices),
+                                                            z_loss)[1])
     zeros = (jax.tree.map(jnp.zeros_like, params),
              jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes))
     total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), slices))
@@ -175,7 +192,7 @@ def train_step(state: TrainState, batch: jax.Array, lr: jax.Array, *, spec: Mode
     metrics = {**metrics, "grad_norm": grad_norm, "lr": lr,
                NONFINITE: jnp.logical_not(finite).astype(jnp.int32)}
     if telemetry:
-        metrics.update(telemetry_lib.forward_telemetry(bind_model(spec, state.params), batch[:, :-1]))
+        metrics.update(telemetry_lib.forward_telemetry(bind_model(spec, state.params), batch_tokens(batch)[0][:, :-1]))
         metrics.update(telemetry_lib.optimizer_telemetry(state.params, params, grads,
                                                          spec.table.labels(state.params)))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

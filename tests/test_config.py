@@ -41,7 +41,7 @@ BAD_CASES = {
     "mesh does not match devices": (["mesh.data=3", "mesh.fsdp=1"], "mesh", "does not match the 8"),
     "mesh cannot fill": (["mesh.data=3"], "mesh.fsdp", "cannot fill"),
     "batch not divisible by mesh": (["train.batch_size=12"], "train.batch_size", "not divisible"),
-    "vocabulary too small": (["model.vocab_size=100"], "model.vocab_size", "byte vocabulary"),
+    "vocabulary too small": (["model.vocab_size=100"], "model.vocab_size", "vocabulary of the corpus (256 ids)"),
 }
 
 

@@ -5,10 +5,15 @@ import pytest
 
 from jaxtrain.config import load_config
 from jaxtrain.data import pipeline
-from jaxtrain.data.corpus import DOC_SEPARATOR, _is_val, corpus_for, expand_paths
+from jaxtrain.data.corpus import DOC_SEPARATOR, _is_val, expand_paths, load_corpus
+from jaxtrain.data.sources import open_sources
 from jaxtrain.errors import DataError
 
 from conftest import TINY
+
+
+def _windows(source, seq_len, i):
+    return source.train.read(np.array([i * seq_len]), seq_len + 1)[0]
 
 
 def test_default_globs_find_the_stdlib_without_site_packages():
@@ -19,19 +24,22 @@ def test_default_globs_find_the_stdlib_without_site_packages():
 
 
 def test_split_is_deterministic_disjoint_and_by_document(tiny_cfg):
-    corpus = corpus_for(tiny_cfg.data)
+    corpus = load_corpus(tuple(tiny_cfg.data.paths), tiny_cfg.data.val_fraction)
     assert corpus.n_train_docs > 0 and corpus.n_val_docs > 0
     files = expand_paths(tiny_cfg.data.paths)
     n_val = sum(_is_val(path[len(root) + 1:], tiny_cfg.data.val_fraction) for root, path in files)
     assert n_val == corpus.n_val_docs
     assert np.count_nonzero(corpus.val == DOC_SEPARATOR) == corpus.n_val_docs
     assert np.count_nonzero(corpus.train == DOC_SEPARATOR) == corpus.n_train_docs
+    # every document ends with the separator, right before the next document's start
+    assert np.all(corpus.train[corpus.train_doc_starts[1:] - 1] == DOC_SEPARATOR)
     assert 1.0 < corpus.unigram_entropy() < np.log(256)
 
 
 def test_windows_are_next_token_pairs(tiny_cfg):
-    tokens = corpus_for(tiny_cfg.data).train
-    batch = next(pipeline.train_iterator(tiny_cfg, tokens))
+    source = open_sources(tiny_cfg)[0]
+    tokens = load_corpus(tuple(tiny_cfg.data.paths), tiny_cfg.data.val_fraction).train
+    batch = next(pipeline.train_iterator(tiny_cfg, [source]))
     assert batch.shape == (tiny_cfg.train.batch_size, tiny_cfg.data.seq_len + 1)
     T = tiny_cfg.data.seq_len
     for window in batch:  # every row is a contiguous slice starting on a window boundary
@@ -40,40 +48,40 @@ def test_windows_are_next_token_pairs(tiny_cfg):
 
 
 def test_iterator_resumes_to_exactly_the_next_batches(tiny_cfg):
-    tokens = corpus_for(tiny_cfg.data).train
-    uninterrupted = pipeline.train_iterator(tiny_cfg, tokens)
+    sources = open_sources(tiny_cfg)
+    uninterrupted = pipeline.train_iterator(tiny_cfg, sources)
     expected = [next(uninterrupted) for _ in range(12)]
-    first = pipeline.train_iterator(tiny_cfg, tokens)
+    first = pipeline.train_iterator(tiny_cfg, sources)
     for _ in range(5):
         next(first)
-    resumed = pipeline.train_iterator(tiny_cfg, tokens)
+    resumed = pipeline.train_iterator(tiny_cfg, sources)
     resumed.set_state(first.get_state())
     for want in expected[5:]:
         np.testing.assert_array_equal(next(resumed), want)
 
 
 def test_a_doubled_batch_size_continues_at_the_next_unread_window(tiny_cfg):
-    tokens = corpus_for(tiny_cfg.data).train
-    small = pipeline.train_iterator(tiny_cfg, tokens)
+    sources = open_sources(tiny_cfg)
+    small = pipeline.train_iterator(tiny_cfg, sources)
     expected = [next(small) for _ in range(9)]  # batches of 16 windows
-    first = pipeline.train_iterator(tiny_cfg, tokens)
+    first = pipeline.train_iterator(tiny_cfg, sources)
     for _ in range(5):
         next(first)
     big_cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"batch_size": 32})})
-    big = pipeline.train_iterator(big_cfg, tokens)
+    big = pipeline.train_iterator(big_cfg, sources)
     big.set_state(first.get_state())
     np.testing.assert_array_equal(next(big), np.concatenate(expected[5:7]))
-    again = pipeline.train_iterator(big_cfg, tokens)  # and a later resume at the same (new) size
+    again = pipeline.train_iterator(big_cfg, sources)  # and a later resume at the same (new) size
     again.set_state(big.get_state())
     np.testing.assert_array_equal(next(again), np.concatenate(expected[7:9]))
 
 
 def test_processes_read_disjoint_windows_covering_the_epoch():
     cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=256"])
-    tokens = corpus_for(cfg.data).train
-    n, batch, local = pipeline.num_windows(tokens, cfg.data.seq_len), 4, 2
-    single = pipeline.train_dataset(cfg, tokens, 0, 1)
-    parts = [pipeline.train_dataset(cfg, tokens, process, 2) for process in (0, 1)]
+    sources = open_sources(cfg)
+    n, batch, local = pipeline.num_windows(sources[0].train, cfg.data.seq_len), 4, 2
+    single = pipeline.train_dataset(cfg, sources, 0, 1)
+    parts = [pipeline.train_dataset(cfg, sources, process, 2) for process in (0, 1)]
     epoch = [[], []]
     for i in range(-(-n // batch)):  # every batch that starts inside the first epoch
         # the processes' rows, stacked in process order, are the single-process global batch
@@ -83,14 +91,14 @@ def test_processes_read_disjoint_windows_covering_the_epoch():
             assert len(rows) == local
             epoch[process] += [tuple(w) for j, w in enumerate(rows) if i * batch + process * local + j < n]
     assert not set(epoch[0]) & set(epoch[1])
-    everything = {tuple(pipeline.Window(tokens, cfg.data.seq_len)(i)) for i in range(n)}
+    everything = {tuple(_windows(sources[0], cfg.data.seq_len, i)) for i in range(n)}
     assert set(epoch[0]) | set(epoch[1]) == everything and len(epoch[0]) + len(epoch[1]) == n
 
 
 def test_validation_batches_are_fixed(tiny_cfg):
-    corpus = corpus_for(tiny_cfg.data)
-    a = pipeline.validation_batches(tiny_cfg, corpus.val)
-    b = pipeline.validation_batches(tiny_cfg, corpus.val)
+    source = open_sources(tiny_cfg)[0]
+    a = pipeline.validation_batches(tiny_cfg, source)
+    b = pipeline.validation_batches(tiny_cfg, source)
     assert len(a) == tiny_cfg.data.val_batches
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
@@ -99,4 +107,4 @@ def test_validation_batches_are_fixed(tiny_cfg):
 def test_missing_paths_are_a_clear_error(tmp_path):
     cfg = load_config(TINY, [f"data.paths=['{tmp_path}/*.txt']"])
     with pytest.raises(DataError, match=r"no files match .*\*\.txt"):
-        corpus_for(cfg.data)
+        open_sources(cfg)

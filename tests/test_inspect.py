@@ -18,7 +18,7 @@ from conftest import REPO, TINY, cli_in_process, run_cli
 from jaxtrain import inspection
 from jaxtrain import train_step as ts
 from jaxtrain.config import MeshConfig, load_config
-from jaxtrain.data.corpus import encode
+from jaxtrain.data.corpus import encode, load_corpus
 from jaxtrain.evaluate import evaluate_run
 from jaxtrain.generate import generate, generate_by_recompute
 from jaxtrain.metrics import read_metrics
@@ -38,8 +38,12 @@ def runs(tmp_path_factory):
     return workdirs
 
 
+def logged_row(workdir, step):
+    return next(r for r in read_metrics(workdir / "metrics.jsonl") if r["step"] == step)
+
+
 def logged_val_loss(workdir, step):
-    return next(r["val_loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["step"] == step)
+    return logged_row(workdir, step)["val_loss"]
 
 
 def test_eval_cli_reproduces_the_logged_validation_loss(runs):
@@ -51,7 +55,11 @@ def test_eval_cli_reproduces_the_logged_validation_loss(runs):
     assert report["step"] == 20 and report["tokens_seen"] == 20 * 16 * 64
     assert report["val_loss"] == pytest.approx(logged, rel=1e-5)
     assert report["perplexity"] == pytest.approx(math.exp(report["val_loss"]))
-    assert report["bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2))
+    # byte tokens: one per byte plus one end token per document
+    corpus = load_corpus(tuple(load_config(TINY).data.paths), load_config(TINY).data.val_fraction)
+    tokens_per_byte = (corpus.val_bytes + corpus.n_val_docs) / corpus.val_bytes
+    assert report["bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2) * tokens_per_byte)
+    assert report["bits_per_byte"] == pytest.approx(logged_row(workdir, 20)["val_bits_per_byte"], rel=1e-5)
 
 
 def test_eval_on_another_mesh_matches_the_log(runs):

@@ -1,13 +1,19 @@
-"""The text corpus: files from globs, byte-level tokens, a document-level train/val split.
+"""Text corpora: files from globs, a document-level train/val split, token arrays.
 
 Default corpus: the Python standard-library sources of the running interpreter
 (`sysconfig.get_paths()["stdlib"]`, `**/*.py`, site-packages excluded), present on every
 machine, so nothing is downloaded.
 
-* Tokens are raw UTF-8 bytes (vocabulary 256). Documents are joined with byte 0 (NUL),
-  which does not occur in text files, as the end-of-document separator.
-* Split: a document goes to validation iff sha1(relative path) mod 10^6 < val_fraction * 10^6,
-  so the split is deterministic, independent of file order, and stable as files are added.
+* A document is one file. Split: a document goes to validation iff
+  sha1(relative path) mod 10^6 < val_fraction * 10^6, so the split is deterministic,
+  independent of file order, and stable as files are added.
+* Files that cannot be read, and binary files (a NUL byte, as git decides), are errors
+  naming the file.
+* Tokenized, a split is its documents' tokens each followed by the end-of-document token
+  (byte 0 for byte tokens), plus the offsets where documents start.
+
+`data.paths` runs read the corpus into memory with byte tokens at every start
+(`text_source`); `jaxtrain data prepare` tokenizes it once into a token store.
 """
 
 from __future__ import annotations
@@ -21,38 +27,32 @@ import sysconfig
 
 import numpy as np
 
-from jaxtrain.config import DataConfig
+from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer
 from jaxtrain.errors import DataError
 
-DOC_SEPARATOR = 0
-BYTE_VOCAB = 256
+DOC_SEPARATOR = 0  # the byte tokenizer's end-of-document token
 
 
 @dataclasses.dataclass(frozen=True)
-class Corpus:
-    train: np.ndarray  # uint8 tokens
-    val: np.ndarray
-    n_train_docs: int
-    n_val_docs: int
-
-    def unigram_entropy(self) -> float:
-        """Entropy (nats/byte) of the training split's byte distribution: the loss of the
-        best model that ignores context, the baseline a language model must beat."""
-        counts = np.bincount(self.train, minlength=BYTE_VOCAB).astype(np.float64)
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+class Documents:
+    train: list[bytes]
+    val: list[bytes]
+    files: int
 
 
-def expand_paths(patterns: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(root, file) pairs for every file matched; root makes paths relative for the split."""
+def expand_paths(patterns: tuple[str, ...], key: str = "data.paths") -> list[tuple[str, str]]:
+    """(root, file) pairs for every file matched; root makes paths relative for the split.
+    A directory stands for every file below it."""
     stdlib = sysconfig.get_paths()["stdlib"]
     files: dict[str, str] = {}
     for pattern in patterns:
         expanded = os.path.expanduser(pattern.replace("{stdlib}", stdlib))
+        if os.path.isdir(expanded):
+            expanded = os.path.join(expanded, "**", "*")
         root = expanded.split("*", 1)[0].rsplit(os.sep, 1)[0] if "*" in expanded else os.path.dirname(expanded)
         matches = sorted(glob.glob(expanded, recursive=True))
         if not matches:
-            raise DataError(f"data.paths: no files match '{expanded}'")
+            raise DataError(f"{key}: no files match '{expanded}'")
         for path in matches:
             if os.path.isfile(path) and "site-packages" not in path.split(os.sep):
                 files.setdefault(path, root)
@@ -64,39 +64,94 @@ def _is_val(relative_path: str, val_fraction: float) -> bool:
     return digest % 1_000_000 < val_fraction * 1_000_000
 
 
-def _join(docs: list[bytes]) -> np.ndarray:
-    if not docs:
-        return np.zeros(0, np.uint8)
-    return np.frombuffer(bytes([DOC_SEPARATOR]).join(docs) + bytes([DOC_SEPARATOR]), np.uint8)
+def _read_text_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    nul = data.find(b"\0", 0, 8000)
+    if nul >= 0:
+        raise DataError(f"{path}: binary file (NUL byte at offset {nul}); exclude it from the inputs")
+    return data
+
+
+def read_documents(patterns: tuple[str, ...], val_fraction: float, key: str = "data.paths") -> Documents:
+    """Every matched file, split into training and validation documents (empty files skipped)."""
+    train, val = [], []
+    files = expand_paths(patterns, key)
+    for root, path in files:
+        data = _read_text_file(path)
+        if data:
+            (val if _is_val(os.path.relpath(path, root), val_fraction) else train).append(data)
+    if not train and not val:
+        raise DataError(f"{key}: the {len(files)} files matched are all empty")
+    if not train or not val:
+        raise DataError(f"{key}: corpus too small to split ({len(train)} train, "
+                        f"{len(val)} validation documents at val_fraction={val_fraction})")
+    return Documents(train, val, len(files))
+
+
+def join_documents(encoded: list[np.ndarray], eos_id: int, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, doc_starts): each document's tokens then `eos_id`, end to end, and the
+    offsets where documents start, plus the total length."""
+    lengths = np.array([len(e) + 1 for e in encoded], np.int64)
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.full(int(doc_starts[-1]), eos_id, dtype)
+    for start, e in zip(doc_starts[:-1], encoded):
+        tokens[start:start + len(e)] = e
+    return tokens, doc_starts
+
+
+def tokenize(tokenizer: Tokenizer, documents: list[bytes], dtype, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    encoded = []
+    for i in range(0, len(documents), batch):
+        encoded += tokenizer.encode_documents(documents[i:i + batch])
+    return join_documents(encoded, tokenizer.eos_id, dtype)
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the token distribution: the loss of the best model that
+    ignores context, the baseline a language model must beat."""
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCorpus:
+    """A `data.paths` corpus in memory, byte tokens."""
+
+    train: np.ndarray  # uint8 tokens
+    val: np.ndarray
+    train_doc_starts: np.ndarray
+    val_doc_starts: np.ndarray
+    val_bytes: int
+
+    @property
+    def n_train_docs(self) -> int:
+        return len(self.train_doc_starts) - 1
+
+    @property
+    def n_val_docs(self) -> int:
+        return len(self.val_doc_starts) - 1
+
+    def unigram_entropy(self) -> float:
+        return unigram_entropy(self.train, BYTE_VOCAB)
 
 
 @functools.lru_cache(maxsize=4)
-def load_corpus(paths: tuple[str, ...], val_fraction: float) -> Corpus:
-    train_docs, val_docs = [], []
-    for root, path in expand_paths(paths):
-        try:
-            with open(path, "rb") as f:
-                text = f.read()
-        except OSError as err:
-            raise DataError(f"{path}: cannot read ({err.strerror})") from None
-        text = text.replace(bytes([DOC_SEPARATOR]), b"")
-        if text:
-            (val_docs if _is_val(os.path.relpath(path, root), val_fraction) else train_docs).append(text)
-    if not train_docs or not val_docs:
-        raise DataError(f"data.paths: corpus too small to split ({len(train_docs)} train, "
-                        f"{len(val_docs)} validation documents at data.val_fraction={val_fraction})")
-    return Corpus(_join(train_docs), _join(val_docs), len(train_docs), len(val_docs))
+def load_corpus(paths: tuple[str, ...], val_fraction: float) -> TextCorpus:
+    docs = read_documents(paths, val_fraction)
+    train, train_starts = tokenize(ByteTokenizer(), docs.train, np.uint8)
+    val, val_starts = tokenize(ByteTokenizer(), docs.val, np.uint8)
+    return TextCorpus(train, val, train_starts, val_starts, sum(len(d) for d in docs.val))
 
 
 def encode(text: str) -> np.ndarray:
-    """Text -> byte tokens (int32), as the corpus tokenizes it."""
+    """Text -> byte tokens (int32), as the byte tokenizer tokenizes it."""
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
 def decode(tokens) -> str:
-    """Byte tokens -> text; ids outside the byte range and invalid UTF-8 become U+FFFD."""
-    return bytes(int(t) if 0 <= int(t) < BYTE_VOCAB else 0xFF for t in tokens).decode("utf-8", errors="replace")
-
-
-def corpus_for(cfg: DataConfig) -> Corpus:
-    return load_corpus(tuple(cfg.paths), cfg.val_fraction)
+    return ByteTokenizer().decode(tokens)

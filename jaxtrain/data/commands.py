@@ -1,0 +1,56 @@
+"""`jaxtrain data prepare` and `jaxtrain data bench`: the data subcommands of the CLI.
+
+    jaxtrain data prepare --input PATH_OR_GLOB... --out DIR [--tokenizer byte | bpe:VOCAB | FILE.json]
+                          [--val-fraction F] [--name NAME] [--token-dtype auto|uint8|uint16|uint32]
+    jaxtrain data bench DIR --config CONFIG [--seconds S] [--no-train] [--set ...]   (one JSON line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jaxtrain.errors import UserError
+
+
+def add_parser(commands) -> None:
+    data = commands.add_parser("data", help="prepare token stores; benchmark the input pipeline")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    prep = sub.add_parser("prepare", help="tokenize text files once into a token store")
+    prep.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                      help="files, directories or globs ('{stdlib}/**/*.py' = the Python standard library)")
+    prep.add_argument("--out", required=True, help="dataset directory to create (must not exist)")
+    prep.add_argument("--tokenizer", default="byte", metavar="byte|bpe:VOCAB|FILE.json",
+                      help="raw bytes, a byte-level BPE of VOCAB ids trained here, or a tokenizers JSON file")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
+    prep.add_argument("--name", default=None, help="dataset name (default: the --out directory's name)")
+    prep.add_argument("--token-dtype", default="auto", help="auto (smallest that fits), uint8, uint16, uint32")
+    bench = sub.add_parser("bench", help="pipeline tokens/s and memory, next to the train step's tokens/s")
+    bench.add_argument("dataset", metavar="DIR", help="a prepared dataset")
+    bench.add_argument("--config", required=True, help="the run's config (seq_len, batch size, model)")
+    bench.add_argument("--seconds", type=float, default=20.0, help="how long to drain the pipeline")
+    bench.add_argument("--no-train", action="store_true", help="skip timing the train step")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"prepare": _prepare, "bench": _bench}[args.data_command](args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from jaxtrain.data.prepare import prepare, summary
+
+    metadata = prepare(args.input, args.out, args.tokenizer, args.val_fraction, args.name, args.token_dtype)
+    print(summary(metadata, args.out))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jaxtrain.config import load_config
+    from jaxtrain.data.bench import bench_data
+
+    if args.seconds <= 0:
+        raise UserError(f"--seconds {args.seconds}: must be positive")
+    cfg = load_config(args.config, [*args.overrides, f"data.sources=[{{path: '{args.dataset}'}}]"])
+    print(json.dumps(bench_data(cfg, args.seconds, train=not args.no_train)))
+    return 0
