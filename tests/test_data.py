@@ -6,6 +6,7 @@ import pytest
 from jaxtrain.config import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import DOC_SEPARATOR, _is_val, expand_paths, load_corpus
+from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources
 from jaxtrain.errors import DataError
 
@@ -76,8 +77,13 @@ def test_a_doubled_batch_size_continues_at_the_next_unread_window(tiny_cfg):
     np.testing.assert_array_equal(next(again), np.concatenate(expected[7:9]))
 
 
-def test_processes_read_disjoint_windows_covering_the_epoch():
+@pytest.mark.parametrize("stored", [False, True], ids=["text corpus", "token store"])
+def test_processes_read_disjoint_windows_covering_the_epoch(stored, tmp_path):
     cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=256"])
+    if stored:
+        prepare(list(cfg.data.paths), str(tmp_path / "store"), val_fraction=cfg.data.val_fraction)
+        cfg = load_config(TINY, ["train.batch_size=4", "data.seq_len=256",
+                                 f"data.sources=[{{path: '{tmp_path / 'store'}'}}]"])
     sources = open_sources(cfg)
     n, batch, local = pipeline.num_windows(sources[0].train, cfg.data.seq_len), 4, 2
     single = pipeline.train_dataset(cfg, sources, 0, 1)

@@ -168,3 +168,15 @@ def test_an_interrupted_prepare_leaves_nothing_train_accepts(tmp_path):
     subprocess.run(command, check=True, cwd=REPO, capture_output=True, timeout=300)
     assert json.loads((out / "metadata.json").read_text())["files"] > 500
     assert not list(tmp_path.glob(".stdlib.tmp-*"))
+
+
+def test_data_bench_reports_pipeline_throughput_and_memory(stores, capsys):
+    status, out, _ = cli_in_process(capsys, "data", "bench", str(stores / "byte"), "--config", str(TINY),
+                                    "--seconds", "1", "--no-train")
+    report = json.loads(out)
+    assert status == 0 and report["pipeline_tokens_per_s"] > 0 and report["batches"] > 0
+    assert report["pipeline_tokens_per_s"] == pytest.approx(
+        report["batches"] * 16 * 64 / report["seconds"]) and len(report["rss_bytes_samples"]) >= 3
+    status, _, err = cli_in_process(capsys, "data", "bench", str(stores / "byte"), "--config", str(TINY),
+                                    "--seconds", "0")
+    assert status == 2 and "--seconds" in err
