@@ -29,7 +29,23 @@ print(next(o['optimum']['opt'] for o in r['optima'] if o['model.d_model'] == 64 
 $J train $CFG --workdir $OUT/transfer512 --set model.d_model=512 --set parametrization.name=mup \
   --set optimizer.lr=$LR64 | tail -1 | tee $OUT/transfer512.txt
 
-for s in width depth; do
+# The output multiplier tuned at width 64 as well, then both hyperparameters transferred to 512,
+# with SP at 512 given the same multiplier and its own learning-rate sweep.
+$J sweep $CFG --grid parametrization.output_multiplier=0.25,1,4,16 \
+  --grid optimizer.lr=0.005859375,0.01171875,0.0234375 --x optimizer.lr \
+  --curves parametrization.output_multiplier --out $OUT/alpha_out
+for s in 0 1 2; do
+  $J train $CFG --workdir $OUT/a4/mup_s$s --set model.d_model=512 --set parametrization.name=mup \
+    --set parametrization.output_multiplier=4 --set optimizer.lr=0.01171875 --set train.seed=$s --set data.seed=$s | tail -1
+  $J train $CFG --workdir $OUT/a4/sp_s$s --set model.d_model=512 --set parametrization.name=sp \
+    --set parametrization.output_multiplier=4 --set optimizer.lr=0.0009765625 --set train.seed=$s --set data.seed=$s | tail -1
+done
+for lr in 0.00048828125 0.001953125; do
+  $J train $CFG --workdir $OUT/a4/sp_lr$lr --set model.d_model=512 --set parametrization.name=sp \
+    --set parametrization.output_multiplier=4 --set optimizer.lr=$lr | tail -1
+done
+
+for s in width depth alpha_out; do
   mkdir -p docs/mup_transfer/$s
   cp $OUT/$s/results.json $OUT/$s/results.csv $OUT/$s/sweep.png docs/mup_transfer/$s/
 done
