@@ -40,12 +40,14 @@ for s in 0 1 2; do
   $J train $CFG --workdir $OUT/a4/sp_s$s --set model.d_model=512 --set parametrization.name=sp \
     --set parametrization.output_multiplier=4 --set optimizer.lr=0.0009765625 --set train.seed=$s --set data.seed=$s | tail -1
 done
+$J sweep $CFG --grid model.d_model=32,64,128,256 --grid optimizer.lr=$WIDTH_LRS \
+  --set parametrization.output_multiplier=4 --x optimizer.lr --curves model.d_model --out $OUT/width_a4
 for lr in 0.00048828125 0.001953125; do
   $J train $CFG --workdir $OUT/a4/sp_lr$lr --set model.d_model=512 --set parametrization.name=sp \
     --set parametrization.output_multiplier=4 --set optimizer.lr=$lr | tail -1
 done
 
-for s in width depth alpha_out; do
+for s in width depth alpha_out width_a4; do
   mkdir -p docs/mup_transfer/$s
   cp $OUT/$s/results.json $OUT/$s/results.csv $OUT/$s/sweep.png docs/mup_transfer/$s/
 done
