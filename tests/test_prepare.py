@@ -44,6 +44,20 @@ def test_a_byte_store_holds_exactly_the_text_corpus(stores):
     assert meta["splits"]["val"]["bytes"] == corpus.val_bytes and len(meta["content_sha256"]) == 64
 
 
+def test_documents_stream_through_many_flushes_unchanged(tmp_path, monkeypatch):
+    """With a small flush size (not a multiple of the chunk size) every document is still
+    where the text corpus has it."""
+    from jaxtrain.data import store_writer
+
+    monkeypatch.setattr(store_writer, "SHARD_TOKENS", 50_000)
+    prepare(TINY_INPUTS, str(tmp_path / "streamed"), "byte", val_fraction=0.1)
+    corpus = load_corpus(tuple(TINY_INPUTS), 0.1)
+    store = token_store.open_store(tmp_path / "streamed")
+    assert store.train.num_tokens > 10 * 50_000
+    np.testing.assert_array_equal(store.train.read(np.array([0]), store.train.num_tokens)[0], corpus.train)
+    np.testing.assert_array_equal(store.train.doc_starts, corpus.train_doc_starts)
+
+
 def test_a_store_feeds_the_same_batches_as_the_text_corpus(stores, tiny_cfg):
     from_text = pipeline.train_iterator(tiny_cfg, open_sources(tiny_cfg))
     cfg = load_config(TINY, [f"data.sources=[{{path: '{stores / 'byte'}'}}]"])
@@ -65,6 +79,14 @@ def test_a_bpe_store_decodes_back_to_its_documents(stores):
         assert tokens[-1] == tokenizer.eos_id and tokenizer.eos_id not in tokens[:-1]
         text = corpus.val[corpus.val_doc_starts[d]:corpus.val_doc_starts[d + 1] - 1].tobytes().decode()
         assert tokenizer.decode(tokens[:-1]) == text
+
+
+def test_a_long_document_encodes_in_pieces_to_the_ids_of_the_whole(stores):
+    tokenizer = load_tokenizer_file(str(stores / "bpe" / "tokenizer.json"))
+    text = b"\n".join(p.read_bytes() for p in sorted((REPO / "jaxtrain").rglob("*.py")))
+    assert len(text) > 4 * 65536  # several pieces
+    whole = tokenizer.tokenizer.encode(text.decode(), add_special_tokens=False).ids
+    np.testing.assert_array_equal(tokenizer.encode_documents([text])[0], whole)
 
 
 def _tree(path):
@@ -150,7 +172,9 @@ def test_an_interrupted_prepare_leaves_nothing_train_accepts(tmp_path):
     started = time.time()
     subprocess.run(command, check=True, cwd=REPO, capture_output=True, timeout=300)
     whole = time.time() - started
-    token_store.open_store(out)
+    store, corpus = token_store.open_store(out), load_corpus(("{stdlib}/**/*.py",), 0.05)
+    assert store.train.num_tokens > 4 * token_store.SHARD_TOKENS  # several shards
+    np.testing.assert_array_equal(store.train.read(np.array([0]), store.train.num_tokens)[0], corpus.train)
     os.system(f"rm -rf {out}")
     for fraction in (0.3, 0.6, 0.8, 0.95):
         proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

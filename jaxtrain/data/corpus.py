@@ -7,8 +7,8 @@ machine, so nothing is downloaded.
 * A document is one file. Split: a document goes to validation iff
   sha1(relative path) mod 10^6 < val_fraction * 10^6, so the split is deterministic,
   independent of file order, and stable as files are added.
-* Files that cannot be read, and binary files (a NUL byte, as git decides), are errors
-  naming the file.
+* Files that cannot be read, and binary files (a NUL byte in the first 8000 bytes, as git
+  decides), are errors naming the file.
 * Tokenized, a split is its documents' tokens each followed by the end-of-document token
   (byte 0 for byte tokens), plus the offsets where documents start.
 
@@ -24,6 +24,7 @@ import glob
 import hashlib
 import os
 import sysconfig
+from typing import Iterator
 
 import numpy as np
 
@@ -76,20 +77,30 @@ def _read_text_file(path: str) -> bytes:
     return data
 
 
-def read_documents(patterns: tuple[str, ...], val_fraction: float, key: str = "data.paths") -> Documents:
-    """Every matched file, split into training and validation documents (empty files skipped)."""
-    train, val = [], []
-    files = expand_paths(patterns, key)
+def iter_documents(files: list[tuple[str, str]], val_fraction: float) -> Iterator[tuple[str, bytes]]:
+    """("train" | "val", contents) of every non-empty file, read one at a time."""
     for root, path in files:
         data = _read_text_file(path)
         if data:
-            (val if _is_val(os.path.relpath(path, root), val_fraction) else train).append(data)
-    if not train and not val:
-        raise DataError(f"{key}: the {len(files)} files matched are all empty")
-    if not train or not val:
-        raise DataError(f"{key}: corpus too small to split ({len(train)} train, "
-                        f"{len(val)} validation documents at val_fraction={val_fraction})")
-    return Documents(train, val, len(files))
+            yield ("val" if _is_val(os.path.relpath(path, root), val_fraction) else "train"), data
+
+
+def check_split(key: str, n_files: int, n_train: int, n_val: int, val_fraction: float) -> None:
+    if not n_train and not n_val:
+        raise DataError(f"{key}: the {n_files} files matched are all empty")
+    if not n_train or not n_val:
+        raise DataError(f"{key}: corpus too small to split ({n_train} train, "
+                        f"{n_val} validation documents at val_fraction={val_fraction})")
+
+
+def read_documents(patterns: tuple[str, ...], val_fraction: float, key: str = "data.paths") -> Documents:
+    """Every matched file in memory, split into training and validation documents."""
+    files = expand_paths(patterns, key)
+    split: dict[str, list[bytes]] = {"train": [], "val": []}
+    for name, data in iter_documents(files, val_fraction):
+        split[name].append(data)
+    check_split(key, len(files), len(split["train"]), len(split["val"]), val_fraction)
+    return Documents(split["train"], split["val"], len(files))
 
 
 def join_documents(encoded: list[np.ndarray], eos_id: int, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
@@ -103,18 +114,14 @@ def join_documents(encoded: list[np.ndarray], eos_id: int, dtype=np.int64) -> tu
     return tokens, doc_starts
 
 
-def tokenize(tokenizer: Tokenizer, documents: list[bytes], dtype, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    encoded = []
-    for i in range(0, len(documents), batch):
-        encoded += tokenizer.encode_documents(documents[i:i + batch])
-    return join_documents(encoded, tokenizer.eos_id, dtype)
+def tokenize(tokenizer: Tokenizer, documents: list[bytes], dtype) -> tuple[np.ndarray, np.ndarray]:
+    return join_documents(tokenizer.encode_documents(documents), tokenizer.eos_id, dtype)
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy (nats/token) of the token distribution: the loss of the best model that
-    ignores context, the baseline a language model must beat."""
-    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
+def entropy_of_counts(counts: np.ndarray) -> float:
+    """Entropy (nats/token) of a token histogram: for the training tokens, the loss of the
+    best model that ignores context, the baseline a language model must beat."""
+    p = counts[counts > 0] / max(counts.sum(), 1)
     return float(-(p * np.log(p)).sum())
 
 
@@ -137,7 +144,7 @@ class TextCorpus:
         return len(self.val_doc_starts) - 1
 
     def unigram_entropy(self) -> float:
-        return unigram_entropy(self.train, BYTE_VOCAB)
+        return entropy_of_counts(np.bincount(self.train, minlength=BYTE_VOCAB))
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,20 +9,18 @@ Tokens are stored as zarr v3 shards of 2^22 tokens holding inner chunks of 2^14 
 (zstd), so a random window reads one or two small chunks and a large corpus is a few
 hundred files, not millions. Reads are issued asynchronously and gathered, a batch at a time.
 
-Writing is atomic: everything goes into a hidden sibling directory that is renamed into
-place; metadata.json, written last (itself tmp-then-rename), is what marks a dataset as
-complete. A crash at any point leaves either nothing under DIR or a DIR without
-metadata.json, which `open_store` refuses and the next `data prepare` replaces.
+Writing (store_writer.py) is atomic: everything goes into a hidden sibling directory that
+is renamed into place; metadata.json, written last (itself tmp-then-rename), is what marks
+a dataset as complete. A crash at any point leaves either nothing under DIR or a DIR
+without metadata.json, which `open_store` refuses and the next `data prepare` replaces.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +32,16 @@ FORMAT = "jaxtrain-token-store"
 VERSION = 1
 SPLITS = ("train", "val")
 MARKER = ".jaxtrain-prepare"  # present in every directory `data prepare` writes
-_SHARD, _CHUNK = 1 << 22, 1 << 14
+SHARD_TOKENS, _CHUNK = 1 << 22, 1 << 14
 _CACHE_BYTES = 64 << 20  # decoded chunks kept per open array
 
 
-def _spec(path: Path, shape: int | None = None, dtype: str | None = None) -> dict:
+def array_spec(path: Path, shape: int | None = None, dtype: str | None = None) -> dict:
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
     if shape is not None:
         inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 3}}]
         chunk = min(_CHUNK, max(shape, 1))
-        shard = min(_SHARD, -(-max(shape, 1) // chunk) * chunk)  # a whole number of chunks
+        shard = min(SHARD_TOKENS, -(-max(shape, 1) // chunk) * chunk)  # a whole number of chunks
         spec["metadata"] = {
             "shape": [shape], "data_type": dtype,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard]}},
@@ -51,51 +49,6 @@ def _spec(path: Path, shape: int | None = None, dtype: str | None = None) -> dic
                 "chunk_shape": [chunk], "codecs": inner,
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}}]}
     return spec
-
-
-def _write_array(path: Path, values: np.ndarray) -> None:
-    array = ts.open(_spec(path, len(values), values.dtype.name), create=True).result()
-    array.write(values).result()
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitData:
-    """One split, in memory, ready to be written."""
-
-    tokens: np.ndarray  # token dtype
-    doc_starts: np.ndarray  # int64, len = documents + 1
-    bytes: int  # UTF-8 bytes of the documents (without end tokens)
-
-
-def write_store(out: Path, splits: dict[str, SplitData], metadata: dict, tokenizer=None) -> dict:
-    """Write a complete dataset at `out` (which must not hold one) and return its metadata."""
-    out = out.absolute()
-    prepare_target(out)
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
-        (staging / MARKER).write_text("written by jaxtrain data prepare\n")
-        digest = hashlib.sha256()
-        for name, split in splits.items():
-            _write_array(staging / name / "tokens", split.tokens)
-            _write_array(staging / name / "doc_starts", split.doc_starts)
-            digest.update(name.encode())
-            digest.update(split.tokens.tobytes())
-        if tokenizer is not None and tokenizer.kind == "bpe":
-            tokenizer.save(str(staging / "tokenizer.json"))
-        metadata = {"format": FORMAT, "version": VERSION, **metadata, "content_sha256": digest.hexdigest(),
-                    "splits": {name: {"tokens": int(len(s.tokens)), "documents": int(len(s.doc_starts) - 1),
-                                      "bytes": int(s.bytes)} for name, s in splits.items()}}
-        staging.rename(out)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, (OSError, ValueError)):
-            raise DataError(f"--out {out}: cannot write the dataset ({str(err).splitlines()[0][:200]})") from None
-        raise
-    tmp = out / "metadata.json.tmp"
-    tmp.write_text(json.dumps(metadata, indent=1))
-    tmp.replace(out / "metadata.json")  # the dataset is complete from here on
-    return metadata
 
 
 def prepare_target(out: Path) -> None:
@@ -176,8 +129,8 @@ def open_store(path: str | os.PathLike) -> Store:
     splits = {}
     for name in SPLITS:
         try:
-            tokens = ts.open(_spec(path / name / "tokens"), read=True, context=context).result()
-            doc_starts = ts.open(_spec(path / name / "doc_starts"), read=True).result().read().result()
+            tokens = ts.open(array_spec(path / name / "tokens"), read=True, context=context).result()
+            doc_starts = ts.open(array_spec(path / name / "doc_starts"), read=True).result().read().result()
         except ValueError as err:
             raise DataError(f"{path / name}: unreadable token array ({str(err).splitlines()[0]})") from None
         expected = metadata["splits"][name]

@@ -16,8 +16,10 @@ Nothing is downloaded: training and loading read only local files.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Iterable, Protocol
+import re
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -27,6 +29,8 @@ BYTE_VOCAB = 256
 END_OF_TEXT = "<|endoftext|>"
 _EOS_CANDIDATES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>")
 TOKEN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
+_PIECE_BYTES = 1 << 16
+_CUT = re.compile(rb"(?<=[^\s]) ")  # a space after a non-space character
 
 
 class Tokenizer(Protocol):
@@ -63,11 +67,45 @@ class BpeTokenizer:
         if not found:
             raise DataError(f"{source}: the tokenizer has no end-of-document token (one of {', '.join(_EOS_CANDIDATES)})")
         self.eos_id = found[0]
+        pre = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
+        # GPT-2 style byte-level pre-tokenization (no prefix space) always ends a pre-token
+        # before a space that follows a non-space character, so a document cut there
+        # encodes to the same ids as a whole
+        self._cuttable = pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space", True)
 
     def encode_documents(self, documents: list[bytes]) -> list[np.ndarray]:
-        """Batched encoding: the `tokenizers` library spreads it over all cores."""
-        texts = [doc.decode("utf-8", errors="replace") for doc in documents]
-        return [np.asarray(e.ids, np.int64) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """Batched encoding: the `tokenizers` library spreads it over all cores. Documents
+        longer than 64 KiB are encoded in pieces (`_pieces`; the library holds
+        ~400 bytes per token of a text while encoding it)."""
+        pieces = [self._pieces(doc) for doc in documents]
+        ids = iter(self._encode_in_groups([p for doc_pieces in pieces for p in doc_pieces]))
+        return [np.concatenate([np.asarray(next(ids), np.int64) for _ in doc_pieces]) for doc_pieces in pieces]
+
+    def _encode_in_groups(self, pieces: list[bytes]) -> Iterator[list[int]]:
+        """encode_batch over groups of at most ~512 KiB of text, so memory stays bounded."""
+        group, size = [], 0
+        for piece in pieces + [None]:
+            if group and (piece is None or size + len(piece) > 8 * _PIECE_BYTES):
+                texts = [g.decode("utf-8", errors="replace") for g in group]
+                yield from (e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False))
+                group, size = [], 0
+            if piece is not None:
+                group.append(piece)
+                size += len(piece)
+
+    def _pieces(self, doc: bytes) -> list[bytes]:
+        """The document cut into pieces of at least 32 KiB, each cut before a space that
+        follows a non-space character (see __init__)."""
+        if not self._cuttable or len(doc) <= _PIECE_BYTES:
+            return [doc]
+        pieces, start = [], 0
+        while len(doc) - start > _PIECE_BYTES:
+            match = _CUT.search(doc, start + _PIECE_BYTES // 2)
+            if match is None:
+                break  # no cut point left: the rest is encoded whole
+            pieces.append(doc[start:match.start()])
+            start = match.start()
+        return pieces + [doc[start:]]
 
     def decode(self, tokens: Iterable[int]) -> str:
         return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)
@@ -76,7 +114,7 @@ class BpeTokenizer:
         self.tokenizer.save(path)
 
 
-def train_bpe(documents: list[bytes], vocab_size: int) -> BpeTokenizer:
+def train_bpe(documents: Iterable[bytes], vocab_size: int) -> BpeTokenizer:
     """Byte-level BPE with `vocab_size` ids (id 0 = end of document) learnt from `documents`."""
     from tokenizers import Tokenizer as HfTokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -88,7 +126,7 @@ def train_bpe(documents: list[bytes], vocab_size: int) -> BpeTokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator((doc.decode("utf-8", errors="replace") for doc in documents), trainer,
-                                  length=len(documents))
+                                  length=len(documents) if isinstance(documents, list) else None)
     return BpeTokenizer(tokenizer, f"bpe:{vocab_size}")
 
 
@@ -103,7 +141,7 @@ def load_tokenizer_file(path: str) -> BpeTokenizer:
         raise DataError(f"--tokenizer {path}: not a tokenizers JSON file ({str(err).splitlines()[0]})") from None
 
 
-def tokenizer_from_flag(flag: str, training_documents: list[bytes]) -> Tokenizer:
+def tokenizer_from_flag(flag: str, training_documents: Iterable[bytes]) -> Tokenizer:
     """`byte`, `bpe:VOCAB` (trained on `training_documents`) or a tokenizer.json path."""
     if flag == "byte":
         return ByteTokenizer()
