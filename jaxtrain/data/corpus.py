@@ -38,7 +38,6 @@ DOC_SEPARATOR = 0  # the byte tokenizer's end-of-document token
 class Documents:
     train: list[bytes]
     val: list[bytes]
-    files: int
 
 
 def expand_paths(patterns: tuple[str, ...], key: str = "data.paths") -> list[tuple[str, str]]:
@@ -100,7 +99,7 @@ def read_documents(patterns: tuple[str, ...], val_fraction: float, key: str = "d
     for name, data in iter_documents(files, val_fraction):
         split[name].append(data)
     check_split(key, len(files), len(split["train"]), len(split["val"]), val_fraction)
-    return Documents(split["train"], split["val"], len(files))
+    return Documents(split["train"], split["val"])
 
 
 def join_documents(encoded: list[np.ndarray], eos_id: int, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:

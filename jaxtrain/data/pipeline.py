@@ -148,10 +148,12 @@ class TrainBatches:
             self._check_epochs()
         return batch
 
+    def _windows_read(self) -> list[int]:
+        """Windows of each source read so far (all processes together)."""
+        return self.mixture.windows_read(self.windows_before + self._consumed * self.cfg.train.batch_size)
+
     def epochs(self) -> list[float]:
-        """Epochs of each source read so far (all processes together)."""
-        read = self.mixture.windows_read(self.windows_before + self._consumed * self.cfg.train.batch_size)
-        return [r / n for r, n in zip(read, self.windows)]
+        return [r / n for r, n in zip(self._windows_read(), self.windows)]
 
     def _check_epochs(self) -> None:
         """One warning per new pass over a source beyond data.max_epochs."""
@@ -162,7 +164,7 @@ class TrainBatches:
                            f"(epoch {epochs:.2f} > data.max_epochs={self.cfg.data.max_epochs:g})")
 
     def get_state(self) -> dict:
-        read = self.mixture.windows_read(self.windows_before + self._consumed * self.cfg.train.batch_size)
+        read = self._windows_read()
         return {**self._iterator.get_state(), "windows_before": self.windows_before,
                 "batch_size": self.cfg.train.batch_size,
                 "sources": {s.name: {"windows_read": r, "epochs": r / n}

@@ -34,8 +34,8 @@ class DataSource:
 
 def _text_source(cfg: DataConfig) -> DataSource:
     corpus = load_corpus(tuple(cfg.paths), cfg.val_fraction)
-    return DataSource("text", 1.0, token_store.in_memory_split(corpus.train, corpus.train_doc_starts, "train"),
-                      token_store.in_memory_split(corpus.val, corpus.val_doc_starts, "val"), BYTE_VOCAB,
+    return DataSource("text", 1.0, TokenSplit(corpus.train, corpus.train_doc_starts, "train"),
+                      TokenSplit(corpus.val, corpus.val_doc_starts, "val"), BYTE_VOCAB,
                       {"kind": "byte", "spec": "byte", "vocab_size": BYTE_VOCAB, "eos_id": 0},
                       len(corpus.val) / max(corpus.val_bytes, 1), corpus.unigram_entropy())
 

@@ -65,7 +65,8 @@ def prepare_target(out: Path) -> None:
 
 
 class TokenSplit:
-    """Read access to one split: `read(starts, length)` -> (len(starts), length) int32 windows."""
+    """Read access to one split: `read(starts, length)` -> (len(starts), length) int32 windows.
+    The tokens are an open tensorstore array, or a numpy array (the in-memory text corpus)."""
 
     def __init__(self, tokens, doc_starts: np.ndarray, name: str):
         self._tokens, self.doc_starts, self.name = tokens, doc_starts, name
@@ -83,10 +84,6 @@ class TokenSplit:
         positions = np.asarray(starts)[:, None] + np.arange(length)[None, :]
         docs = np.searchsorted(self.doc_starts, positions, side="right")
         return (docs - docs[:, :1] + 1).astype(np.int32)
-
-
-def in_memory_split(tokens: np.ndarray, doc_starts: np.ndarray, name: str) -> TokenSplit:
-    return TokenSplit(tokens, doc_starts, name)
 
 
 @dataclasses.dataclass(frozen=True)
