@@ -25,6 +25,7 @@ from jaxtrain.data.sources import open_sources
 from jaxtrain.model import Transformer
 from jaxtrain.parametrization import path_str
 from jaxtrain.saved_run import SavedRun
+from jaxtrain.train_step import batch_tokens
 
 
 def _layer(path: str) -> int | None:
@@ -54,7 +55,7 @@ def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
 def sample_tokens(run: SavedRun, n: int = 1) -> np.ndarray:
     """(n, seq_len + 1) tokens: the first validation windows of the run's own (first) data source."""
     batch = pipeline.validation_batches(run.cfg, open_sources(run.cfg)[0])[0]
-    return (batch["tokens"] if isinstance(batch, dict) else batch)[:n]
+    return batch_tokens(batch)[0][:n]
 
 
 def activation_stats(run: SavedRun, batch: np.ndarray) -> dict[str, float]:

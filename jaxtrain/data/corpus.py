@@ -13,7 +13,7 @@ machine, so nothing is downloaded.
   (byte 0 for byte tokens), plus the offsets where documents start.
 
 `data.paths` runs read the corpus into memory with byte tokens at every start
-(`text_source`); `jaxtrain data prepare` tokenizes it once into a token store.
+(`load_corpus`, via sources.py); `jaxtrain data prepare` tokenizes it once into a token store.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer
 from jaxtrain.errors import DataError
 
-DOC_SEPARATOR = 0  # the byte tokenizer's end-of-document token
+DOC_SEPARATOR = ByteTokenizer.eos_id  # byte 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 from jaxtrain.data.corpus import check_split, entropy_of_counts, expand_paths, iter_documents
 from jaxtrain.data.store_writer import StoreWriter
 from jaxtrain.data.token_store import SPLITS, prepare_target
-from jaxtrain.data.tokenizer import Tokenizer, token_dtype, tokenizer_from_flag
+from jaxtrain.data.tokenizer import Tokenizer, describe, token_dtype, tokenizer_from_flag
 from jaxtrain.errors import DataError
 
 # Documents encoded together: up to this many, or this many bytes (the `tokenizers`
@@ -72,13 +72,9 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
         writers = _write_documents(store, tokenizer, iter_documents(files, val_fraction), dtype)
         splits = {name: writer.close() for name, writer in writers.items()}
         check_split("--input", len(files), splits["train"]["documents"], splits["val"]["documents"], val_fraction)
-        info = {"kind": tokenizer.kind, "spec": tokenizer_flag, "vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id}
-        if tokenizer.kind == "bpe":
-            info["sha256"] = hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()
         digest = hashlib.sha256(b"".join(writers[n].digest.digest() for n in SPLITS)).hexdigest()
         return store.commit({
-            "name": name or out_path.name, "tokenizer": info, "token_dtype": dtype, "val_fraction": val_fraction,
+            "name": name or out_path.name, "tokenizer": describe(tokenizer, tokenizer_flag), "token_dtype": dtype, "val_fraction": val_fraction,
             "inputs": list(inputs), "files": len(files), "splits": splits, "content_sha256": digest,
             "unigram_entropy": entropy_of_counts(writers["train"].counts),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

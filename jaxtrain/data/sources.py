@@ -16,7 +16,7 @@ from jaxtrain.config import Config, DataConfig
 from jaxtrain.data import token_store
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.token_store import TokenSplit
-from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer, open_saved
+from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer, describe, open_saved
 from jaxtrain.errors import ConfigError, DataError
 
 
@@ -36,7 +36,7 @@ def _text_source(cfg: DataConfig) -> DataSource:
     corpus = load_corpus(tuple(cfg.paths), cfg.val_fraction)
     return DataSource("text", 1.0, TokenSplit(corpus.train, corpus.train_doc_starts, "train"),
                       TokenSplit(corpus.val, corpus.val_doc_starts, "val"), BYTE_VOCAB,
-                      {"kind": "byte", "spec": "byte", "vocab_size": BYTE_VOCAB, "eos_id": 0},
+                      describe(ByteTokenizer(), "byte"),
                       len(corpus.val) / max(corpus.val_bytes, 1), corpus.unigram_entropy())
 
 

@@ -16,6 +16,7 @@ Nothing is downloaded: training and loading read only local files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -157,6 +158,15 @@ def tokenizer_from_flag(flag: str, training_documents: Iterable[bytes]) -> Token
 def open_saved(kind: str, directory: str) -> Tokenizer:
     """The tokenizer a prepared dataset was made with (metadata `tokenizer.kind`)."""
     return ByteTokenizer() if kind == "byte" else load_tokenizer_file(os.path.join(directory, "tokenizer.json"))
+
+
+def describe(tokenizer: Tokenizer, spec: str) -> dict:
+    """What a dataset's metadata records of its tokenizer; (kind, vocab_size, sha256) is
+    its identity, which the sources of one mixture must share."""
+    info = {"kind": tokenizer.kind, "spec": spec, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+    if tokenizer.kind == "bpe":
+        info["sha256"] = hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()
+    return info
 
 
 def token_dtype(vocab_size: int, requested: str = "auto") -> str:
