@@ -1,0 +1,218 @@
+"""The communication of one execution of a compiled XLA program, read from its HLO text.
+
+The input is what `jax.jit(f).lower(...).compile().as_text()` returns: the per-device
+program after SPMD partitioning. Every collective instruction is counted with
+
+    bytes  the size of its OUTPUT shape on one device (tuple outputs: the sum of the
+           elements), with the element sizes in `_ELEMENT_BYTES`; sub-byte types (s4, u4,
+           s2, u2, f4*) count as 1 byte, as XLA stores them unpacked by default;
+    times  how often its computation runs per execution of the ENTRY computation.
+
+`times` follows the call graph from ENTRY (1): a `while` with multiplicity m gives its
+body m * n and its condition m * (n + 1) (the condition is evaluated once more to exit),
+n being the `"known_trip_count":{"n":"..."}` XLA writes into the loop's backend_config.
+A loop without one raises ValueError if anything under it communicates (a count would be
+a guess); otherwise it is harmless and its computations count zero times. Every other
+reference (`calls=`, `to_apply=`, `branch_computations=`, `true_/false_computation=`,
+`called_computations=`) passes m on, so each conditional branch counts as if it ran: an
+upper bound. A computation reached from several places adds up their multiplicities.
+
+Asynchronous collectives are counted once, at the op that completes them: `all-gather-done`,
+`all-reduce-done`, `collective-permute-done` and the sugared `reduce-scatter-done`,
+`all-to-all-done`. The output of a `-done` op is exactly the collective's result, whereas a
+`-start` op's tuple also holds the operands and synchronisation flags. An unsugared
+`async-start(...), calls=%wrapped` is counted through the plain collective inside
+`%wrapped`; the `calls=` that `async-update`/`async-done` repeat is not followed, so that
+collective is not counted twice.
+
+XLA:CPU (jax 0.10) upcasts bf16 collectives to f32 and partitions a matmul with a sharded
+output into all-reduce + dynamic-slice; the figures here are what the HLO really moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+_ELEMENT_BYTES = {
+    "pred": 1, "s2": 1, "u2": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1,
+    "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+    "c128": 16, "token": 0,
+}
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*[({]")
+_INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"([\w\-]+)\(")
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([^\]]*)\]")
+_LAYOUT = re.compile(r"\{[^{}]*\}")
+_COMMENT = re.compile(r"/\*.*?\*/")
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_SINGLE_REF = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_LIST_REF = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str  # one of KINDS
+    bytes: int  # output bytes of one execution of the op, per device
+    times: int  # executions per program execution (loop trip counts multiplied)
+    shape: str  # output shape without layouts, e.g. "f32[4,128]" or "(f32[8], bf16[2,3])"
+    computation: str  # the HLO computation it sits in
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    shape: str
+    opcode: str
+    attributes: str  # everything after the opcode: operands and attributes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    callee: str
+    factor: int | None  # None: a while loop without a known trip count
+    site: str  # the calling instruction, for error messages
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective that runs, with its per-device output bytes and run count."""
+    computations, entry = _parse(hlo_text)
+    times = _multiplicities(computations, entry)
+    return [Collective(kind, _shape_bytes(instruction.shape), times[name], instruction.shape, name)
+            for name, instructions in computations.items() if times[name]
+            for instruction in instructions if (kind := _collective_kind(instruction.opcode))]
+
+
+def bytes_by_kind(hlo_text: str) -> dict[str, int]:
+    """Bytes per device per program execution for each kind in KINDS (0 where none)."""
+    totals = dict.fromkeys(KINDS, 0)
+    for collective in collectives(hlo_text):
+        totals[collective.kind] += collective.bytes * collective.times
+    return totals
+
+
+def total_bytes(hlo_text: str) -> int:
+    return sum(bytes_by_kind(hlo_text).values())
+
+
+def _collective_kind(opcode: str) -> str | None:
+    """The kind an opcode counts as: plain collectives and `-done` ops, never `-start`."""
+    kind = opcode.removesuffix("-done")
+    return kind if kind in KINDS else None
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
+    """The instructions of each computation, and the name of the ENTRY computation."""
+    computations: dict[str, list[_Instruction]] = {}
+    entry = current = None
+    for raw_line in hlo_text.splitlines():
+        line = _COMMENT.sub("", raw_line).strip()
+        header = _HEADER.match(line) if line.endswith("{") else None
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and (instruction := _parse_instruction(line)):
+            computations[current].append(instruction)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return computations, entry
+
+
+def _parse_instruction(line: str) -> _Instruction | None:
+    match = _INSTRUCTION.match(line)
+    if not match:
+        return None
+    shape, rest = _split_shape(match.group(2))
+    opcode = _OPCODE.match(rest)
+    if not opcode:
+        return None
+    return _Instruction(match.group(1), _LAYOUT.sub("", shape), opcode.group(1), rest[opcode.end():])
+
+
+def _split_shape(text: str) -> tuple[str, str]:
+    """(shape, the rest) of `SHAPE opcode(...)`; tuple shapes hold spaces and nested parens."""
+    if not text.startswith("("):
+        shape, _, rest = text.partition(" ")
+        return shape, rest.lstrip()
+    depth = 0
+    for position, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return text[: position + 1], text[position + 1:].lstrip()
+    raise ValueError(f"unbalanced tuple shape in {text!r}")
+
+
+def _shape_bytes(shape: str) -> int:
+    return sum(_element_bytes(dtype) * math.prod(int(d.removeprefix("<=")) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(shape))
+
+
+def _element_bytes(dtype: str) -> int:
+    if dtype in _ELEMENT_BYTES:
+        return _ELEMENT_BYTES[dtype]
+    if dtype.startswith(("f8", "f4")):
+        return 1
+    raise ValueError(f"unknown HLO element type {dtype!r}")
+
+
+def _calls(instruction: _Instruction) -> list[_Call]:
+    """The computations an instruction runs, each with how many times per execution."""
+    if instruction.opcode in ("async-update", "async-done"):
+        return []  # they repeat the async-start's calls=
+    attributes = _QUOTED.sub('""', instruction.attributes)
+    if instruction.opcode == "while":
+        references = dict(_SINGLE_REF.findall(attributes))
+        trip_count = _TRIP_COUNT.search(instruction.attributes.replace("\\", ""))
+        n = int(trip_count.group(1)) if trip_count else None
+        return [_Call(references["body"], n, instruction.name),
+                _Call(references["condition"], None if n is None else n + 1, instruction.name)]
+    names = [name for _, name in _SINGLE_REF.findall(attributes)]
+    for group in _LIST_REF.findall(attributes):
+        names += [name.strip().lstrip("%") for name in group.split(",") if name.strip()]
+    return [_Call(name, 1, instruction.name) for name in names]
+
+
+def _multiplicities(computations: dict[str, list[_Instruction]], entry: str) -> dict[str, int]:
+    """How many times each computation runs per execution of `entry`."""
+    calls = {name: [call for instruction in instructions for call in _calls(instruction)]
+             for name, instructions in computations.items()}
+    callers: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for caller, outgoing in calls.items():
+        for call in outgoing:
+            if call.factor is None and _communicates(call.callee, computations, calls):
+                raise ValueError(f"while loop {call.site!r} in {caller!r} runs collectives "
+                                 "but has no known_trip_count")
+            callers[call.callee].append((caller, call.factor or 0))
+    memo = {entry: 1}
+
+    def times(name: str) -> int:
+        if name not in memo:
+            memo[name] = sum(times(caller) * factor for caller, factor in callers[name])
+        return memo[name]
+
+    return {name: times(name) for name in computations}
+
+
+def _communicates(root: str, computations: dict[str, list[_Instruction]], calls: dict[str, list[_Call]]) -> bool:
+    """Whether computation `root`, or anything it calls, holds a collective."""
+    stack, seen = [root], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if any(_collective_kind(instruction.opcode) for instruction in computations.get(name, ())):
+            return True
+        stack += [call.callee for call in calls.get(name, ())]
+    return False
