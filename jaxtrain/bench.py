@@ -21,12 +21,13 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxtrain import flops, sharding
+from jaxtrain import communication, flops, hlo_collectives, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.model import check_compute, compute_dtype
@@ -50,17 +51,22 @@ def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, fl
     state = steps.init(cfg, spec)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
     batch = jax.device_put(tokens.astype(np.int32), sharding.batch_sharding(mesh))
+    arguments = communication.abstract_step_arguments(cfg, spec, steps, mesh)
     started = time.perf_counter()
-    compiled = steps.train.lower(state, batch, BENCH_LR).compile()
+    compiled = steps.train.lower(*arguments).compile()
     return compiled, state, batch, time.perf_counter() - started
 
 
-def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
-    """Time `steps` train steps after `warmup`; the one-line report as a dict."""
+def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = None) -> dict[str, Any]:
+    """Time `steps` train steps after `warmup`; the one-line report as a dict. `hlo_out`:
+    where to write the compiled step's HLO text (its collective bytes are in the report)."""
     check_compute(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_divides(cfg, mesh)
     step, state, batch, compile_s = _compiled_step(cfg, mesh)
+    hlo = step.as_text()
+    if hlo_out is not None:
+        hlo_out.write_text(hlo)
     for _ in range(warmup):
         state, metrics = step(state, batch, BENCH_LR)
     jax.block_until_ready(state)
@@ -87,6 +93,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
         "peak_flops_per_s": peak,
         "peak_source": peak_source,
         "compile_s": compile_s,
+        "collective_bytes_per_device": hlo_collectives.bytes_by_kind(hlo),
         "peak_memory_bytes": memory,
         "memory_source": memory_source,
         "loss": float(metrics["loss"]),

@@ -7,11 +7,11 @@
     jaxtrain fit-schedule-law RUN... [--predict RUN_OR_CONFIG ...] [--out DIR]
     jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
-    jaxtrain bench CONFIG [--steps 10 --warmup 2 --set ...]   (one JSON line)
+    jaxtrain bench CONFIG [--steps 10 --warmup 2 --hlo-out FILE --set ...]   (one JSON line)
     jaxtrain eval WORKDIR [--data GLOB ...] [--step N]
     jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
     jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
-    jaxtrain dry-run CONFIG [--devices N --backend gpu] [--schedule-png FILE] [--set ...]
+    jaxtrain dry-run CONFIG [--devices N --backend gpu] [--compile] [--target h100|tpu-v5p] [--schedule-png FILE]
     jaxtrain data prepare --input PATH_OR_GLOB... --out DIR [--tokenizer byte|bpe:VOCAB|FILE.json]
     jaxtrain data bench DIR --config CONFIG [--seconds S]   (one JSON line)
 
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("config")
     bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
+    bench.add_argument("--hlo-out", default=None, metavar="FILE",
+                       help="write the compiled step's HLO text there (count its collectives with "
+                            "jaxtrain.hlo_collectives)")
     _add_set(bench)
     evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits/byte of a checkpoint")
     evaluate.add_argument("workdir")
@@ -116,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="platform the run is planned for: sets dtype/attention under auto "
                           "(default: this machine's)")
     dry.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
+    dry.add_argument("--compile", action="store_true",
+                     help="also compile the step on --devices simulated CPU devices and count its collectives")
+    dry.add_argument("--target", default=None, metavar="NAME",
+                     help="roofline of the step on --devices of this accelerator: h100 or tpu-v5p "
+                          "(compute vs communication time; jaxtrain/communication.py)")
     _add_set(dry)
     data_commands.add_parser(commands)
     return parser
@@ -175,15 +183,18 @@ def _coord_check(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from jaxtrain.config import load_config
 
     if args.steps <= 0 or args.warmup < 0:
         raise UserError(f"--steps {args.steps} --warmup {args.warmup}: need steps > 0 and warmup >= 0")
+    if args.hlo_out and not Path(args.hlo_out).resolve().parent.is_dir():
+        raise UserError(f"--hlo-out {args.hlo_out}: its directory does not exist")
     cfg = load_config(args.config, args.overrides)
     from jaxtrain.bench import bench
 
-    print(json.dumps(bench(cfg, args.steps, args.warmup)))
+    print(json.dumps(bench(cfg, args.steps, args.warmup, hlo_out=Path(args.hlo_out) if args.hlo_out else None)))
     return 0
 
 
@@ -240,14 +251,27 @@ def _dry_run(args: argparse.Namespace) -> int:
     from jaxtrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.devices is not None and args.devices <= 0:
+        raise UserError(f"--devices {args.devices}: must be positive")
+    if args.compile:
+        _simulate_cpu_devices(args.devices)
     import jax
 
     from jaxtrain import dry_run
 
+    from jaxtrain.communication import TARGETS
+
+    if args.target is not None and args.target not in TARGETS:
+        raise UserError(f"--target {args.target}: not one of {', '.join(sorted(TARGETS))}")
     devices = args.devices or jax.device_count()
-    if devices <= 0:
-        raise UserError(f"--devices {devices}: must be positive")
-    plan = dry_run.plan(cfg, devices, backend=args.backend or jax.default_backend())
+    compiled_on = None
+    if args.compile:
+        compiled_on = jax.devices("cpu")[:devices]
+        if len(compiled_on) < devices:
+            raise UserError(f"--compile --devices {devices}: this process has {len(compiled_on)} CPU devices "
+                            f"(its XLA_FLAGS fix --xla_force_host_platform_device_count)")
+    plan = dry_run.plan(cfg, devices, backend="cpu" if args.compile else args.backend or jax.default_backend(),
+                        target=args.target, compiled_on=compiled_on)
     print(json.dumps(plan) if args.json else dry_run.format_plan(plan))
     if args.schedule_png:
         from pathlib import Path
@@ -355,6 +379,14 @@ def _tune_cpu_xla() -> None:
         name = flag.split("=")[0]
         if jaxlib_version.startswith(version) and name not in flags and not os.environ.get("JAXTRAIN_DEFAULT_XLA"):
             os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def _simulate_cpu_devices(count: int | None) -> None:
+    """Ask XLA:CPU for `count` devices, unless XLA_FLAGS already fixes the number (takes
+    effect only if no jax backend has started in this process yet)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:

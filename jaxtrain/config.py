@@ -47,8 +47,9 @@ class ModelConfig(_Section):
     # dots_saveable keeps matmul outputs and recomputes the rest, full keeps only the
     # block inputs.
     remat: Literal["none", "dots_saveable", "full"] = "none"
-    # Run the blocks as one lax.scan over stacked weights: compile time stays flat in depth.
-    scan_layers: bool = False
+    # The blocks are stored stacked and run as one lax.scan (compile time flat in depth);
+    # false unrolls that scan (the same code and storage, compiled once per layer).
+    scan_layers: bool = True
 
     @field_validator("n_heads")
     @classmethod

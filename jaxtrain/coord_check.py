@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
@@ -30,8 +29,7 @@ from jaxtrain.data.sources import open_sources
 def _shape_config(cfg: Config, width: int, depth: int, steps: int) -> Config:
     return from_dict(apply_overrides(cfg.to_dict(), [
         f"model.d_model={width}", f"model.n_layers={depth}", "model.dropout=0.0",
-        # per-block outputs are captured from the plain (unscanned, unrematerialised) blocks
-        "model.remat=none", "model.scan_layers=false",
+        "model.remat=none",
         "schedule.name=constant", "schedule.warmup_steps=0", f"train.steps={steps + 1}"]))
 
 
@@ -40,15 +38,21 @@ def _rms(x: jax.Array) -> jax.Array:
 
 
 def activation_rms(params: Any, tokens: jax.Array, *, spec: ts.ModelSpec) -> dict[str, jax.Array]:
-    """RMS of the embeddings, every block's attention/MLP outputs and the logits."""
+    """RMS of the embeddings, every block's attention/MLP outputs and the logits (no
+    dropout, unpacked: the probe is one batch of plain windows)."""
     model = ts.bind_model(spec, params)
-    logits, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(tokens)
-    captured = nnx.to_pure_dict(captured)
-    out = {"embedding": _rms(captured["embed_tokens"][0])}
-    for i, block in sorted(captured["blocks"].items()):
-        out[f"block{i}.attn"] = _rms(block["attn"]["__call__"][0][0])  # (output, kv cache)
-        out[f"block{i}.mlp"] = _rms(block["mlp"]["__call__"][0])
-    out["logits"] = _rms(logits)
+    positions = jax.numpy.broadcast_to(jax.numpy.arange(tokens.shape[1]), tokens.shape)
+    x = model.embed_tokens(tokens)
+    out = {"embedding": _rms(x)}
+    for i in range(model.cfg.n_layers):
+        block = model.layer(i)
+        attended = block.attn(block.attn_norm(x), positions)[0]
+        out[f"block{i}.attn"] = _rms(attended)
+        x = x + block.residual * attended
+        branch = block.mlp(block.mlp_norm(x))
+        out[f"block{i}.mlp"] = _rms(branch)
+        x = x + block.residual * branch
+    out["logits"] = _rms(model.logits(x))
     return out
 
 

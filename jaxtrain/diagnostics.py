@@ -1,7 +1,7 @@
 """Diagnostics for any run, every `diagnostics.every_steps` steps (never on ordinary steps).
 
-* Top singular value of every weight matrix, of the weight the forward pass uses
-  (multiplier applied), viewed as (fan_in, fan_out). Under a width-robust parametrization
+* Top singular value of every weight matrix (each layer of a stacked one: sv/blocks.I.*),
+  of the weight the forward pass uses (multiplier applied), viewed as (fan_in, fan_out). Under a width-robust parametrization
   the sublayer gains, and so these values, stay comparable across widths ("Robust
   Layerwise Scaling Rules by Proper Weight Decay Tuning", the top-singular-value check).
   Power iteration: v <- W^T W v / |W^T W v|, sigma = |W v|.
@@ -44,7 +44,9 @@ def singular_values(params: Any, table: parametrization.Table, iterations: int) 
         if rule.role == "vector":
             continue
         fan_in = math.prod(rule.shape[:rule.fan_in_dims])
-        out[f"sv/{path}"] = top_singular_value(value.reshape(fan_in, -1).astype(jnp.float32), iterations)
+        layers = value.reshape(-1, fan_in, math.prod(rule.shape) // fan_in).astype(jnp.float32)
+        sigmas = jax.vmap(lambda matrix: top_singular_value(matrix, iterations))(layers)
+        out.update({f"sv/{name}": sigma for name, sigma in zip(rule.per_layer_paths(path), sigmas, strict=True)})
     return out
 
 

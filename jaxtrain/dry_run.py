@@ -30,6 +30,11 @@ XLA otherwise. The compute dtype and attention follow `--backend` (default: this
 
 It is an estimate: XLA's buffer assignment may fuse away or add temporaries; the test
 suite holds it to the compiled step's own memory analysis for small configs.
+
+Communication: collective bytes per device per step by kind from the analytic model of
+`communication.py`; `--compile` also compiles the real step on that many simulated CPU
+devices and counts its HLO (`hlo_collectives.py`) beside it; `--target` adds a roofline
+(compute vs communication time) on a named accelerator (`communication.TARGETS`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import jax
 import yaml
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from jaxtrain import flops, sharding
+from jaxtrain import communication, flops, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.parametrization import path_str
@@ -98,20 +103,36 @@ def memory_per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str,
     return {**parts, "total": sum(parts.values())}
 
 
-def plan(cfg: Config, devices: int, backend: str = "gpu") -> dict[str, Any]:
-    """Everything the dry run reports, as plain data."""
+def collective_dtype_bytes(cfg: Config, backend: str) -> int:
+    """Bytes per element the collectives move: the compute dtype's, but XLA:CPU moves bf16
+    collectives as float32 (measured: `jaxtrain/hlo_collectives.py`)."""
+    return 4 if backend == "cpu" else _COMPUTE_BYTES[_compute_dtype_name(cfg, backend)]
+
+
+def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = None,
+         compiled_on: list | None = None) -> dict[str, Any]:
+    """Everything the dry run reports, as plain data. `target` (a `communication.TARGETS`
+    name) adds the roofline; `compiled_on` (simulated CPU devices) adds the compiled step's
+    collective bytes and temporary memory beside the analytic figures."""
     spec = ts.model_spec(cfg)
     mesh = abstract_mesh(cfg, devices)
+    comms = communication.analytic(cfg, mesh, collective_dtype_bytes(cfg, backend))
+    extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
+    if target is not None:
+        extra["roofline"] = communication.roofline(cfg, comms, devices, communication.TARGETS[target])
+    if compiled_on is not None:
+        extra["communication"]["compiled"] = communication.measured(cfg, compiled_on)
     params, roles = [], collections.defaultdict(lambda: collections.defaultdict(set))
     role_counts: dict[str, int] = collections.Counter()
     logical_axes = _logical_axes_by_path(spec)
+    shapes = {path_str(k): leaf.shape for k, leaf in jax.tree_util.tree_flatten_with_path(spec.abstract_params)[0]}
     for path, rule in spec.table.rules.items():
-        axes = logical_axes[path]
-        pspec = sharding.logical_to_spec(axes, rule.shape, mesh)
+        axes, shape = logical_axes[path], shapes[path]
+        pspec = sharding.logical_to_spec(axes, shape, mesh)
         shards = math.prod(math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s))
                            for s in pspec if s is not None)
-        size = math.prod(rule.shape)
-        params.append({"path": path, "shape": list(rule.shape), "role": rule.role, "logical_axes": list(axes),
+        size = math.prod(shape)
+        params.append({"path": path, "shape": list(shape), "role": rule.role, "logical_axes": list(axes),
                        "partition_spec": [s if s is None or isinstance(s, str) else list(s) for s in pspec],
                        "per_device": size // shards})
         role_counts[rule.role] += size
@@ -136,6 +157,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu") -> dict[str, Any]:
         "memory_per_device": memory_per_device(cfg, per_device, dict(mesh.shape), backend),
         "compute_dtype": _compute_dtype_name(cfg, backend),
         "schedule": schedule_summary(cfg),
+        **extra,
     }
 
 
@@ -167,11 +189,8 @@ def _count(n: float) -> str:
 
 
 def _one_row_per_layer_kind(params: list[dict]) -> dict[str, dict]:
-    """Parameters with the layer index replaced by `*` (all layers are alike), in model order."""
-    rows: dict[str, dict] = {}
-    for q in sorted(params, key=lambda q: [int(k) if k.isdigit() else k for k in q["path"].split(".")][:1]):
-        rows.setdefault(re.sub(r"^blocks\.\d+\.", "blocks.*.", q["path"]), q)
-    return rows
+    """Parameters in model order, the stacked blocks' as blocks.*.NAME (one row for every layer)."""
+    return {re.sub(r"^blocks\.", "blocks.*.", q["path"]): q for q in params}
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -198,4 +217,27 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += [f"{k:<12} {_bytes(v)}" for k, v in m.items()]
     lines += ["", f"# schedule: {s['name']}, peak lr {s['peak_lr']:g}, warmup {s['warmup_steps']:g} steps, "
                   f"lr at step 0 {s['first_lr']:.3g}, at the last step {s['final_lr']:.3g}"]
-    return "\n".join(lines)
+    return "\n".join(lines + _format_communication(p))
+
+
+def _format_communication(p: dict[str, Any]) -> list[str]:
+    comms = p["communication"]
+    lines = ["", "# collectives per device per step (analytic model, jaxtrain/communication.py)"]
+    lines += [f"{name:<22} {_bytes(entry['bytes']):>12}  ({entry['kind']})" for name, entry in comms["analytic"].items()]
+    if "compiled" in comms:
+        measured = comms["compiled"]["bytes_by_kind"]
+        lines += ["", f"{'HLO op kind':<22} {'analytic':>12} {'compiled':>12}  (step compiled on "
+                      f"{p['devices']} simulated CPU devices)"]
+        lines += [f"{kind:<22} {_bytes(comms['analytic_by_kind'][kind]):>12} {_bytes(measured[kind]):>12}"
+                  for kind in measured if measured[kind] or comms["analytic_by_kind"][kind]]
+        total_a, total_m = sum(comms["analytic_by_kind"].values()), sum(measured.values())
+        lines += [f"{'total':<22} {_bytes(total_a):>12} {_bytes(total_m):>12}  compiled / analytic "
+                  f"{total_m / total_a if total_a else float('nan'):.3f}",
+                  f"compiled temporary memory per device {_bytes(comms['compiled']['temp_bytes'])}"]
+    if "roofline" in p:
+        r = p["roofline"]
+        lines += ["", f"# roofline on {r['devices']} x {r['target']} ({r['assumptions']})",
+                  f"compute {r['compute_s'] * 1e3:.3g} ms, communication {r['communication_s'] * 1e3:.3g} ms "
+                  f"(ring traffic at {r['link_bytes_per_s'] / 1e9:g} GB/s): step >= {r['step_s'] * 1e3:.3g} ms, "
+                  f"{r['bound']}-bound, MFU ceiling {r['mfu_ceiling']:.2f}"]
+    return lines

@@ -38,7 +38,7 @@ from jaxtrain.saved_run import SavedRun
 def validation_set(cfg: Config, source: DataSource, mesh: Mesh) -> list:
     """A source's validation batches as global arrays; each process supplies its own rows."""
     batch_sharding = sharding.batch_sharding(mesh)
-    local = pipeline.validation_batches(cfg, source, jax.process_index(), jax.process_count())
+    local = pipeline.validation_batches(cfg, source, *sharding.process_rows(mesh, cfg.train.batch_size))
     to_global = lambda b: jax.make_array_from_process_local_data(batch_sharding, b)
     return [jax.tree.map(to_global, b) for b in local]
 

@@ -34,21 +34,22 @@ def _layer(path: str) -> int | None:
 
 
 def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
-    """Per parameter: path, role, layer (None outside the blocks), shape, RMS, and for
-    matrices the top singular value of the weight the forward pass uses, as a fan-in x
-    fan-out matrix (`diagnostics.singular_values`)."""
+    """Per parameter, and per layer of a stacked one (path blocks.I.*): path, role, layer
+    (None outside the blocks), shape, RMS, and for matrices the top singular value of the
+    weight the forward pass uses, as a fan-in x fan-out matrix (`diagnostics.singular_values`)."""
     flat = jax.tree_util.tree_flatten_with_path(run.params)[0]
     sigma = jax.jit(lambda params: diagnostics.singular_values(params, run.spec.table, 30))(run.params)
     rows = []
-    for key_path, value in flat:
-        path = path_str(key_path)
-        rule = run.spec.table.rules[path]
-        row = {"path": path, "role": rule.role, "layer": _layer(path), "shape": tuple(value.shape),
-               "rms": float(jnp.sqrt(jnp.mean(jnp.square(value)))), "init_std": rule.init_std,
-               "multiplier": rule.multiplier, "lr_multiplier": rule.lr, "wd_multiplier": rule.weight_decay}
-        if f"sv/{path}" in sigma:
-            row["top_singular_value"] = float(sigma[f"sv/{path}"])
-        rows.append(row)
+    for key_path, stacked in flat:
+        rule = run.spec.table.rules[path_str(key_path)]
+        layers = stacked if rule.layers else stacked[None]
+        for path, value in zip(rule.per_layer_paths(path_str(key_path)), layers, strict=True):
+            row = {"path": path, "role": rule.role, "layer": _layer(path), "shape": tuple(value.shape),
+                   "rms": float(jnp.sqrt(jnp.mean(jnp.square(value)))), "init_std": rule.init_std,
+                   "multiplier": rule.multiplier, "lr_multiplier": rule.lr, "wd_multiplier": rule.weight_decay}
+            if f"sv/{path}" in sigma:
+                row["top_singular_value"] = float(sigma[f"sv/{path}"])
+            rows.append(row)
     return rows
 
 
@@ -69,7 +70,8 @@ def attention_maps(model: Transformer, tokens: jax.Array) -> list[jax.Array]:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = model.embed_tokens(tokens)
     maps = []
-    for block in model.blocks:
+    for i in range(model.cfg.n_layers):
+        block = model.layer(i)
         maps.append(block.attn.weights(block.attn_norm(x), positions))
         x, _ = block(x, positions, None)
     return maps

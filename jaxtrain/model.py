@@ -9,17 +9,26 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
   (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities").
 * SwiGLU MLP (Shazeer 2020): down(silu(x W_gate) * (x W_up)).
 * Untied LM head; logits are returned in float32 whatever the compute dtype.
+* The blocks are STORED stacked: one `Block` module created under `nnx.vmap`, so each
+  of its weights has a leading `layers` axis (in the params, the optimizer state and the
+  checkpoints). The forward pass is one `lax.scan` over that axis, so XLA compiles one
+  block whatever the depth; `model.scan_layers: false` unrolls the same scan (one code
+  path, same storage). `model.remat` wraps the scanned block in `jax.checkpoint`.
+  `Transformer.layer(i)` is layer i as an ordinary `Block` (inspection, telemetry, decode).
 * Execution options (`model.dtype/attention/remat/scan_layers`) change how the step is
-  computed, never the parameter tree: blocks may be rematerialised (`jax.checkpoint`
-  with a policy) and/or run as one `lax.scan` over their stacked weights.
+  computed, never the parameter tree.
 * Incremental decoding (`Transformer.decode`) keeps each layer's keys and values in a
   `KVCache`: new tokens attend to every cached position up to their own.
 
 Every parameter is created with logical axis names (`out_sharding` metadata):
-  vocab, embed (the model width), heads, kv_heads, head_dim, mlp,
-and matrices also say how many leading axes they contract (`fan_in_dims`). `sharding.py`
-maps the names to mesh axes; `parametrization.py` reads them to give each parameter its
-role. Eager sharding is off: placement is decided once, by `sharding.py`.
+  layers (stacked blocks only), vocab, embed (the model width), heads, kv_heads, head_dim, mlp,
+and matrices also say how many axes after `layers` they contract (`fan_in_dims`).
+Activations are named too (batch, sequence, embed, heads, kv_heads, head_dim, mlp, vocab)
+wherever their layout changes: `sharding.constrain` maps both to mesh axes by its compute
+rules, and every weight is read through `_read` (cast to the compute dtype, then laid out
+for compute: the FSDP all-gather happens there, in that dtype). `parametrization.py` reads
+the parameter names to give each parameter its role. Eager sharding is off: placement is
+decided by `sharding.py`.
 
 Values are created UNIT-SCALE (matrices N(0, 1), norm gains 1): the parametrization table
 sets every init std (`parametrization.scale_init`) and the per-parameter forward
@@ -39,9 +48,23 @@ from flax import nnx
 from jaxtrain.config import ModelConfig
 from jaxtrain.errors import ConfigError
 from jaxtrain.parametrization import ForwardScales
+from jaxtrain.sharding import constrain, keep_stored
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_REMAT_POLICIES = {"dots_saveable": jax.checkpoint_policies.dots_saveable,
+
+
+def _save_all_but_layouts(primitive, *_, **__) -> bool:
+    """remat none: keep every value for the backward pass except the outputs of layout
+    changes (`sharding.constrain`). For activations the value before the change is kept
+    instead (the same array); for a weight that is its shard, so FSDP gathers it again in
+    the backward pass (ZeRO-3) instead of keeping every layer's full weights alive."""
+    return primitive.name != "sharding_constraint"
+
+
+# What the backward pass of a layer may reuse from its forward pass; none of them keeps a
+# gathered weight (a weight in its compute layout is no matmul output either).
+_REMAT_POLICIES = {"none": _save_all_but_layouts,
+                   "dots_saveable": jax.checkpoint_policies.dots_saveable,
                    "full": jax.checkpoint_policies.nothing_saveable}
 
 
@@ -63,6 +86,26 @@ def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_i
     """A unit-scale N(0, 1) matrix whose first `fan_in_dims` axes are contracted."""
     value = jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False, fan_in_dims=fan_in_dims)
+
+
+def _cast(param: nnx.Param, dtype: jnp.dtype) -> jax.Array:
+    """A weight's shard, cast to the compute dtype (still in its storage layout)."""
+    return keep_stored(param[...], param.get_metadata()["out_sharding"]).astype(dtype)
+
+
+def _read(param: nnx.Param, dtype: jnp.dtype) -> jax.Array:
+    """A weight as a matmul reads it: cast to the compute dtype, then laid out by the compute
+    rules (under FSDP this is the all-gather of the shard, in the compute dtype)."""
+    return _laid_out(_cast(param, dtype), param.get_metadata()["out_sharding"])
+
+
+def _laid_out(weight: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """A weight (in its storage layout) moved to its compute layout; the backward pass
+    gathers it again instead of keeping it from the forward pass (`_REMAT_POLICIES`)."""
+    return constrain(keep_stored(weight, axes), axes)
+
+
+ACTIVATION = ("batch", "sequence", "embed")  # the residual stream's axes
 
 
 def sp_scales(cfg: ModelConfig) -> ForwardScales:
@@ -120,6 +163,10 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+_Q = ("batch", "sequence", "heads", "head_dim")
+_KV = ("batch", "sequence", "kv_heads", "head_dim")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, scale: float, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -133,11 +180,21 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, "head_dim", cfg.norm_eps)
 
     def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries (B, T, N, D), keys and values (B, T, K, D): projected, QK-normed, rotated."""
-        dtype = x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dtype))
-        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dtype))
+        """Queries (B, T, N, D), keys and values (B, T, K, D): projected, QK-normed, rotated.
+
+        One matmul for all three, with the weights grouped per kv head as
+        (embed, kv_heads, N/K + 2, head_dim): query head n = kv head n // (N/K), as GQA
+        reads them. Its backward is one matmul too, so tensor parallelism all-reduces the
+        input's gradient once (Megatron's fused QKV) rather than once per projection.
+        The grouping is local to each tensor shard when the tensor axis divides K; where it
+        does not, attention runs replicated over the tensor axis."""
+        b, t, _ = x.shape
+        n, k, h = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
+        wq = _cast(self.wq, x.dtype).reshape(-1, k, n // k, h)  # grouped while still sharded
+        wk, wv = _cast(self.wk, x.dtype)[:, :, None], _cast(self.wv, x.dtype)[:, :, None]
+        w = _laid_out(jnp.concatenate([wq, wk, wv], axis=2), ("embed", "kv_heads", None, "head_dim"))
+        qkv = constrain(jnp.einsum("btd,dkgh->btkgh", x, w), ("batch", "sequence", "kv_heads", None, "head_dim"))
+        q, k, v = qkv[:, :, :, :-2].reshape(b, t, n, h), qkv[:, :, :, -2], qkv[:, :, :, -1]
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta), v
@@ -156,7 +213,8 @@ class Attention(nnx.Module):
             cache = cache.extend(k, v)
             visible = jnp.arange(cache.k.shape[1])[None, :] <= positions[0][:, None]  # (T, max_len)
             out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=visible[None, None], scale=self.scale)
-        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(x.dtype)), cache
+        out = constrain(out, _Q)
+        return constrain(jnp.einsum("btnh,nhd->btd", out, _read(self.wo, x.dtype)), ACTIVATION), cache
 
     def _scores(self, q: jax.Array, k: jax.Array, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
         """scale * q.k (B, N, Tq, Tk), float32, -inf where the causal mask hides a key;
@@ -193,9 +251,14 @@ class SwiGLU(nnx.Module):
         self.w_down = _matrix(rngs, (f, d), ("mlp", "embed"), 1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Gate and up projections as one matmul over the stacked (embed, 2, mlp) weights,
+        so its backward all-reduces the input's gradient once under tensor parallelism."""
         dtype = x.dtype
-        gate = jax.nn.silu(x @ self.w_gate[...].astype(dtype))
-        return (gate * (x @ self.w_up[...].astype(dtype))) @ self.w_down[...].astype(dtype)
+        w = _laid_out(jnp.stack([_cast(self.w_gate, dtype), _cast(self.w_up, dtype)], axis=1),
+                      ("embed", None, "mlp"))
+        gate_up = constrain(jnp.einsum("btd,dcf->btcf", x, w), ("batch", "sequence", None, "mlp"))
+        hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+        return constrain(hidden @ _read(self.w_down, dtype), ACTIVATION)
 
 
 class Block(nnx.Module):
@@ -214,7 +277,7 @@ class Block(nnx.Module):
         attended, cache = self.attn(self.attn_norm(x), positions, cache, mask)
         x = x + self.residual * dropout(attended, self.dropout_rate, keys[0])
         branch = dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
-        return x + self.residual * branch, cache
+        return constrain(x + self.residual * branch, ACTIVATION), cache
 
 
 class Transformer(nnx.Module):
@@ -222,12 +285,20 @@ class Transformer(nnx.Module):
         scales = scales or sp_scales(cfg)
         self.cfg = cfg
         self.embed = _matrix(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1)
-        self.blocks = nnx.List([Block(cfg, scales, rngs) for _ in range(cfg.n_layers)])
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(layer_rngs: nnx.Rngs) -> Block:
+            return Block(cfg, scales, layer_rngs)
+
+        self.blocks = stacked_blocks(rngs.split(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
         self.lm_head = _matrix(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens, axis=0).astype(compute_dtype(self.cfg))
+        """The lookup reads the whole table (all-gathered like any weight: vocab x embed is
+        one layer's worth of bytes), so the output is batch-sharded with no activation traffic."""
+        table = constrain(_cast(self.embed, compute_dtype(self.cfg)), (None, None))
+        return constrain(jnp.take(table, tokens, axis=0), ACTIVATION)
 
     def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -235,21 +306,20 @@ class Transformer(nnx.Module):
         (packed documents), positions restart at every document and no token attends to
         another document's."""
         positions, mask = segment_positions_and_mask(segment_ids, tokens.shape)
-        x = self.embed_tokens(tokens)
-        if self.cfg.remat == "none" and not self.cfg.scan_layers:
-            for i, block in enumerate(self.blocks):
-                x, _ = block(x, positions, _layer_key(dropout_key, i), mask=mask)
-        else:
-            x = self._blocks_as_function(x, positions, dropout_key, mask)
-        return self.logits(x)
+        return self.logits(self._scan_blocks(self.embed_tokens(tokens), positions, dropout_key, mask))
 
     def logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
-        return jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", x, _read(self.lm_head, x.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "sequence", "vocab"))
+
+    def layer(self, index: int) -> Block:
+        """Layer `index` of the stack as an ordinary Block (its weights sliced out)."""
+        graphdef, stacked = nnx.split(self.blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda w: w[index], stacked))
 
     def empty_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        return [KVCache.empty(self.cfg, batch, max_len, compute_dtype(self.cfg)) for _ in self.blocks]
+        return [KVCache.empty(self.cfg, batch, max_len, compute_dtype(self.cfg)) for _ in range(self.cfg.n_layers)]
 
     def decode(self, tokens: jax.Array, caches: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
         """Logits of `tokens` (B, T), which continue the cached sequence, and the caches
@@ -258,35 +328,25 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed_tokens(tokens)
         extended = []
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block(x, positions, None, cache)
+        for index, cache in enumerate(caches):
+            x, cache = self.layer(index)(x, positions, None, cache)
             extended.append(cache)
         return self.logits(x), extended
 
-    def _blocks_as_function(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None,
-                            mask: jax.Array | None) -> jax.Array:
-        """The blocks as one pure function of (weights, x), rematerialised and/or scanned.
+    def _scan_blocks(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None,
+                     mask: jax.Array | None) -> jax.Array:
+        """x through every layer: one `lax.scan` over the stacked weights (unrolled when
+        `scan_layers` is off), each layer rematerialised by `model.remat` (`_REMAT_POLICIES`)."""
+        graphdef, stacked = nnx.split(self.blocks)
 
-        With scan_layers the per-layer weights are stacked inside the step (one extra copy
-        of the block weights) and `lax.scan` traces and compiles a single block; the
-        parameter tree, and so checkpoints, are the same either way.
-        """
-        graphdef = nnx.graphdef(self.blocks[0])
-        states = [nnx.to_pure_dict(nnx.state(block)) for block in self.blocks]
+        def one_layer(x: jax.Array, layer: tuple) -> tuple[jax.Array, None]:
+            weights, index = layer
+            block = nnx.merge(graphdef, weights)
+            return block(x, positions, _layer_key(dropout_key, index), mask=mask)[0], None
 
-        def apply(state, x, key):
-            return nnx.merge(graphdef, state)(x, positions, key, mask=mask)[0]
-
-        if self.cfg.remat != "none":
-            apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[self.cfg.remat])
-        if not self.cfg.scan_layers:
-            for i, state in enumerate(states):
-                x = apply(state, x, _layer_key(dropout_key, i))
-            return x
-        stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)
-        keys = None if dropout_key is None else jax.vmap(lambda i: _layer_key(dropout_key, i))(
-            jnp.arange(len(states)))
-        x, _ = jax.lax.scan(lambda x, layer: (apply(layer[0], x, layer[1]), None), x, (stacked, keys))
+        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat])
+        x, _ = jax.lax.scan(one_layer, x, (stacked, jnp.arange(self.cfg.n_layers)),
+                            unroll=1 if self.cfg.scan_layers else self.cfg.n_layers)
         return x
 
 

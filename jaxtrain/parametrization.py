@@ -3,7 +3,10 @@ per-parameter learning rates, Adam epsilon and weight decay.
 
 Every parameter gets exactly one ROLE, read from its logical axes (which dimensions grow
 with width) and from how many leading axes it contracts (`fan_in_dims` metadata), never
-from its name. Vocabulary is the only axis that does not grow with width.
+from its name. Vocabulary is the only axis that does not grow with width. The blocks'
+weights are stored stacked with a leading `layers` axis: it is neither width nor fan-in,
+so a stacked weight's rule is that of one layer's slice (`ParamRule.layers` records the
+stack size; every layer of a stack has the same rule, as every depth rule is per model).
 
     role       fan-in axes   fan-out axes   examples
     embedding  fixed         grow           token embedding (vocab, embed)
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -48,6 +52,7 @@ from jaxtrain.config import Config
 from jaxtrain.errors import UserError
 
 VOCAB_AXIS = "vocab"  # the only logical axis that does not grow with width
+LAYERS_AXIS = "layers"  # the leading axis of the stacked blocks' weights
 ROLES = ("embedding", "hidden", "readout", "vector")
 
 
@@ -56,13 +61,22 @@ class ParamRule:
     """Everything the table says about one parameter."""
 
     role: str
-    shape: tuple[int, ...]
-    fan_in_dims: int  # leading axes contracted by the forward pass
+    shape: tuple[int, ...]  # of one layer's slice for stacked weights
+    fan_in_dims: int  # leading axes (of that slice) contracted by the forward pass
     init_std: float  # the parameter is created unit-scale and multiplied by this
     multiplier: float  # forward pass uses multiplier * parameter
     lr: float  # multiplies the scheduled learning rate
     eps: float  # multiplies optimizer.eps
     weight_decay: float  # multiplies optimizer.weight_decay
+    layers: int = 0  # size of the leading `layers` axis of a stacked weight, 0 if not stacked
+
+    def per_layer_paths(self, path: str) -> list[str]:
+        """`blocks.attn.wq` -> blocks.0.attn.wq, blocks.1.attn.wq, ... (a stacked weight's
+        layers, named as per-layer statistics are reported); other paths unchanged."""
+        if not self.layers:
+            return [path]
+        head, _, rest = path.partition(".")
+        return [f"{head}.{i}.{rest}" for i in range(self.layers)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +179,11 @@ def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
         meta = variable.get_metadata()
         axes, fan_in_dims = tuple(meta["out_sharding"]), meta.get("fan_in_dims", 0)
         shape = tuple(variable.get_value().shape)
-        rules[".".join(str(k) for k in key_path)] = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in_dims)
+        layers = shape[0] if axes[0] == LAYERS_AXIS else 0
+        if layers:
+            axes, shape = axes[1:], shape[1:]
+        rule = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in_dims)
+        rules[".".join(str(k) for k in key_path)] = dataclasses.replace(rule, layers=layers)
     d0, l0 = base_shape(cfg)
     return Table(cfg.parametrization.name, cfg.model.d_model / d0, cfg.model.n_layers / l0,
                  forward_scales(cfg), rules)
@@ -188,6 +206,10 @@ def describe_difference(saved: dict, current: dict) -> str | None:
         if saved.get(key) != current.get(key):
             return f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}"
     old, new = saved.get("rules", {}), current["rules"]
+    if any(re.match(r"blocks\.\d+\.", path) for path in old):
+        return ("the checkpoint stores one set of weights per layer (blocks.0.*, blocks.1.*, ...), the "
+                "layout of jaxtrain before stacked layers; this version stores them stacked (blocks.*) "
+                "and cannot resume it")
     for path in sorted(set(old) | set(new)):
         if path not in old or path not in new:
             return f"parameter {path} is only in the {'checkpoint' if path in old else 'new model'}"

@@ -1,20 +1,43 @@
-"""Device mesh from config, logical-axis -> mesh-axis rules, and shardings for state and batch.
+"""Device mesh from config, and ONE rules table per mode mapping logical axis names to
+mesh axes: where parameters are stored, and where activations (and the weights a matmul
+reads) live while the step computes.
 
 Mesh axes, outermost first: `data` (pure data parallel, params replicated), `fsdp` (data
 parallel with params/optimizer state sharded along `embed`, ZeRO-3 style) and `tensor`
 (Megatron-style tensor parallel over heads / MLP width / vocabulary).
 
-The mesh uses `AxisType.Auto` on purpose (jax >= 0.10 makes `jax.make_mesh` default to
-Explicit axes, where shardings become part of every array type and each op must be
-unambiguous). With Auto axes we pin shardings only at the compiled boundary (jit
-in/out shardings for state and batch) and let XLA's propagation place the activations.
-That keeps the model code free of sharding annotations and works on CPU, GPU and TPU.
+Two tables, one vocabulary of names (the model names logical axes, never mesh axes):
+
+  STORAGE_RULES   parameters, gradients and optimizer state at rest. `embed` over fsdp is
+                  the ZeRO-3 shard; `layers` (the stacked blocks' leading axis) is never split.
+  COMPUTE_RULES   activations, and the weights as a matmul reads them. `batch` over
+                  data x fsdp; heads / kv_heads / mlp / vocab over tensor; `embed` whole.
+
+`constrain(x, axes)` pins an array to its COMPUTE_RULES layout; the model calls it at the
+embedding output, on q/k/v and the attention output, on the MLP hidden, at each block
+output and on the logits, and on every weight it reads (after the cast to the compute
+dtype). That last constraint is what makes FSDP ZeRO-3: a weight stored as (embed/fsdp, ..)
+must be all-gathered over fsdp, in the compute dtype, right where a layer uses it, and its
+gradient, which comes out of the matmul batch-partial, is reduce-scattered back to the
+shard (XLA's SPMD partitioner emits an all-reduce + slice or a reduce-scatter for that).
+The optimizer then updates shards only. Without these constraints XLA's sharding
+propagation is free to keep the weight sharded on `embed` and move the activations
+instead, which it did: measured before this table existed, 19x (batch 32) to 148x
+(batch 256) the ZeRO-3 bytes on `configs/small.yaml` with fsdp=8 (docs/performance.md).
+
+Mesh axis types: `AxisType.Auto` (sharding propagation fills in every array the model does
+not constrain). jax >= 0.10 can also make `Explicit` axes, where the sharding is part of
+each array's type and every op must be unambiguous; the measured Auto + constraints step
+already reaches the ZeRO-3 / Megatron bytes (docs/performance.md, "Scaling"), and Explicit
+would ask every einsum, gather and optax leaf to state or reshard its layout, so Auto is
+kept. `constrain` outside a mesh context (one device, generate, notebooks) does nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -24,16 +47,30 @@ from jaxtrain.config import Config, MeshConfig
 from jaxtrain.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+Rules = dict[str, str | tuple[str, ...] | None]
 
-# Logical axis -> mesh axis (or None = replicated). One table for the whole model.
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+# Logical axis -> mesh axis (or None = replicated), for parameters and optimizer state.
+STORAGE_RULES: Rules = {
+    "layers": None,
+    "vocab": "tensor",
     "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+}
+
+# ... and for activations and the weights as the matmuls read them (all-gathered over fsdp).
+COMPUTE_RULES: Rules = {
+    "batch": ("data", "fsdp"),
+    "sequence": None,
+    "embed": None,
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
+    "layers": None,
 }
 
 
@@ -62,13 +99,15 @@ def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Map logical axis names to a PartitionSpec; a dim not divisible by its mesh axes is
-    replicated instead (e.g. 2 kv heads on tensor=4), and no mesh axis is used twice."""
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Any,
+                    rules: Rules = STORAGE_RULES) -> P:
+    """Map logical axis names to a PartitionSpec under `rules`; a dim not divisible by its
+    mesh axes is replicated instead (e.g. 2 kv heads on tensor=4), and no mesh axis is
+    used twice."""
     used: set[str] = set()
     spec = []
     for name, dim in zip(axes, shape, strict=True):
-        target = LOGICAL_RULES.get(name) if name else None
+        target = rules.get(name) if name else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
         mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
         if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
@@ -77,6 +116,37 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
         else:
             spec.append(None)
     return P(*spec)
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+    """fn, traced with `mesh` as the mesh that `constrain` lays arrays out on (wrap a step
+    in this before `jax.jit`: the constraints are read when jit traces it)."""
+    @functools.wraps(fn)
+    def on_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return on_mesh
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """x pinned to its COMPUTE_RULES layout on the current mesh (see the module docstring);
+    `axes` names x's dimensions, or its trailing ones (a stacked weight's slice inside the
+    layer scan has lost its leading `layers` axis). No mesh, or one device: x unchanged."""
+    return _pinned(x, axes, COMPUTE_RULES)
+
+
+def keep_stored(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """x pinned to its STORAGE_RULES layout: a weight before it is laid out for compute, so
+    that what the backward pass keeps of it is the shard, and the gather happens in the layer."""
+    return _pinned(x, axes, STORAGE_RULES)
+
+
+def _pinned(x: jax.Array, axes: tuple[str | None, ...], rules: Rules) -> jax.Array:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    axes = tuple(axes)[len(axes) - x.ndim:]
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
 def param_shardings(logical_axes: Any, abstract_params: Any, mesh: Mesh) -> Any:
@@ -92,7 +162,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sequences split over data x fsdp (the `batch` rule); the time axis is not split."""
-    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], None))
+    return NamedSharding(mesh, P(COMPUTE_RULES["batch"], None))
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index * B/count, (index + 1) * B/count) of
+    every global batch, read off the batch sharding itself (the rows its addressable
+    devices hold), so any valid mesh over any number of processes builds the same global
+    batch. Where the batch is replicated across processes (e.g. mesh.tensor spanning them)
+    count is 1 and every process feeds the whole batch."""
+    shards = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
+    rows = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop) for s in shards.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    if any(a[1] != b[0] for a, b in zip(rows, rows[1:])) or batch_size % (stop - start) or start % (stop - start):
+        raise ConfigError("mesh", f"process {jax.process_index()}'s devices hold rows {rows} of the "
+                                  f"{batch_size}-row batch, not one contiguous block: order the mesh so each "
+                                  f"process's devices are adjacent along data x fsdp")
+    return start // (stop - start), batch_size // (stop - start)
 
 
 def check_batch_divides(cfg: Config, mesh: Mesh) -> None:
@@ -105,6 +191,4 @@ def check_batch_divides(cfg: Config, mesh: Mesh) -> None:
         raise ConfigError("train.microbatches",
                           f"{micro} microbatches of a {cfg.train.batch_size}-sequence batch do not split "
                           f"evenly over data*fsdp = {shards}")
-    if cfg.train.batch_size % jax.process_count():
-        raise ConfigError("train.batch_size",
-                          f"{cfg.train.batch_size} is not divisible by {jax.process_count()} processes")
+    process_rows(mesh, cfg.train.batch_size)

@@ -43,7 +43,8 @@ def forward_telemetry(model: Transformer, tokens: jax.Array) -> dict[str, jax.Ar
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = model.embed_tokens(tokens)
     out = {}
-    for i, block in enumerate(model.blocks):
+    for i in range(model.cfg.n_layers):
+        block = model.layer(i)
         out[f"max_attn_logit/{i}"] = block.attn.max_logit(block.attn_norm(x), positions)
         x, _ = block(x, positions, None)
     log_z = jax.nn.logsumexp(model.logits(x), axis=-1)

@@ -145,11 +145,11 @@ class _Parts:
 def _build(cfg: Config, spec: ts.ModelSpec, mesh, sources: list[DataSource]) -> _Parts:
     steps = ts.build_steps(cfg, spec, mesh)
     tx, shardings = steps.tx, steps.shardings
-    pid, nproc = jax.process_index(), jax.process_count()
+    rows, row_blocks = sharding.process_rows(mesh, cfg.train.batch_size)
     batch_sharding = sharding.batch_sharding(mesh)
     to_global = lambda local: jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
-    iterator = pipeline.train_iterator(cfg, sources, pid, nproc, warn=_warn)
+    iterator = pipeline.train_iterator(cfg, sources, rows, row_blocks, warn=_warn)
     diagnose = ts.compile_diagnose(cfg, spec, shardings, mesh)
     evaluator = Evaluator(steps.evaluate, cfg, sources, mesh)
     return _Parts(spec, tx, shardings, steps.train, steps.train_telemetry, diagnose, evaluator, iterator, to_global)

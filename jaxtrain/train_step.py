@@ -212,12 +212,13 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
                              z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0,
                              microbatches=cfg.train.microbatches,
                              skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    train = jax.jit(step, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep),
-                    donate_argnums=0)
+    train = jax.jit(sharding.traced_on(mesh, step), in_shardings=(shardings, batch_sh, rep),
+                    out_shardings=(shardings, rep), donate_argnums=0)
     # compiled on first use only, i.e. only when diagnostics.telemetry_every > 0
-    train_telemetry = jax.jit(functools.partial(step, telemetry=True), in_shardings=(shardings, batch_sh, rep),
-                              out_shardings=(shardings, rep), donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, spec=spec),
+    train_telemetry = jax.jit(sharding.traced_on(mesh, functools.partial(step, telemetry=True)),
+                              in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep),
+                              donate_argnums=0)
+    evaluate = jax.jit(sharding.traced_on(mesh, functools.partial(eval_step, spec=spec)),
                        in_shardings=(shardings.params, batch_sh), out_shardings=rep)
     return train, train_telemetry, evaluate
 
@@ -251,5 +252,5 @@ def compile_diagnose(cfg: Config, spec: ModelSpec, shardings: TrainState, mesh: 
     loss = lambda params, batch: loss_and_metrics(params, spec, batch, cfg.train.z_loss)[0]
     diagnose = diagnostics.make_diagnose(cfg.diagnostics, spec.table, loss)
     rep = sharding.replicated(mesh)
-    return jax.jit(diagnose, in_shardings=(shardings.params, sharding.batch_sharding(mesh), rep),
+    return jax.jit(sharding.traced_on(mesh, diagnose), in_shardings=(shardings.params, sharding.batch_sharding(mesh), rep),
                    out_shardings=rep)

@@ -104,8 +104,8 @@ def test_bench_bad_input_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("overrides, primitive", [
-    (("model.remat=full",), "remat2"), (("model.scan_layers=true",), "scan"),
-    (("train.microbatches=2",), "scan")])
+    (("model.remat=full",), "nothing_saveable"), (("model.scan_layers=false",), "unroll=2"),  # tiny: 2 layers
+    (("train.microbatches=2",), "scan[")])
 def test_the_options_are_in_the_traced_step(overrides, primitive):
     """Guards the equality test above against options that are silently ignored."""
     def jaxpr_text(*extra):
@@ -117,4 +117,4 @@ def test_the_options_are_in_the_traced_step(overrides, primitive):
                                           dropout=False, microbatches=cfg.train.microbatches)
         return str(jax.make_jaxpr(step)(state, text_batches()[0]))
 
-    assert jaxpr_text(*overrides).count(f"{primitive}[") > jaxpr_text().count(f"{primitive}[")
+    assert jaxpr_text(*overrides).count(primitive) > jaxpr_text().count(primitive)

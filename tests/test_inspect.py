@@ -128,7 +128,7 @@ def test_attention_maps_reproduce_the_attention_output(runs):
     assert len(maps) == loaded.cfg.model.n_layers and maps[0].shape == (2, 4, 32, 32)
     np.testing.assert_allclose(np.asarray(maps[0].sum(-1)), 1.0, atol=1e-5)
     assert float(jnp.triu(maps[0], k=1).max()) == 0.0  # causal
-    block = model.blocks[0]
+    block = model.layer(0)
     x = block.attn_norm(model.embed_tokens(tokens))
     positions = jnp.broadcast_to(jnp.arange(32), tokens.shape)
     _, _, v = block.attn._qkv(x, positions)

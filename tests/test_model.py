@@ -49,8 +49,13 @@ def test_every_parameter_has_one_logical_name_per_dimension():
     shapes = jax.tree.leaves(spec.abstract_params)
     assert len(names) == len(shapes) > 0
     known = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
-    for axes, leaf in zip(names, shapes, strict=True):
-        assert len(axes) == leaf.ndim and set(axes) <= known, (axes, leaf.shape)
+    paths = [ts.parametrization.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(spec.abstract_params)[0]]
+    for path, axes, leaf in zip(paths, names, shapes, strict=True):
+        assert len(axes) == leaf.ndim and set(axes) <= known | {"layers"}, (axes, leaf.shape)
+        # the blocks' weights, and only they, are stored stacked: one leading layers axis
+        stacked = path.startswith("blocks.")
+        assert (axes[0] == "layers" and leaf.shape[0] == cfg.model.n_layers) == stacked, path
+        assert "layers" not in axes[1:]
 
 
 def test_loss_is_cross_entropy_plus_z_loss():

@@ -27,11 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(workdir: Path, port: int) -> subprocess.Popen:
+def launch_two(workdir: Path, port: int, settings: tuple[str, ...] = REFERENCE_SETTINGS) -> subprocess.Popen:
     env = {**os.environ, "JAXTRAIN_PORT": str(port), "JAXTRAIN_CPU_DEVICES": "4", "PYTHONUNBUFFERED": "1",
            "JAXTRAIN_BIN": str(Path(sys.executable).parent / "jaxtrain")}
     return subprocess.Popen(["bash", str(REPO / "launch" / "multiprocess.sh"), "2", str(TINY), str(workdir),
-                             *REFERENCE_SETTINGS], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             *settings], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -65,6 +65,25 @@ def test_two_processes_of_four_devices_match_one_process_of_eight_and_stop_toget
         if "val_loss" in b:
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
     assert_same_params(final_params(tmp_path), final_params(cli_reference), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mesh", [("mesh.fsdp=1", "mesh.tensor=8"), ("mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4")])
+def test_each_process_feeds_the_rows_its_devices_hold(mesh, tmp_path):
+    """tensor=8 over 2 x 4 devices: the batch is replicated across the processes, so each
+    feeds all of it; data=2 x tensor=4: each feeds its half. Either way the global batch,
+    and so every loss, is the single-process 8-device run's."""
+    settings = (*REFERENCE_SETTINGS, "--set", "train.steps=8", "--set", "schedule.warmup_steps=2",
+                "--set", "checkpoint.every_steps=8", *(s for m in mesh for s in ("--set", m)))
+    launcher = launch_two(tmp_path / "two", free_port(), settings)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err
+    single = subprocess.run([sys.executable, "-m", "jaxtrain", "train", str(TINY), "--workdir", str(tmp_path / "one"),
+                             *settings], cwd=REPO, env=cli_env(8), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    got, want = logged_rows(tmp_path / "two"), logged_rows(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 9))
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
 
 
 def test_a_dead_peer_makes_the_survivor_exit_with_an_error_in_bounded_time(tmp_path):

@@ -84,7 +84,7 @@ def test_init_std_and_learning_rates_follow_the_table_across_widths(name):
             assert np.median(moved) == pytest.approx(lr * rule.lr, rel=0.02), path
             measured[width, path] = (rule.init_std, rule.lr)
     m = 256 / 64
-    hidden = "blocks.0.mlp.w_up"
+    hidden = "blocks.mlp.w_up"
     std_64, lr_64 = measured[64, hidden]
     std_256, lr_256 = measured[256, hidden]
     assert std_256 == pytest.approx(std_64 / math.sqrt(m))  # fan_in grew 4x in both
@@ -117,15 +117,15 @@ def test_depth_scaling_rules(alpha):
     table = ts.model_spec(config(64, "mup", depth=8, depth_alpha=alpha)).table
     r = 8 / 2
     assert table.forward.residual == pytest.approx(r**-alpha)
-    assert table.rules["blocks.3.attn.wq"].lr == pytest.approx(r ** (alpha - 1))
-    assert table.rules["blocks.3.attn.wq"].eps == pytest.approx(r**-alpha)
+    assert table.rules["blocks.attn.wq"].lr == pytest.approx(r ** (alpha - 1))
+    assert table.rules["blocks.attn.wq"].eps == pytest.approx(r**-alpha)
     assert table.rules["embed"].lr == 1.0
 
 
 def test_weight_decay_width_exponent_and_mode():
     cfg = config(256, "mup", gamma=0.5)
     table = ts.model_spec(cfg).table
-    assert table.rules["blocks.0.mlp.w_down"].weight_decay == pytest.approx(2.0)  # (256/64)^0.5
+    assert table.rules["blocks.mlp.w_down"].weight_decay == pytest.approx(2.0)  # (256/64)^0.5
     assert table.rules["final_norm.scale"].weight_decay == 0.0  # vector-like: not decayed
     raw = cfg.to_dict()
     raw["optimizer"].update(weight_decay=0.1, weight_decay_mode="independent", lr=1.0)
@@ -135,9 +135,9 @@ def test_weight_decay_width_exponent_and_mode():
     params = ts.init_params(from_dict(raw), spec, jax.random.PRNGKey(0))
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params, learning_rate=lr)  # zero gradients: only decay acts
-    w = params["blocks"][0]["mlp"]["w_down"]
+    w = params["blocks"]["mlp"]["w_down"]
     # independent: -(lr(t)/eta) * lambda * m^gamma * theta, no muP LR multiplier
-    np.testing.assert_allclose(updates["blocks"][0]["mlp"]["w_down"], -0.1 * 2.0 * w, rtol=1e-5)
+    np.testing.assert_allclose(updates["blocks"]["mlp"]["w_down"], -0.1 * 2.0 * w, rtol=1e-5)
     np.testing.assert_array_equal(updates["final_norm"]["scale"], 0.0)
 
 

@@ -60,13 +60,13 @@ def test_step_matches_single_device(name, reference):
 
 def test_params_and_moments_are_actually_sharded():
     _, state = two_steps(MESHES["fsdp2xtensor4"])
-    w_up = state.params["blocks"][0]["mlp"]["w_up"]
-    assert w_up.sharding.spec == P("fsdp", "tensor")
-    assert w_up.addressable_shards[0].data.shape == (64 // 2, w_up.shape[1] // 4)
-    wk = state.params["blocks"][0]["attn"]["wk"]  # 2 kv heads cannot split over tensor=4
-    assert wk.sharding.spec == P("fsdp", None, None)
+    w_up = state.params["blocks"]["mlp"]["w_up"]  # stacked: (layers, embed, mlp)
+    assert w_up.sharding.spec == P(None, "fsdp", "tensor")
+    assert w_up.addressable_shards[0].data.shape == (2, 64 // 2, w_up.shape[2] // 4)
+    wk = state.params["blocks"]["attn"]["wk"]  # 2 kv heads cannot split over tensor=4
+    assert wk.sharding.spec == P(None, "fsdp", None, None)
     moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.shape == w_up.shape]
-    assert moments and all(m.sharding.spec == P("fsdp", "tensor") for m in moments)
+    assert moments and all(m.sharding.spec == P(None, "fsdp", "tensor") for m in moments)
 
 
 def test_mesh_fill_axis():

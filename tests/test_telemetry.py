@@ -34,7 +34,7 @@ def test_telemetry_matches_direct_computation_and_leaves_the_update_alone():
         model = ts.bind_model(spec, params)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x, full, chunked = model.embed_tokens(tokens), [], []
-        for block in model.blocks:
+        for block in map(model.layer, range(cfg.model.n_layers)):
             full.append(jnp.max(block.attn.logits(block.attn_norm(x), positions)))  # whole (T, T) at once
             chunked.append(block.attn.max_logit(block.attn_norm(x), positions, chunk=16))
             x, _ = block(x, positions, None)

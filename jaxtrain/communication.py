@@ -1,0 +1,158 @@
+"""Collective bytes per device per step: an analytic model of what the sharding rules make
+the train step move, the same count read off a compiled step's HLO, and a roofline.
+
+The analytic model follows `sharding.py`'s two tables. For every parameter, c = its
+elements per device in the COMPUTE layout (what a matmul reads: sharded over `tensor`
+only) and s = in the STORAGE layout. With a mesh data x fsdp x tensor = D x F x T,
+m microbatches, b = bytes of the dtype the collectives move:
+
+  parameter all-gather   m * g * c * b   for every weight stored sharded beyond its compute
+                         layout (under FSDP: all of them), over the s -> c group.
+                         g = 2 for the weights read inside the layer scan and the norm
+                         gains (gathered in the forward pass and again in the backward:
+                         ZeRO-3, `model._REMAT_POLICIES`), g = 1 for the token embedding and
+                         the LM head (their gathered copy serves the backward pass too).
+  gradient reduction     c * 4 per parameter when D * F > 1: float32 gradients summed over
+                         the batch devices (XLA:CPU emits all-reduce + slice, which counts
+                         the full c; GPU/TPU turn it into a reduce-scatter onto s).
+  tensor all-reduces     m * (4 L + 1) * (B / (D F m)) * S * d * b when T > 1: Megatron's
+                         two per layer forward (attention and MLP outputs) and two backward
+                         (their inputs' gradients; q/k/v and gate/up are fused matmuls, so
+                         one each), plus the LM head input's gradient.
+
+Not counted (each under 1% here): the loss's (B, S) reductions over a vocab-sharded
+`tensor` axis and the scalar all-reduces of the gradient norm and metrics.
+
+Sizes are "output bytes per device" like `hlo_collectives`, so the two are comparable. The
+roofline turns them into time with ring algorithms, traffic per device = c (n-1)/n for a
+gather or reduce-scatter over n devices and 2 c (n-1)/n for an all-reduce, at the target's
+link bandwidth, and compares it with compute time = model FLOPs per device / peak:
+
+    step time >= max(compute, communication)     (perfect overlap; no kernel overheads)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtrain import flops, hlo_collectives, sharding
+from jaxtrain import train_step as ts
+from jaxtrain.config import Config
+from jaxtrain.parametrization import path_str
+
+# Read once by the layer scan's forward pass and again by its backward pass (ZeRO-3).
+_GATHERED_ONCE = ("embed", "lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One device of a cluster, for the roofline. Link bandwidth is what one ring collective
+    gets per device and direction; where the mesh spans nodes every collective is charged
+    the slower inter-node figure (a conservative bound)."""
+
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s per device
+    link_bytes_per_s: float  # within a node / slice
+    devices_per_node: int
+    internode_bytes_per_s: float
+    note: str
+
+
+TARGETS = {
+    "h100": Target("H100 SXM", 989e12, 450e9, 8, 50e9,
+                   "NVLink 4: 18 links x 25 GB/s per direction within a node of 8; between "
+                   "nodes one 400 Gb/s InfiniBand NDR port per GPU"),
+    "tpu-v5p": Target("TPU v5p chip", 459e12, 200e9, 8960, 200e9,
+                      "ICI 4,800 Gb/s per chip over 6 torus links (100 GB/s each); a ring "
+                      "along one torus axis uses 2 of them. A v5p-64 slice is 32 chips"),
+}
+
+
+def _shards(spec: Any, mesh: Any) -> int:
+    return math.prod(math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s))
+                     for s in spec if s is not None)
+
+
+def _compute_spec(path: str, axes: tuple, shape: tuple, mesh: Any) -> Any:
+    if path == "embed":  # the lookup reads the whole table (model.Transformer.embed_tokens)
+        return jax.sharding.PartitionSpec()
+    return sharding.logical_to_spec(axes, shape, mesh, sharding.COMPUTE_RULES)
+
+
+def analytic(cfg: Config, mesh: Any, collective_bytes: int) -> dict[str, dict[str, float]]:
+    """{category: {"bytes", "traffic", "kind"}} per device per step (module docstring)."""
+    spec = ts.model_spec(cfg)
+    axes = {path_str(k): tuple(v) for k, v in jax.tree_util.tree_flatten_with_path(
+        spec.logical_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
+    shapes = {path_str(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(spec.abstract_params)[0]}
+    d, f, t = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]
+    micro = cfg.train.microbatches
+    gather = gather_traffic = grads = grads_traffic = 0.0
+    for path, shape in shapes.items():
+        stored = _shards(sharding.logical_to_spec(axes[path], shape, mesh), mesh)
+        computed = _shards(_compute_spec(path, axes[path], shape, mesh), mesh)
+        c = math.prod(shape) / computed
+        if stored > computed:
+            times = micro * (1 if path in _GATHERED_ONCE else 2)
+            n = stored // computed
+            gather += times * c * collective_bytes
+            gather_traffic += times * c * collective_bytes * (n - 1) / n
+        if d * f > 1:
+            grads += c * 4
+            grads_traffic += c * 4 * (d * f - 1) / (d * f) * (1 if f > 1 else 2)
+    tokens = cfg.train.batch_size * cfg.data.seq_len / (d * f)
+    tensor = (4 * cfg.model.n_layers + 1) * tokens * cfg.model.d_model * collective_bytes if t > 1 else 0.0
+    return {
+        "parameter all-gather": {"bytes": gather, "traffic": gather_traffic, "kind": "all-gather"},
+        "gradient reduction": {"bytes": grads, "traffic": grads_traffic, "kind": "all-reduce"},
+        "tensor all-reduce": {"bytes": tensor, "traffic": tensor * 2 * (t - 1) / t, "kind": "all-reduce"},
+    }
+
+
+def by_kind(model: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The analytic categories summed by HLO op kind (as `hlo_collectives` counts them)."""
+    kinds = dict.fromkeys(hlo_collectives.KINDS, 0.0)
+    for entry in model.values():
+        kinds[entry["kind"]] += entry["bytes"]
+    return kinds
+
+
+def roofline(cfg: Config, model: dict[str, dict[str, float]], devices: int, target: Target) -> dict[str, Any]:
+    """Compute and communication time of one step on `devices` of `target`, and their max."""
+    flops_per_device = flops.model_flops_per_token(cfg.model, cfg.data.seq_len) * (
+        cfg.train.batch_size * cfg.data.seq_len) / devices
+    bandwidth = target.link_bytes_per_s if devices <= target.devices_per_node else target.internode_bytes_per_s
+    traffic = sum(entry["traffic"] for entry in model.values())
+    compute_s, comm_s = flops_per_device / target.peak_flops, traffic / bandwidth
+    return {"target": target.name, "devices": devices, "link_bytes_per_s": bandwidth,
+            "compute_s": compute_s, "communication_s": comm_s, "step_s": max(compute_s, comm_s),
+            "bound": "compute" if compute_s >= comm_s else "communication",
+            "mfu_ceiling": compute_s / max(compute_s, comm_s), "assumptions": target.note}
+
+
+def abstract_step_arguments(cfg: Config, spec: ts.ModelSpec, steps: ts.Steps, mesh: Any) -> tuple:
+    """(state, batch, lr) of the train step as sharded ShapeDtypeStructs, to lower it with."""
+    state = ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32,
+                                 sharding=sharding.batch_sharding(mesh))
+    return state, batch, np.float32(cfg.optimizer.lr)
+
+
+def compiled_step(cfg: Config, mesh: Any) -> Any:
+    """The train step compiled for `mesh` from abstract arguments (nothing is allocated)."""
+    spec = ts.model_spec(cfg)
+    steps = ts.build_steps(cfg, spec, mesh)
+    return steps.train.lower(*abstract_step_arguments(cfg, spec, steps, mesh)).compile()
+
+
+def measured(cfg: Config, devices: list) -> dict[str, Any]:
+    """Collective bytes by kind, and temporary memory, of the step compiled on `devices`."""
+    compiled = compiled_step(cfg, sharding.make_mesh(cfg.mesh, devices))
+    text = compiled.as_text()
+    return {"bytes_by_kind": hlo_collectives.bytes_by_kind(text),
+            "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
