@@ -48,7 +48,7 @@ from flax import nnx
 from jaxtrain.config import ModelConfig
 from jaxtrain.errors import ConfigError
 from jaxtrain.parametrization import ForwardScales
-from jaxtrain.sharding import constrain, keep_stored
+from jaxtrain.sharding import constrain, keep_stored, splits
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -182,19 +182,22 @@ class Attention(nnx.Module):
     def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries (B, T, N, D), keys and values (B, T, K, D): projected, QK-normed, rotated.
 
-        One matmul for all three, with the weights grouped per kv head as
-        (embed, kv_heads, N/K + 2, head_dim): query head n = kv head n // (N/K), as GQA
-        reads them. Its backward is one matmul too, so tensor parallelism all-reduces the
-        input's gradient once (Megatron's fused QKV) rather than once per projection.
-        The grouping is local to each tensor shard when the tensor axis divides K; where it
-        does not, attention runs replicated over the tensor axis."""
-        b, t, _ = x.shape
+        Where the tensor axis splits the kv heads, one matmul projects all three, with the
+        weights grouped per kv head as (embed, kv_heads, N/K + 2, head_dim) (query head n
+        reads kv head n // (N/K), as GQA does): its backward is one matmul too, so the
+        input's gradient is all-reduced once (Megatron's fused QKV) instead of three times.
+        Elsewhere three matmuls, which skip the grouping's copies (faster on CPU)."""
         n, k, h = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
-        wq = _cast(self.wq, x.dtype).reshape(-1, k, n // k, h)  # grouped while still sharded
-        wk, wv = _cast(self.wk, x.dtype)[:, :, None], _cast(self.wv, x.dtype)[:, :, None]
-        w = _laid_out(jnp.concatenate([wq, wk, wv], axis=2), ("embed", "kv_heads", None, "head_dim"))
-        qkv = constrain(jnp.einsum("btd,dkgh->btkgh", x, w), ("batch", "sequence", "kv_heads", None, "head_dim"))
-        q, k, v = qkv[:, :, :, :-2].reshape(b, t, n, h), qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if splits("kv_heads", k):
+            wq = _cast(self.wq, x.dtype).reshape(-1, k, n // k, h)  # grouped while still sharded
+            wk, wv = _cast(self.wk, x.dtype)[:, :, None], _cast(self.wv, x.dtype)[:, :, None]
+            w = _laid_out(jnp.concatenate([wq, wk, wv], axis=2), ("embed", "kv_heads", None, "head_dim"))
+            qkv = constrain(jnp.einsum("btd,dkgh->btkgh", x, w), ("batch", "sequence", "kv_heads", None, "head_dim"))
+            q, k, v = qkv[:, :, :, :-2].reshape(*x.shape[:2], n, h), qkv[:, :, :, -2], qkv[:, :, :, -1]
+        else:
+            q = constrain(jnp.einsum("btd,dnh->btnh", x, _read(self.wq, x.dtype)), _Q)
+            k = constrain(jnp.einsum("btd,dkh->btkh", x, _read(self.wk, x.dtype)), _KV)
+            v = constrain(jnp.einsum("btd,dkh->btkh", x, _read(self.wv, x.dtype)), _KV)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta), v
@@ -251,9 +254,13 @@ class SwiGLU(nnx.Module):
         self.w_down = _matrix(rngs, (f, d), ("mlp", "embed"), 1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Gate and up projections as one matmul over the stacked (embed, 2, mlp) weights,
-        so its backward all-reduces the input's gradient once under tensor parallelism."""
-        dtype = x.dtype
+        """Where the tensor axis splits the MLP width, gate and up are one matmul over the
+        stacked (embed, 2, mlp) weights, so the input's gradient is all-reduced once."""
+        dtype, hidden_axes = x.dtype, ("batch", "sequence", "mlp")
+        if not splits("mlp", self.w_up.shape[-1]):
+            gate = constrain(x @ _read(self.w_gate, dtype), hidden_axes)
+            up = constrain(x @ _read(self.w_up, dtype), hidden_axes)
+            return constrain((jax.nn.silu(gate) * up) @ _read(self.w_down, dtype), ACTIVATION)
         w = _laid_out(jnp.stack([_cast(self.w_gate, dtype), _cast(self.w_up, dtype)], axis=1),
                       ("embed", None, "mlp"))
         gate_up = constrain(jnp.einsum("btd,dcf->btcf", x, w), ("batch", "sequence", None, "mlp"))
@@ -295,8 +302,8 @@ class Transformer(nnx.Module):
         self.lm_head = _matrix(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        """The lookup reads the whole table (all-gathered like any weight: vocab x embed is
-        one layer's worth of bytes), so the output is batch-sharded with no activation traffic."""
+        """The lookup reads the whole table (gathered once per step, like a weight), so its
+        output is batch-sharded with no activation traffic over the tensor axis."""
         table = constrain(_cast(self.embed, compute_dtype(self.cfg)), (None, None))
         return constrain(jnp.take(table, tokens, axis=0), ACTIVATION)
 
@@ -344,7 +351,7 @@ class Transformer(nnx.Module):
             block = nnx.merge(graphdef, weights)
             return block(x, positions, _layer_key(dropout_key, index), mask=mask)[0], None
 
-        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat])
+        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         x, _ = jax.lax.scan(one_layer, x, (stacked, jnp.arange(self.cfg.n_layers)),
                             unroll=1 if self.cfg.scan_layers else self.cfg.n_layers)
         return x

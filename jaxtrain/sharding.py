@@ -135,6 +135,13 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return _pinned(x, axes, COMPUTE_RULES)
 
 
+def splits(axis: str, size: int) -> bool:
+    """Whether the compute layout on the current mesh splits a dimension `size` long named
+    `axis` (False without a mesh, or where the mesh axis does not divide it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and logical_to_spec((axis,), (size,), mesh, COMPUTE_RULES)[0] is not None
+
+
 def keep_stored(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """x pinned to its STORAGE_RULES layout: a weight before it is laid out for compute, so
     that what the backward pass keeps of it is the shard, and the gather happens in the layer."""
