@@ -5,10 +5,11 @@ Training: window i of a source is tokens[i*T : i*T + T + 1] of its training spli
 indices are globally shuffled with a seeded permutation that grain redraws every epoch
 (seed data.seed + source index) and repeated forever; `mixture.py` decides which source
 fills each slot of the run's stream. Global batch b is slots [b*B, (b+1)*B)
-(B = train.batch_size); process p of P reads only its contiguous slice, rows
-[p*B/P, (p+1)*B/P), which is the part of the global batch its devices hold. So hosts
-never read the same window, and the global batch (content and order) is the same for
-any number of processes. A batch's windows are read together (asynchronous tensorstore
+(B = train.batch_size); a process reads only its contiguous slice, rows
+[p*B/P, (p+1)*B/P), the part of the global batch its devices hold: (p, P) come from the
+batch sharding (`sharding.process_rows`; P = 1 where the batch is replicated across
+processes). So the global batch (content and order) is the same for any number of
+processes and any mesh. A batch's windows are read together (asynchronous tensorstore
 reads, gathered), by `read_threads` grain threads ahead of the training loop.
 
 Packing (`data.packing`): each row also carries segment ids, the row-relative number of
