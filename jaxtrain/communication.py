@@ -45,7 +45,7 @@ from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.parametrization import path_str
 
-# Read once by the layer scan's forward pass and again by its backward pass (ZeRO-3).
+# Gathered once per step: their gathered copy serves the backward pass too (the block weights, outside this tuple, are gathered again there).
 _GATHERED_ONCE = ("embed", "lm_head")
 
 
