@@ -258,7 +258,6 @@ def _dry_run(args: argparse.Namespace) -> int:
     import jax
 
     from jaxtrain import dry_run
-
     from jaxtrain.communication import TARGETS
 
     if args.target is not None and args.target not in TARGETS:

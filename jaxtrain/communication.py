@@ -43,7 +43,6 @@ import numpy as np
 from jaxtrain import flops, hlo_collectives, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
-from jaxtrain.parametrization import path_str
 
 # Gathered once per step: their gathered copy serves the backward pass too (the block weights, outside this tuple, are gathered again there).
 _GATHERED_ONCE = ("embed", "lm_head")
@@ -73,29 +72,20 @@ TARGETS = {
 }
 
 
-def _shards(spec: Any, mesh: Any) -> int:
-    return math.prod(math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s))
-                     for s in spec if s is not None)
-
-
 def _compute_spec(path: str, axes: tuple, shape: tuple, mesh: Any) -> Any:
     if path == "embed":  # the lookup reads the whole table (model.Transformer.embed_tokens)
         return jax.sharding.PartitionSpec()
     return sharding.logical_to_spec(axes, shape, mesh, sharding.COMPUTE_RULES)
 
 
-def analytic(cfg: Config, mesh: Any, collective_bytes: int) -> dict[str, dict[str, float]]:
+def analytic(cfg: Config, spec: ts.ModelSpec, mesh: Any, collective_bytes: int) -> dict[str, dict[str, float]]:
     """{category: {"bytes", "traffic", "kind"}} per device per step (module docstring)."""
-    spec = ts.model_spec(cfg)
-    axes = {path_str(k): tuple(v) for k, v in jax.tree_util.tree_flatten_with_path(
-        spec.logical_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
-    shapes = {path_str(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(spec.abstract_params)[0]}
     d, f, t = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]
     micro = cfg.train.microbatches
     gather = gather_traffic = grads = grads_traffic = 0.0
-    for path, shape in shapes.items():
-        stored = _shards(sharding.logical_to_spec(axes[path], shape, mesh), mesh)
-        computed = _shards(_compute_spec(path, axes[path], shape, mesh), mesh)
+    for path, (axes, shape) in spec.params_by_path().items():
+        stored = sharding.shard_count(sharding.logical_to_spec(axes, shape, mesh), mesh)
+        computed = sharding.shard_count(_compute_spec(path, axes, shape, mesh), mesh)
         c = math.prod(shape) / computed
         if stored > computed:
             times = micro * (1 if path in _GATHERED_ONCE else 2)

@@ -45,14 +45,12 @@ import math
 import re
 from typing import Any
 
-import jax
 import yaml
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
 
 from jaxtrain import communication, flops, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
-from jaxtrain.parametrization import path_str
 from jaxtrain.schedules import lr_per_step, resolve
 
 _COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -116,7 +114,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
     collective bytes and temporary memory beside the analytic figures."""
     spec = ts.model_spec(cfg)
     mesh = abstract_mesh(cfg, devices)
-    comms = communication.analytic(cfg, mesh, collective_dtype_bytes(cfg, backend))
+    comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
         extra["roofline"] = communication.roofline(cfg, comms, devices, communication.TARGETS[target])
@@ -124,13 +122,11 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
         extra["communication"]["compiled"] = communication.measured(cfg, compiled_on)
     params, roles = [], collections.defaultdict(lambda: collections.defaultdict(set))
     role_counts: dict[str, int] = collections.Counter()
-    logical_axes = _logical_axes_by_path(spec)
-    shapes = {path_str(k): leaf.shape for k, leaf in jax.tree_util.tree_flatten_with_path(spec.abstract_params)[0]}
+    by_path = spec.params_by_path()
     for path, rule in spec.table.rules.items():
-        axes, shape = logical_axes[path], shapes[path]
+        axes, shape = by_path[path]
         pspec = sharding.logical_to_spec(axes, shape, mesh)
-        shards = math.prod(math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s))
-                           for s in pspec if s is not None)
+        shards = sharding.shard_count(pspec, mesh)
         size = math.prod(shape)
         params.append({"path": path, "shape": list(shape), "role": rule.role, "logical_axes": list(axes),
                        "partition_spec": [s if s is None or isinstance(s, str) else list(s) for s in pspec],
@@ -159,11 +155,6 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
         "schedule": schedule_summary(cfg),
         **extra,
     }
-
-
-def _logical_axes_by_path(spec: ts.ModelSpec) -> dict[str, tuple[str, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(spec.logical_axes, is_leaf=lambda x: isinstance(x, P))[0]
-    return {path_str(key_path): tuple(axes) for key_path, axes in flat}
 
 
 def schedule_summary(cfg: Config) -> dict[str, Any]:

@@ -156,6 +156,12 @@ def _pinned(x: jax.Array, axes: tuple[str | None, ...], rules: Rules) -> jax.Arr
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
+def shard_count(spec: P, mesh: Any) -> int:
+    """How many pieces a PartitionSpec cuts an array into on `mesh`."""
+    return math.prod(math.prod(mesh.shape[a] for a in ((s,) if isinstance(s, str) else s))
+                     for s in spec if s is not None)
+
+
 def param_shardings(logical_axes: Any, abstract_params: Any, mesh: Mesh) -> Any:
     """NamedSharding per parameter from its logical axes (a tree of PartitionSpecs of names)."""
     return jax.tree.map(

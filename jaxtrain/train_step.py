@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxtrain import diagnostics, parametrization, sharding
 from jaxtrain import telemetry as telemetry_lib
@@ -54,6 +54,13 @@ class ModelSpec:
     abstract_params: Any  # ShapeDtypeStructs
     logical_axes: Any  # same tree, PartitionSpecs of logical names
     table: Table  # the resolved parametrization: one rule per parameter path
+
+    def params_by_path(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        """Dotted parameter path -> (logical axes, stored shape), in model order."""
+        axes = jax.tree_util.tree_flatten_with_path(self.logical_axes, is_leaf=lambda x: isinstance(x, P))[0]
+        shapes = jax.tree.leaves(self.abstract_params)
+        return {parametrization.path_str(key_path): (tuple(names), tuple(leaf.shape))
+                for (key_path, names), leaf in zip(axes, shapes, strict=True)}
 
 
 def _unit_model(cfg: Config, rngs: nnx.Rngs) -> Transformer:

@@ -57,7 +57,7 @@ def test_data_parallel_all_reduces_the_gradients_once(compiled):
 def test_tensor_parallel_adds_only_megatron_all_reduces(compiled):
     cfg, kinds, _ = compiled["fsdp2_tensor4", 32]
     mesh = sharding.make_mesh(cfg.mesh)
-    model = communication.analytic(cfg, mesh, 4)
+    model = communication.analytic(cfg, ts.model_spec(cfg), mesh, 4)
     local_activation = cfg.train.batch_size // 2 * cfg.data.seq_len * cfg.model.d_model * 4
     assert model["tensor all-reduce"]["bytes"] == (4 * cfg.model.n_layers + 1) * local_activation
     assert sum(kinds.values()) <= 1.5 * sum(communication.by_kind(model).values()), kinds
@@ -66,7 +66,7 @@ def test_tensor_parallel_adds_only_megatron_all_reduces(compiled):
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_the_analytic_model_is_within_25_percent_of_the_hlo(compiled, name):
     cfg, kinds, _ = compiled[name, 32]
-    model = communication.by_kind(communication.analytic(cfg, sharding.make_mesh(cfg.mesh), 4))
+    model = communication.by_kind(communication.analytic(cfg, ts.model_spec(cfg), sharding.make_mesh(cfg.mesh), 4))
     assert sum(model.values()) == pytest.approx(sum(kinds.values()), rel=0.25), (model, kinds)
     for kind, count in kinds.items():
         assert model[kind] == pytest.approx(count, rel=0.25, abs=1e5), kind
@@ -114,7 +114,7 @@ def test_dry_run_compares_the_model_with_the_compiled_step_and_gives_a_roofline(
 def test_roofline_is_the_slower_of_compute_and_communication():
     cfg = load_config(REPO / "configs" / "gpt350m.yaml")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices())
-    model = communication.analytic(cfg, mesh, 2)
+    model = communication.analytic(cfg, ts.model_spec(cfg), mesh, 2)
     roof = communication.roofline(cfg, model, 8, communication.TARGETS["h100"])
     flops_per_device = roof["compute_s"] * 989e12
     assert flops_per_device == pytest.approx(cfg.train.batch_size * cfg.data.seq_len / 8 * 6 * 3.5e8, rel=0.3)
