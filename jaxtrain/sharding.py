@@ -28,8 +28,10 @@ instead, which it did: measured before this table existed, 19x (batch 32) to 148
 Mesh axis types: `AxisType.Auto` (sharding propagation fills in every array the model does
 not constrain). jax >= 0.10 can also make `Explicit` axes, where the sharding is part of
 each array's type and every op must be unambiguous; the measured Auto + constraints step
-already reaches the ZeRO-3 / Megatron bytes (docs/performance.md, "Scaling"), and Explicit
-would ask every einsum, gather and optax leaf to state or reshard its layout, so Auto is
+already reaches the ZeRO-3 / Megatron bytes (docs/performance.md, "Scaling"). Tried on
+Explicit axes (constraints as `jax.sharding.reshard`), the step stops at the first op whose
+output sharding is ambiguous, the embedding lookup; every such op, in the model and in
+optax's per-leaf updates, would have to state its layout for no fewer bytes, so Auto is
 kept. `constrain` outside a mesh context (one device, generate, notebooks) does nothing.
 """
 
