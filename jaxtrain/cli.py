@@ -12,6 +12,8 @@
     jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
     jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
     jaxtrain dry-run CONFIG [--devices N --backend gpu] [--compile] [--target h100|tpu-v5p] [--schedule-png FILE]
+    jaxtrain export WORKDIR --out DIR [--step N --dtype float32|bfloat16]   (a Hugging Face model directory)
+    jaxtrain import HF_DIR --workdir DIR [--config CONFIG --set ...]        (its step-0 checkpoint)
     jaxtrain data prepare --input PATH_OR_GLOB... --out DIR [--tokenizer byte|bpe:VOCAB|FILE.json]
     jaxtrain data bench DIR --config CONFIG [--seconds S]   (one JSON line)
 
@@ -22,11 +24,11 @@ Bad input (config, data, paths) prints one line `jaxtrain: error: ...` and exits
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 from jaxtrain.data import commands as data_commands
+from jaxtrain.huggingface import commands as hf_commands
 from jaxtrain.errors import UserError
 
 
@@ -126,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(compute vs communication time; jaxtrain/communication.py)")
     _add_set(dry)
     data_commands.add_parser(commands)
+    hf_commands.add_parsers(commands)  # export, import: handlers set with set_defaults(func=...)
     return parser
 
 
@@ -392,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     _tune_cpu_xla()
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "cooldown": _cooldown, "schedule": _schedule,
-                "fit-schedule-law": _fit_schedule_law, "sweep": _sweep, "coord-check": _coord_check,
-                "bench": _bench, "eval": _eval, "generate": _generate, "plot": _plot,
-                "dry-run": _dry_run, "data": data_commands.run}[args.command](args)
+        handler = getattr(args, "func", None) or {
+            "train": _train, "cooldown": _cooldown, "schedule": _schedule, "fit-schedule-law": _fit_schedule_law,
+            "sweep": _sweep, "coord-check": _coord_check, "bench": _bench, "eval": _eval, "generate": _generate,
+            "plot": _plot, "dry-run": _dry_run, "data": data_commands.run}[args.command]
+        return handler(args)
     except UserError as err:
         if os.environ.get("JAXTRAIN_DEBUG"):
             raise

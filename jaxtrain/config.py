@@ -257,11 +257,22 @@ class CheckpointConfig(_Section):
 
 class InitFromConfig(_Section):
     """Continued pretraining (jaxtrain/rewarm.py): a new run starts from another run's
-    checkpoint instead of a random init; its own schedule and data apply from step 0."""
+    checkpoint, or from a Hugging Face model directory (jaxtrain/huggingface/), instead of
+    a random init; its own schedule and data apply from step 0."""
 
-    workdir: str
+    workdir: str | None = None  # a jaxtrain workdir
+    huggingface: str | None = None  # a Llama / Qwen3 directory (config.json + safetensors)
     step: int | None = Field(None, ge=0)  # None: the newest checkpoint
     optimizer: bool = False  # also load the Adam moments (otherwise they start at zero)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InitFromConfig":
+        if (self.workdir is None) == (self.huggingface is None):
+            raise ValueError("set exactly one of workdir (a jaxtrain run) and huggingface (a model directory)")
+        if self.huggingface is not None and (self.step is not None or self.optimizer):
+            raise ValueError("step and optimizer apply to init_from.workdir only (a Hugging Face "
+                             "directory holds weights, no optimizer state)")
+        return self
 
 
 class TrainConfig(_Section):

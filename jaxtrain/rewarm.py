@@ -1,7 +1,9 @@
-"""Continued pretraining ("rewarm"): a new run that starts from another run's checkpoint.
+"""Continued pretraining ("rewarm"): a new run that starts from another run's checkpoint,
+or from a Hugging Face model directory (jaxtrain/huggingface/importer.py).
 
     train:
       init_from: {workdir: runs/base, step: 4000, optimizer: false}
+      init_from: {huggingface: path/to/llama}   # config.json + safetensors; params only
 
 When the new run's workdir has no checkpoint of its own, its initial state takes the
 parameters of checkpoint `step` (default: the newest) of `workdir`, and with
@@ -26,6 +28,7 @@ from jaxtrain import parametrization
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config, ModelConfig
 from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.huggingface import importer
 from jaxtrain.saved_run import quiet_absl, read_config
 
 _MODEL_KEYS = tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.EXECUTION_KEYS)
@@ -44,11 +47,26 @@ def check_parent(cfg: Config, parent: Config, parent_dir: Path, table: parametri
         parametrization.check_matches(json.loads(saved_table.read_text()), table)
 
 
+def check_before_start(cfg: Config, table: parametrization.Table, workdir: Path) -> None:
+    """A Hugging Face source is checked before the workdir is created (a workdir parent
+    is checked when it is read); nothing to check once the workdir has checkpoints."""
+    source = cfg.train.init_from
+    checkpoints = workdir / "checkpoints"
+    if source is None or source.huggingface is None or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    importer.check_source(cfg, table, source.huggingface)
+
+
 def initial_state(cfg: Config, table: parametrization.Table, fresh: Any, abstract: Any,
                   message: Callable[[str], None]) -> Any:
     """`fresh` (a newly initialized TrainState) with the parent's params, and optimizer
     state if asked; `abstract` is the restore target (ShapeDtypeStructs with shardings)."""
     source = cfg.train.init_from
+    if source.huggingface is not None:
+        params = importer.imported_params(cfg, table, fresh.params, source.huggingface)
+        message(f"initialized from the Hugging Face model {Path(source.huggingface).absolute()} (params); "
+                f"step and tokens start at 0")
+        return fresh.replace(params=importer.place(params, abstract.params))
     parent_dir = Path(source.workdir).absolute()
     parent = read_config(parent_dir)
     check_parent(cfg, parent, parent_dir, table)

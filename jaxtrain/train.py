@@ -116,8 +116,9 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, cons
     pipeline.check_fits(cfg, sources)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir}: exists and is not a directory")
-    workdir.mkdir(parents=True, exist_ok=True)
     spec = ts.model_spec(cfg)
+    rewarm.check_before_start(cfg, spec.table, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
     try:
         check_workdir(workdir, cfg, spec.table, ckpt)
@@ -207,6 +208,11 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
     schedule = make_schedule(cfg, step, tokens)  # the budget counts the tokens already seen
     vote, stopped_by = StopVote(), None
     telemetry_every = cfg.diagnostics.telemetry_every
+    if stop_after is not None and step >= stop_after:  # nothing to train now: checkpoint the state as it is
+        meta = {"tokens": tokens, "step": step, "skipped_steps": guard.skipped, **run_meta}
+        if step not in ckpt.all_steps():
+            ckpt.save(step, state, parts.iterator.get_state(), meta, force=True)
+        return state, step, tokens, None, None
     while step < cfg.train.steps:
         batch = parts.to_global(next(parts.iterator))
         telemetry_now = telemetry_every > 0 and (step + 1) % telemetry_every == 0

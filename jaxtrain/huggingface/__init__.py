@@ -1,0 +1,9 @@
+"""Models in and out of jaxtrain as Hugging Face checkpoints (Llama / Qwen3).
+
+    architecture.py   jaxtrain's model section <-> a config.json of those families
+    weights.py        parameters <-> tensors, with every parametrization factor folded in
+    files.py          safetensors (numpy API, sharded + index) and tokenizer files
+    export.py         `jaxtrain export WORKDIR --out DIR`
+    importer.py       `train.init_from.huggingface` and `jaxtrain import`
+    commands.py       the two CLI commands
+"""

@@ -1,0 +1,255 @@
+"""Models in and out as Hugging Face checkpoints: `transformers` (PyTorch, float32) loads an
+export and computes jaxtrain's logits and greedy tokens under SP, muP with non-default
+multipliers, CompleteP, GQA and QK-norm; models that `transformers` creates import with
+their logits, and continue pretraining from their own loss; bad inputs are one line."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch  # the test extras' CPU PyTorch and transformers: the consumers an export is for
+import transformers
+
+from conftest import TINY, cli_in_process
+from jaxtrain.config import load_config
+from jaxtrain.data import pipeline
+from jaxtrain.data.sources import open_sources, run_tokenizer
+from jaxtrain.generate import generate
+from jaxtrain.huggingface.importer import imported_params
+from jaxtrain.saved_run import load_run
+from jaxtrain.train import run
+from jaxtrain import train_step as ts
+
+
+pytestmark = pytest.mark.slow
+
+MUP = "parametrization={name: mup, d0: 32, embed_multiplier: 3.0, output_multiplier: 0.5, attn_scale: inv}"
+VARIANTS = {  # tiny.yaml has GQA (4 query heads, 2 kv heads) in every variant
+    "sp": [],
+    "mup": [MUP],
+    "completep": ["parametrization={name: mup, d0: 32, L0: 1, depth_alpha: 1.0}"],
+    "qk_norm": [MUP, "model.qk_norm=true"],
+}
+PROMPT = "def __init__(self"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """variant -> a workdir trained 20 steps, made on first use."""
+    workdirs = {}
+
+    def get(variant: str):
+        if variant not in workdirs:
+            workdir = tmp_path_factory.mktemp(variant)
+            run(load_config(TINY, ["train.steps=20", *VARIANTS[variant]]), workdir, console=False)
+            workdirs[variant] = workdir
+        return workdirs[variant]
+
+    return get
+
+
+def export(capsys, workdir, out, *args):
+    status, printed, err = cli_in_process(capsys, "export", str(workdir), "--out", str(out), *args)
+    assert status == 0, err
+    return printed
+
+
+def hf_model(directory):
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.eval()
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def hf_greedy(model, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompt, dtype=torch.long), generation_config=config)
+    return out[:, prompt.shape[1]:].numpy()
+
+
+def validation_tokens(cfg, batches: int = 1) -> np.ndarray:
+    """The run's first validation batches (inputs and targets), as the evaluator reads them."""
+    source = open_sources(cfg)[0]
+    return np.concatenate(pipeline.validation_batches(cfg, source)[:batches])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_transformers_computes_the_exported_logits_and_greedy_tokens(variant, trained, tmp_path, capsys):
+    workdir = trained(variant)
+    out = tmp_path / "hf"
+    printed = export(capsys, workdir, out)
+    saved = load_run(workdir)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM" if variant == "qk_norm" else "LlamaForCausalLM"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    record = json.loads((out / "jaxtrain_export.json").read_text())
+    assert (record["folded_factors"] == {}) == (variant == "sp"), printed
+    model = hf_model(out)
+
+    tokens = validation_tokens(saved.cfg)[:4, :-1]
+    want = np.asarray(jax.jit(lambda m, t: m(t))(saved.model(), tokens))
+    np.testing.assert_allclose(hf_logits(model, tokens), want, atol=1e-4, rtol=0)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    prompt = run_tokenizer(saved.cfg).encode_documents([PROMPT.encode()])[0].astype(np.int32)[None]
+    assert tokenizer(PROMPT)["input_ids"] == prompt[0].tolist()
+    theirs = hf_greedy(model, prompt, 32)
+    mine = np.asarray(generate(saved.model(), prompt, max_new_tokens=32, temperature=0))
+    np.testing.assert_array_equal(theirs, mine)
+    status, text, err = cli_in_process(capsys, "generate", str(workdir), "--prompt", PROMPT,
+                                       "--max-new-tokens", "32", "--temperature", "0")
+    assert status == 0, err
+    assert text.rstrip("\n") == PROMPT + tokenizer.decode(theirs[0])
+
+
+def test_byte_tokenizer_round_trips_every_text(trained, tmp_path, capsys):
+    export(capsys, trained("sp"), tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "naïve café ☃ Ā \x00 end\n\tdef f(): return 1"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == list(text.encode("utf-8"))  # jaxtrain's byte ids, the end-of-document NUL included
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == 0
+
+
+@pytest.mark.parametrize("variant", ["sp", "mup", "completep"])
+def test_export_then_import_gives_back_the_model(variant, trained, tmp_path, capsys):
+    workdir = trained(variant)
+    export(capsys, workdir, tmp_path / "hf")
+    saved = load_run(workdir)
+    params = jax.device_get(saved.params)
+    back = imported_params(saved.cfg, saved.spec.table, params, tmp_path / "hf")
+    if variant == "sp":  # every factor is 1: the weights are copied bit for bit
+        jax.tree.map(np.testing.assert_array_equal, back, params)
+    tokens = validation_tokens(saved.cfg)[:4, :-1]
+    logits = jax.jit(lambda p, t: ts.bind_model(saved.spec, p)(t))
+    np.testing.assert_allclose(logits(back, tokens), logits(params, tokens), atol=1e-5, rtol=0)
+
+
+def test_large_exports_are_sharded_with_an_index_and_bfloat16_rounds_the_weights(trained, tmp_path, capsys):
+    workdir = trained("mup")
+    export(capsys, workdir, tmp_path / "f32")
+    export(capsys, workdir, tmp_path / "sharded", "--max-shard-size", "100KB")
+    export(capsys, workdir, tmp_path / "bf16", "--dtype", "bfloat16")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    from safetensors.numpy import load_file
+
+    whole = load_file(tmp_path / "f32" / "model.safetensors")
+    pieces = {k: v for shard in shards for k, v in load_file(tmp_path / "sharded" / shard).items()}
+    assert sorted(pieces) == sorted(whole) == sorted(index["weight_map"])
+    assert all(np.array_equal(pieces[k], whole[k]) for k in whole)
+    half = load_file(tmp_path / "bf16" / "model.safetensors")
+    for name, value in whole.items():  # rounded once, from the float64 product, to bfloat16's 8 bits
+        assert half[name].dtype.name == "bfloat16"
+        np.testing.assert_allclose(half[name].astype(np.float32), value, rtol=2**-8, atol=0, err_msg=name)
+    tokens = validation_tokens(load_run(workdir).cfg)[:2, :-1]
+    np.testing.assert_allclose(hf_logits(hf_model(tmp_path / "sharded"), tokens),
+                               hf_logits(hf_model(tmp_path / "f32"), tokens), atol=0, rtol=0)
+
+
+def transformers_model(directory, family: str, seed: int = 0, **overrides):
+    """A model `transformers` creates from a config with random weights, saved to `directory`."""
+    torch.manual_seed(seed)
+    fields = {**dict(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                     max_position_embeddings=64, initializer_range=0.1), **overrides}
+    if family == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **fields))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
+    with torch.no_grad():  # norm gains away from 1, so a misplaced gain shows
+        for name, weight in model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family, settings", [("llama", []), ("qwen3", [MUP])])
+def test_transformers_models_import_with_their_logits(family, settings, tmp_path, capsys):
+    theirs = transformers_model(tmp_path / "hf", family)
+    workdir = tmp_path / "imported"
+    status, out, err = cli_in_process(capsys, "import", str(tmp_path / "hf"), "--workdir", str(workdir),
+                                      "--config", str(TINY), *[a for s in settings for a in ("--set", s)])
+    assert status == 0, err
+    saved = load_run(workdir)
+    assert saved.step == 0 and saved.cfg.model.qk_norm == (family == "qwen3")
+    tokens = validation_tokens(saved.cfg)[:4, :-1]
+    mine = np.asarray(jax.jit(lambda m, t: m(t))(saved.model(), tokens))
+    np.testing.assert_allclose(mine, hf_logits(theirs, tokens), atol=1e-4, rtol=0)
+
+
+def test_continued_pretraining_starts_at_the_models_loss_and_lowers_it(tmp_path, capsys):
+    theirs = transformers_model(tmp_path / "hf", "llama", seed=1)
+    workdir = tmp_path / "continued"
+    status, out, err = cli_in_process(capsys, "import", str(tmp_path / "hf"), "--workdir", str(workdir),
+                                      "--config", str(TINY), "--set", "train.steps=20", "--set", "train.eval_every=20")
+    assert status == 0, err
+    cfg = load_run(workdir).cfg
+    batches = validation_tokens(cfg, batches=cfg.data.val_batches)
+    log_probs = torch.log_softmax(torch.tensor(hf_logits(theirs, batches[:, :-1])), dim=-1)
+    hf_loss = -log_probs.gather(-1, torch.tensor(batches[:, 1:], dtype=torch.long)[..., None]).mean().item()
+    step0 = json.loads(cli_in_process(capsys, "eval", str(workdir))[1])
+    assert step0["step"] == 0
+    assert step0["val_loss"] == pytest.approx(hf_loss, abs=1e-4)
+    assert f"val_loss {step0['val_loss']:.4f}" in out
+    status, _, err = cli_in_process(capsys, "train", str(workdir / "config.yaml"), "--workdir", str(workdir))
+    assert status == 0, err
+    after = json.loads(cli_in_process(capsys, "eval", str(workdir))[1])
+    assert after["step"] == 20 and after["val_loss"] < step0["val_loss"] - 0.1
+
+
+def _bad_sources(tmp_path):
+    """(name, directory, the word the error must name) of models jaxtrain cannot import."""
+    cases = [("tied", transformers_model(tmp_path / "tied", "llama", tie_word_embeddings=True), "tie_word_embeddings"),
+             ("bias", transformers_model(tmp_path / "bias", "llama", attention_bias=True), "attention_bias"),
+             ("vocab", transformers_model(tmp_path / "vocab", "llama", vocab_size=128), "vocab_size")]
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    return [(name, tmp_path / name, word) for name, _, word in cases] + [("gpt2", tmp_path / "gpt2", "model_type")]
+
+
+def test_unsupported_models_are_one_line_and_write_nothing(tmp_path, capsys):
+    for name, directory, word in _bad_sources(tmp_path):
+        workdir = tmp_path / f"into_{name}"
+        status, _, err = cli_in_process(capsys, "import", str(directory), "--workdir", str(workdir),
+                                        "--config", str(TINY))
+        assert status == 2 and word in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not workdir.exists(), name
+        # the same source named by train.init_from, with the tiny model: refused before the workdir exists
+        status, _, err = cli_in_process(capsys, "train", str(TINY), "--workdir", str(workdir),
+                                        "--set", f"train.init_from={{huggingface: {directory}}}")
+        assert status == 2 and len(err.strip().splitlines()) == 1 and not workdir.exists(), (name, err)
+
+
+def test_a_model_section_that_differs_from_the_source_is_named(tmp_path, capsys):
+    transformers_model(tmp_path / "hf", "llama")
+    workdir = tmp_path / "run"
+    status, _, err = cli_in_process(capsys, "train", str(TINY), "--workdir", str(workdir), "--set", "model.d_model=32",
+                                    "--set", f"train.init_from={{huggingface: {tmp_path / 'hf'}}}")
+    assert status == 2 and "model.d_model" in err and "64" in err and not workdir.exists(), err
+    status, _, err = cli_in_process(capsys, "train", str(TINY), "--workdir", str(workdir),
+                                    "--set", f"train.init_from={{huggingface: {tmp_path / 'hf'}, step: 3}}")
+    assert status == 2 and "train.init_from" in err and not workdir.exists(), err
+
+
+def test_export_refuses_an_existing_or_unplaceable_out_and_writes_nothing(trained, tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    for out, word in [(existing, "already exists"), (tmp_path / "missing" / "hf", "directory does not exist")]:
+        status, _, err = cli_in_process(capsys, "export", str(trained("sp")), "--out", str(out))
+        assert status == 2 and word in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no staging directory left behind
+    status, _, err = cli_in_process(capsys, "export", str(trained("sp")), "--out", str(tmp_path / "hf"),
+                                    "--step", "7")
+    assert status == 2 and "--step 7" in err and not (tmp_path / "hf").exists()
