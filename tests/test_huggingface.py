@@ -14,6 +14,7 @@ import transformers
 from conftest import TINY, cli_in_process
 from jaxtrain.config import load_config
 from jaxtrain.data import pipeline
+from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources, run_tokenizer
 from jaxtrain.generate import generate
 from jaxtrain.huggingface.importer import imported_params
@@ -30,19 +31,24 @@ VARIANTS = {  # tiny.yaml has GQA (4 query heads, 2 kv heads) in every variant
     "mup": [MUP],
     "completep": ["parametrization={name: mup, d0: 32, L0: 1, depth_alpha: 1.0}"],
     "qk_norm": [MUP, "model.qk_norm=true"],
+    "bpe": ["model.vocab_size=512"],  # and the data of a BPE store (`trained`)
 }
 PROMPT = "def __init__(self"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """variant -> a workdir trained 20 steps, made on first use."""
+    """variant -> a workdir trained 12 steps, made on first use."""
     workdirs = {}
 
     def get(variant: str):
         if variant not in workdirs:
-            workdir = tmp_path_factory.mktemp(variant)
-            run(load_config(TINY, ["train.steps=20", *VARIANTS[variant]]), workdir, console=False)
+            workdir, settings = tmp_path_factory.mktemp(variant), list(VARIANTS[variant])
+            if variant == "bpe":
+                store = tmp_path_factory.mktemp("bpe_store") / "store"
+                prepare(["{stdlib}/json/*.py", "{stdlib}/asyncio/*.py"], str(store), "bpe:512", val_fraction=0.1)
+                settings.append(f"data.sources=[{{path: '{store}'}}]")
+            run(load_config(TINY, ["train.steps=12", "train.eval_every=12", *settings]), workdir, console=False)
             workdirs[variant] = workdir
         return workdirs[variant]
 
@@ -66,7 +72,9 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def hf_greedy(model, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
-    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+    # no stop token: `jaxtrain generate` runs on past an end of document, as sampling from
+    # the training distribution does (the exported generation_config.json stops there)
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[],
                                            pad_token_id=0)
     with torch.no_grad():
         out = model.generate(torch.tensor(prompt, dtype=torch.long), generation_config=config)
@@ -87,9 +95,10 @@ def test_transformers_computes_the_exported_logits_and_greedy_tokens(variant, tr
     saved = load_run(workdir)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM" if variant == "qk_norm" else "LlamaForCausalLM"]
+    assert config["vocab_size"] == saved.cfg.model.vocab_size
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
     record = json.loads((out / "jaxtrain_export.json").read_text())
-    assert (record["folded_factors"] == {}) == (variant == "sp"), printed
+    assert (record["folded_factors"] == {}) == (variant in ("sp", "bpe")), printed
     model = hf_model(out)
 
     tokens = validation_tokens(saved.cfg)[:4, :-1]
@@ -102,10 +111,11 @@ def test_transformers_computes_the_exported_logits_and_greedy_tokens(variant, tr
     theirs = hf_greedy(model, prompt, 32)
     mine = np.asarray(generate(saved.model(), prompt, max_new_tokens=32, temperature=0))
     np.testing.assert_array_equal(theirs, mine)
-    status, text, err = cli_in_process(capsys, "generate", str(workdir), "--prompt", PROMPT,
-                                       "--max-new-tokens", "32", "--temperature", "0")
-    assert status == 0, err
-    assert text.rstrip("\n") == PROMPT + tokenizer.decode(theirs[0])
+    if variant == "qk_norm":  # the command itself, once: the same function as `generate` above
+        status, text, err = cli_in_process(capsys, "generate", str(workdir), "--prompt", PROMPT,
+                                           "--max-new-tokens", "32", "--temperature", "0")
+        assert status == 0, err
+        assert text.rstrip("\n") == PROMPT + tokenizer.decode(theirs[0])
 
 
 def test_byte_tokenizer_round_trips_every_text(trained, tmp_path, capsys):
@@ -230,6 +240,15 @@ def test_unsupported_models_are_one_line_and_write_nothing(tmp_path, capsys):
         assert status == 2 and len(err.strip().splitlines()) == 1 and not workdir.exists(), (name, err)
 
 
+def test_a_tokenizer_that_is_not_the_datas_is_refused(trained, tmp_path, capsys):
+    export(capsys, trained("bpe"), tmp_path / "hf")
+    workdir = tmp_path / "run"
+    status, _, err = cli_in_process(capsys, "import", str(tmp_path / "hf"), "--workdir", str(workdir),
+                                    "--config", str(TINY))  # byte data, a 512-token BPE model
+    assert status == 2 and "train.init_from.huggingface" in err and "tokenizer" in err, err
+    assert not workdir.exists()
+
+
 def test_a_model_section_that_differs_from_the_source_is_named(tmp_path, capsys):
     transformers_model(tmp_path / "hf", "llama")
     workdir = tmp_path / "run"
@@ -241,15 +260,17 @@ def test_a_model_section_that_differs_from_the_source_is_named(tmp_path, capsys)
     assert status == 2 and "train.init_from" in err and not workdir.exists(), err
 
 
-def test_export_refuses_an_existing_or_unplaceable_out_and_writes_nothing(trained, tmp_path, capsys):
+def test_export_refuses_an_existing_or_unplaceable_out_and_writes_nothing_there(trained, tmp_path, capsys):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    for out, word in [(existing, "already exists"), (tmp_path / "missing" / "hf", "directory does not exist")]:
+    for out, word in [(existing, "already exists"), (existing / "keep.txt" / "hf", "is not a directory")]:
         status, _, err = cli_in_process(capsys, "export", str(trained("sp")), "--out", str(out))
         assert status == 2 and word in err and len(err.strip().splitlines()) == 1, err
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no staging directory left behind
+    export(capsys, trained("sp"), tmp_path / "new" / "dirs" / "hf")  # missing parents are made
+    assert (tmp_path / "new" / "dirs" / "hf" / "config.json").is_file()
     status, _, err = cli_in_process(capsys, "export", str(trained("sp")), "--out", str(tmp_path / "hf"),
                                     "--step", "7")
     assert status == 2 and "--step 7" in err and not (tmp_path / "hf").exists()

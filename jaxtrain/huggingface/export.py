@@ -12,8 +12,8 @@ writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
     jaxtrain_export.json     the source run and step, and every factor folded into the weights
 
 The directory is written under a temporary name beside `--out` and renamed when complete,
-so an interrupted or refused export leaves nothing at `--out`; an existing `--out` is never
-overwritten. Nothing in the workdir is written.
+so an interrupted or refused export leaves nothing at `--out` (missing parent directories
+are created); an existing `--out` is never overwritten. Nothing in the workdir is written.
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default shard size
 def check_out(out: Path) -> None:
     if out.exists():
         raise UserError(f"--out {out}: already exists (export writes a new directory)")
-    if not out.absolute().parent.is_dir():
-        raise UserError(f"--out {out}: its directory does not exist")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is not a directory")
+            break
 
 
 def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "float32",
@@ -72,6 +75,10 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
         # hf tensor = factor * jaxtrain parameter (jaxtrain/huggingface/weights.py)
         "folded_factors": {path: factor for path, factor in factors.items() if factor != 1.0},
     }
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)  # as save_pretrained does
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create its directory ({err.strerror})") from None
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
     try:
         tensors = weights.to_hf(flat, table, factors, DTYPES[dtype])
