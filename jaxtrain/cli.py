@@ -27,6 +27,7 @@ import argparse
 import os
 import sys
 
+from jaxtrain import xla_flags
 from jaxtrain.data import commands as data_commands
 from jaxtrain.huggingface import commands as hf_commands
 from jaxtrain.errors import UserError
@@ -47,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--process-id", type=int, default=None, metavar="I")
     group.add_argument("--peer-timeout", type=int, default=None, metavar="SECONDS",
                        help="exit with an error when a peer process is silent this long (default 30)")
+    train.add_argument("--skip-memory-check", action="store_true",
+                       help="train even if the memory estimate exceeds the devices' memory")
     cool = commands.add_parser("cooldown", help="branch a decay phase from a checkpoint of a stable-phase "
                                                 "(wsd/constant) run into a new workdir, and train it")
     cool.add_argument("parent", metavar="WORKDIR", help="the stable-phase run (only read)")
@@ -101,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample text from a checkpoint (KV-cached)")
     generate.add_argument("workdir")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    generate.add_argument("--max-new-tokens", type=int, default=200, help="1 to 100,000 (generate.MAX_NEW_TOKENS; default 200)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="finite, >= 0; 0 = greedy (default 0.8)")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
@@ -121,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="platform the run is planned for: sets dtype/attention under auto "
                           "(default: this machine's)")
     dry.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
+    dry.add_argument("--skip-memory-check", action="store_true",
+                     help="print the plan even if it exceeds this machine's memory (planned for its devices)")
     dry.add_argument("--compile", action="store_true",
                      help="also compile the step on --devices simulated CPU devices and count its collectives")
     dry.add_argument("--target", default=None, metavar="NAME",
@@ -217,10 +222,10 @@ def _generate(args: argparse.Namespace) -> int:
     from jaxtrain.generate import check_sampling, generate
     from jaxtrain.saved_run import load_run
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.prompt)
     run = load_run(args.workdir, args.step)
     tokenizer = run_tokenizer(run.cfg)
     prompt = tokenizer.encode_documents([args.prompt.encode("utf-8")])[0].astype("int32")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, len(prompt))
     tokens = generate(run.model(), prompt[None], max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(args.prompt + tokenizer.decode(tokens[0]))
@@ -243,6 +248,8 @@ def _plot(args: argparse.Namespace) -> int:
     for metric in metrics:
         if not any(metric in row for rows in runs.values() for row in rows):
             raise UserError(f"--metric {metric}: not logged by any of the runs")
+    if not Path(args.out).absolute().parent.is_dir():
+        raise UserError(f"--out {args.out}: its directory does not exist")
     plot_runs(runs, metrics, args.x, Path(args.out), log_y=set(args.log_y.split(",")))
     print(f"wrote {args.out}")
     return 0
@@ -257,7 +264,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     if args.devices is not None and args.devices <= 0:
         raise UserError(f"--devices {args.devices}: must be positive")
     if args.compile:
-        _simulate_cpu_devices(args.devices)
+        xla_flags.simulate_cpu_devices(args.devices)
     import jax
 
     from jaxtrain import dry_run
@@ -274,6 +281,10 @@ def _dry_run(args: argparse.Namespace) -> int:
                             f"(its XLA_FLAGS fix --xla_force_host_platform_device_count)")
     plan = dry_run.plan(cfg, devices, backend="cpu" if args.compile else args.backend or jax.default_backend(),
                         target=args.target, compiled_on=compiled_on)
+    if args.devices is None and args.backend is None and not args.skip_memory_check:  # a plan for this machine
+        from jaxtrain.memory import check_estimate
+
+        check_estimate(plan["memory_per_device"], jax.local_devices())  # as `jaxtrain train` would
     print(json.dumps(plan) if args.json else dry_run.format_plan(plan))
     if args.schedule_png:
         from pathlib import Path
@@ -294,13 +305,13 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
     distributed.initialize(group, args.peer_timeout or distributed.DEFAULT_PEER_TIMEOUT)
-    return _run_and_report(cfg, args.workdir)
+    return _run_and_report(cfg, args.workdir, check_memory=not args.skip_memory_check)
 
 
-def _run_and_report(cfg, workdir: str) -> int:
+def _run_and_report(cfg, workdir: str, check_memory: bool = True) -> int:
     from jaxtrain.train import run
 
-    result = run(cfg, workdir)
+    result = run(cfg, workdir, check_memory=check_memory)
     if result.stop_signal is not None:
         print(f"jaxtrain: stopped by signal {result.stop_signal} after step {result.step}; "
               f"rerun the same command to resume", file=sys.stderr)
@@ -365,34 +376,8 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-# XLA:CPU flag measured to speed up the train step (docs/performance.md): YNNPACK fusions
-# off, so matmuls go to XLA's own dot emitter (+19% tokens/s on the CPU benchmark model).
-# Only for the jaxlib minor version it was measured on: an unknown XLA flag aborts.
-_CPU_XLA_FLAGS = {"0.10.": "--xla_cpu_experimental_ynn_fusion_type="}
-
-
-def _tune_cpu_xla() -> None:
-    """Add the measured XLA:CPU flag before jax starts, unless the user set XLA flags of
-    that name or JAXTRAIN_DEFAULT_XLA=1 asks for XLA's own defaults."""
-    from jaxlib.version import __version__ as jaxlib_version  # does not start a backend
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    for version, flag in _CPU_XLA_FLAGS.items():
-        name = flag.split("=")[0]
-        if jaxlib_version.startswith(version) and name not in flags and not os.environ.get("JAXTRAIN_DEFAULT_XLA"):
-            os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
-
-
-def _simulate_cpu_devices(count: int | None) -> None:
-    """Ask XLA:CPU for `count` devices, unless XLA_FLAGS already fixes the number (takes
-    effect only if no jax backend has started in this process yet)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if count and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
 def main(argv: list[str] | None = None) -> int:
-    _tune_cpu_xla()
+    xla_flags.tune_cpu_xla()
     args = _parser().parse_args(argv)
     try:
         handler = getattr(args, "func", None) or {

@@ -16,11 +16,12 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # allow_inf_nan=False: `lr: .inf` (or nan) is a config error, not a run that diverges
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -65,6 +66,9 @@ class ModelConfig(_Section):
     @classmethod
     def _kv_heads_divide_heads(cls, n_kv: int | None, info: ValidationInfo) -> int | None:
         n_heads = info.data.get("n_heads")
+        if n_kv is not None and n_heads is not None and n_kv > n_heads:
+            raise ValueError(f"n_kv_heads={n_kv} exceeds n_heads={n_heads} (each key/value head serves "
+                             f"one or more query heads)")
         if n_kv is not None and n_heads is not None and n_heads % n_kv:
             raise ValueError(f"n_kv_heads={n_kv} must divide n_heads={n_heads}")
         return n_kv
@@ -390,19 +394,42 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML experiment file, apply `--set` overrides, validate."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML itself keeps the
+    last, which silently drops the first setting)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a non-empty mapping; anything else is one line naming
+    the file (unreadable, invalid YAML with its line, a key given twice, empty, a list)."""
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as err:
-        raise ConfigError(str(path), f"cannot read config file ({err.strerror})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {path}: cannot be read ({getattr(err, 'strerror', None) or err})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(str(path), f"invalid YAML at{where}: {getattr(err, 'problem', err)}") from None
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} {path}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if raw is None:
+        raise UserError(f"{what} {path}: is empty (write at least one section, e.g. 'model: {{d_model: 256}}')")
     if not isinstance(raw, dict):
-        raise ConfigError(str(path), "top level must be a mapping of sections")
-    return from_dict(apply_overrides(raw, list(overrides)))
+        raise UserError(f"{what} {path}: the top level must be a mapping of sections, not a {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML experiment file, apply `--set` overrides, validate."""
+    return from_dict(apply_overrides(read_yaml_mapping(path), list(overrides)))

@@ -92,13 +92,14 @@ def slope(widths: list[int], values: list[float]) -> float | None:
 def coord_check(cfg: Config, widths: list[int], depths: list[int] | None, steps: int,
                 out: Path | None = None) -> dict[str, Any]:
     depths = depths or [cfg.model.n_layers]
-    iterator = pipeline.train_iterator(cfg, open_sources(cfg), 0, 1)
+    shapes = {(depth, width): _shape_config(cfg, width, depth, steps) for depth in depths for width in widths}
+    iterator = pipeline.train_iterator(cfg, open_sources(cfg), 0, 1)  # every shape is valid: now compute
     batches = [next(iterator) for _ in range(steps)]
     probe = ts.batch_tokens(batches[0])[0][:, :-1]
     records = []
     for depth in depths:
         for width in widths:
-            trace = _trace(_shape_config(cfg, width, depth, steps), batches, probe)
+            trace = _trace(shapes[depth, width], batches, probe)
             records += [{"width": width, "depth": depth, "step": t, "rms": rms} for t, rms in enumerate(trace)]
     report = {"parametrization": cfg.parametrization.name, "widths": widths, "depths": depths,
               "steps": steps, "lr": cfg.optimizer.lr, "records": records,

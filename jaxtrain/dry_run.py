@@ -7,29 +7,8 @@ device count) and every parameter's partition spec; model FLOPs per token and pe
 (`flops.py`); tokens per step; the learning-rate schedule; and an estimate of memory per
 device.
 
-Memory per device (bytes), with P = parameter elements held by one device (the exact
-sum over parameters of size / product of the mesh axes sharding it):
-
-    params 4P + Adam moments 8P + gradients 4P               (all float32)
-  + saved activations   L * t * a(remat) * b                 (b = compute-dtype bytes)
-  + recomputation       t * a(none) * b                      (one block, if remat != none)
-  + logits              3 * t * V/tp * 4                     (logits, softmax, their gradient)
-
-t = tokens per device per microbatch = batch * seq_len / (data * fsdp * microbatches),
-tp = the tensor axis. a(remat) counts the elements one block saves for the backward pass
-per token, read off `jax.ad_checkpoint` residuals of this model (d = d_model,
-f = d_ff, H = heads, T = seq_len):
-
-    none            11 d + 6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
-                    scores and probabilities; cuDNN flash attention keeps neither)
-    dots_saveable    8 d + 2 f/tp
-    full             2 d
-
-`model.attention: auto` counts as cuDNN on GPU in bfloat16 (what JAX picks there) and as
-XLA otherwise. The compute dtype and attention follow `--backend` (default: this machine's).
-
-It is an estimate: XLA's buffer assignment may fuse away or add temporaries; the test
-suite holds it to the compiled step's own memory analysis for small configs.
+Memory per device: the estimate of `memory.py` (its docstring gives the formula), checked
+against this machine's devices when the plan is for them, as `jaxtrain train` checks it.
 
 Communication: collective bytes per device per step by kind from the analytic model of
 `communication.py`; `--compile` also compiles the real step on that many simulated CPU
@@ -40,7 +19,6 @@ devices and counts its HLO (`hlo_collectives.py`) beside it; `--target` adds a r
 from __future__ import annotations
 
 import collections
-import functools
 import math
 import re
 from typing import Any
@@ -48,13 +26,10 @@ from typing import Any
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
-from jaxtrain import communication, flops, sharding
+from jaxtrain import communication, flops, memory, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.schedules import lr_per_step, resolve
-
-_COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
-
 
 def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
     """The config's mesh over `devices` simulated devices."""
@@ -62,49 +37,10 @@ def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
     return AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def _flash_attention(cfg: Config, backend: str) -> bool:
-    if cfg.model.attention == "auto":
-        return backend == "gpu" and _compute_dtype_name(cfg, backend) == "bfloat16"
-    return cfg.model.attention == "cudnn"
-
-
-def block_activations_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
-    """a(remat): elements one block keeps for the backward pass, per token."""
-    d, f, heads, seq = cfg.model.d_model, cfg.model.ff_dim, cfg.model.n_heads, cfg.data.seq_len
-    if remat == "none":
-        scores = 0 if _flash_attention(cfg, backend) else 4 * heads * seq / tensor
-        return 11 * d + 6 * f / tensor + scores
-    if remat == "dots_saveable":
-        return 8 * d + 2 * f / tensor
-    return 2 * d
-
-
-def _compute_dtype_name(cfg: Config, backend: str) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    return "float32" if backend == "cpu" else "bfloat16"
-
-
-def memory_per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
-                      backend: str = "gpu") -> dict[str, float]:
-    """The estimate of the module docstring, in bytes, by component."""
-    model, tensor = cfg.model, mesh_shape["tensor"]
-    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
-    tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
-    b = _COMPUTE_BYTES[_compute_dtype_name(cfg, backend)]
-    per_token = functools.partial(block_activations_per_token, cfg, tensor=tensor, backend=backend)
-    saved = model.n_layers * tokens * per_token(model.remat) * b
-    recompute = 0.0 if model.remat == "none" else tokens * per_token("none") * b
-    parts = {"params": 4.0 * params_per_device, "optimizer": 8.0 * params_per_device,
-             "gradients": 4.0 * params_per_device, "activations": saved + recompute,
-             "logits": 3.0 * tokens * model.vocab_size / tensor * 4}
-    return {**parts, "total": sum(parts.values())}
-
-
 def collective_dtype_bytes(cfg: Config, backend: str) -> int:
     """Bytes per element the collectives move: the compute dtype's, but XLA:CPU moves bf16
     collectives as float32 (measured: `jaxtrain/hlo_collectives.py`)."""
-    return 4 if backend == "cpu" else _COMPUTE_BYTES[_compute_dtype_name(cfg, backend)]
+    return 4 if backend == "cpu" else memory.COMPUTE_BYTES[memory.compute_dtype_name(cfg, backend)]
 
 
 def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = None,
@@ -112,8 +48,9 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
     """Everything the dry run reports, as plain data. `target` (a `communication.TARGETS`
     name) adds the roofline; `compiled_on` (simulated CPU devices) adds the compiled step's
     collective bytes and temporary memory beside the analytic figures."""
-    spec = ts.model_spec(cfg)
     mesh = abstract_mesh(cfg, devices)
+    sharding.check_batch_splits(cfg, dict(mesh.shape))  # train's preflight: refused there, refused here
+    spec = ts.model_spec(cfg)
     comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
@@ -150,8 +87,8 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
         "matmul_params": flops.matmul_params(cfg.model),
         "tokens_per_step": tokens_per_step,
         "flops_per_step": flops_per_token * tokens_per_step,
-        "memory_per_device": memory_per_device(cfg, per_device, dict(mesh.shape), backend),
-        "compute_dtype": _compute_dtype_name(cfg, backend),
+        "memory_per_device": memory.per_device(cfg, per_device, dict(mesh.shape), backend),
+        "compute_dtype": memory.compute_dtype_name(cfg, backend),
         "schedule": schedule_summary(cfg),
         **extra,
     }

@@ -32,6 +32,7 @@ from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource, open_sources
+from jaxtrain.errors import UserError
 from jaxtrain.saved_run import SavedRun
 
 
@@ -76,7 +77,13 @@ def evaluate_run(run: SavedRun, data_paths: tuple[str, ...] | None = None) -> di
     evaluate = jax.jit(functools.partial(ts.eval_step, spec=run.spec),
                        in_shardings=(param_shardings, sharding.batch_sharding(run.mesh)),
                        out_shardings=sharding.replicated(run.mesh))
-    evaluator = Evaluator(evaluate, cfg, open_sources(cfg), run.mesh)
+    try:
+        sources = open_sources(cfg)
+    except UserError as err:  # the paths came from --data, not from the config's data section
+        if not data_paths:
+            raise
+        raise UserError(f"--data {' '.join(data_paths)}: {str(err).split(': ', 1)[-1]}") from None
+    evaluator = Evaluator(evaluate, cfg, sources, run.mesh)
     result = evaluator(run.params)
     loss = result["val_loss"]
     tokens = sum(len(b) for b in evaluator.batches) * cfg.train.batch_size * cfg.data.seq_len

@@ -17,26 +17,51 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, UserError
 
 TIMING_KEYS = ("tokens_per_sec", "eta_sec")
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line that is not a whole JSON row (what a kill or
+    a full disk leaves mid-write) is dropped, with a one-line warning; the row is recomputed
+    when the run resumes. A damaged row before the last is an error naming the line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not a row with a step")
+        except ValueError as err:
+            if number == len(lines):
+                (warn or _warn)(f"{path}: dropped its last line, cut short by an interrupted write "
+                                f"({len(line)} characters)")
+                break
+            raise UserError(f"{path} line {number}: not a metrics row ({err}); the file is damaged") from None
+        rows.append(row)
+    return rows
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Keep rows with row['step'] <= step; the file is replaced atomically."""
+def _warn(text: str) -> None:
+    print(f"jaxtrain: warning: {text}", file=sys.stderr, flush=True)
+
+
+def truncate_after(path: Path, step: int, warn: Callable[[str], None] | None = None) -> None:
+    """Keep rows with row['step'] <= step (and drop a torn last line); the file is
+    replaced atomically."""
     if not path.exists():
         return
-    kept = [row for row in read_metrics(path) if row["step"] <= step]
+    kept = [row for row in read_metrics(path, warn) if row["step"] <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     tmp.replace(path)
@@ -65,7 +90,8 @@ class MetricsLogger:
     """Writes rows to metrics.jsonl and TensorBoard, and shows progress on the terminal."""
 
     def __init__(self, workdir: Path, start_step: int, total_steps: int, enabled: bool = True,
-                 console: bool = True, wandb_project: str | None = None, run_config: dict | None = None):
+                 console: bool = True, wandb_project: str | None = None, run_config: dict | None = None,
+                 warn: Callable[[str], None] | None = None):
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
         self._tty = console and sys.stderr.isatty()
@@ -73,7 +99,7 @@ class MetricsLogger:
         self._muted = not console  # set when the terminal went away, or asked to be quiet
         if not enabled:
             return
-        truncate_after(self.path, start_step)
+        truncate_after(self.path, start_step, warn)
         self._file = self.path.open("a")
         self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1)
         self._wandb = _wandb_run(workdir, wandb_project, run_config or {}) if wandb_project else None

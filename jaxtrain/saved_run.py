@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import yaml
 from absl import logging as absl_logging
 from jax.sharding import Mesh
 
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import Config, MeshConfig, from_dict
+from jaxtrain.config import Config, MeshConfig, from_dict, read_yaml_mapping
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import read_metrics
 from jaxtrain.model import Transformer
@@ -63,7 +62,7 @@ def read_config(workdir: str | Path) -> Config:
     path = Path(workdir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{workdir}: not a jaxtrain workdir (no config.yaml)")
-    return from_dict(yaml.safe_load(path.read_text()) or {})
+    return from_dict(read_yaml_mapping(path, "the run's config"))
 
 
 @contextlib.contextmanager

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from jaxtrain.config import Config, from_dict
+from jaxtrain.config import from_dict, read_yaml_mapping
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import read_metrics
 from jaxtrain.schedules import lr_per_step, resolve
@@ -77,20 +76,13 @@ def load_curve(path: str | Path) -> Curve:
         config_file, rows = path, []
     else:
         raise UserError(f"{path}: no such workdir or config file")
-    cfg = _config(config_file)
+    cfg = from_dict(read_yaml_mapping(config_file))
     lengths = resolve(cfg)
     first = max(math.ceil(lengths.warmup / lengths.per_step), cfg.train.steps // 20, 1)
     # a row of step s logs the loss of its batch before the s-th update: s - 1 updates in
     rows = [r for r in rows if "loss" in r and r["step"] - 1 >= first and math.isfinite(r["loss"])]
     return Curve(path.name if path.is_dir() else path.stem, lr_per_step(cfg),
                  np.array([r["step"] - 1 for r in rows], int), np.array([r["loss"] for r in rows], float), first)
-
-
-def _config(path: Path) -> Config:
-    try:
-        return from_dict(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,7 +197,14 @@ def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
 
 
 def check_batch_divides(cfg: Config, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    """The batch (and its microbatches) splits over the mesh, and processes hold whole rows."""
+    check_batch_splits(cfg, dict(mesh.shape))
+    process_rows(mesh, cfg.train.batch_size)
+
+
+def check_batch_splits(cfg: Config, mesh_shape: dict[str, int]) -> None:
+    """The arithmetic half of `check_batch_divides`, for a planned mesh (dry-run)."""
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
     if cfg.train.batch_size % shards:
         raise ConfigError("train.batch_size",
                           f"{cfg.train.batch_size} is not divisible by data*fsdp = {shards}")
@@ -206,4 +213,3 @@ def check_batch_divides(cfg: Config, mesh: Mesh) -> None:
         raise ConfigError("train.microbatches",
                           f"{micro} microbatches of a {cfg.train.batch_size}-sequence batch do not split "
                           f"evenly over data*fsdp = {shards}")
-    process_rows(mesh, cfg.train.batch_size)

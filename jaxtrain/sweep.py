@@ -42,7 +42,7 @@ import numpy as np
 import yaml
 
 from jaxtrain.config import Config, load_config
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import read_metrics
 
 
@@ -177,7 +177,8 @@ def _group(runs: list[dict], keys: list[str]):
 def choose_keys(grid: list[Axis], x_key: str, curve_key: str | None) -> tuple[str, list[str]]:
     keys = [a.key for a in grid]
     if x_key not in keys:
-        raise ConfigError(x_key, "the sweep's x axis must be one of the --grid keys")
+        raise UserError(f"--x {x_key}{' (the default)' if x_key == 'optimizer.lr' else ''}: the sweep's x "
+                        f"axis must be one of the --grid keys ({', '.join(keys)})")
     curve_key = curve_key or next((k for k in keys if k != x_key), None)
     if curve_key is None or curve_key not in keys or curve_key == x_key:
         raise ConfigError(str(curve_key), "the curve key must be another --grid key")

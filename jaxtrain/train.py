@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,10 +22,10 @@ import jax
 import numpy as np
 import yaml
 
-from jaxtrain import parametrization, rewarm, sharding
+from jaxtrain import memory, parametrization, rewarm, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import Config, ModelConfig
+from jaxtrain.config import Config, ModelConfig, read_yaml_mapping
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource, open_sources
 from jaxtrain.errors import ConfigError, UserError
@@ -57,11 +58,11 @@ class RunResult:
 
 def check_workdir(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer) -> None:
     """Refuse to resume a run whose model, data or parametrization table differ (before
-    anything is written); then record the resolved config and table in the workdir."""
+    anything is written; `record_run` writes once every check has passed)."""
     meta = ckpt.newest_meta()
     path = workdir / "config.yaml"
     if meta is not None and path.exists():
-        saved = yaml.safe_load(path.read_text()) or {}
+        saved = read_yaml_mapping(path, "the run's config")
         new = cfg.to_dict()
         for section, keys in _IDENTITY_KEYS.items():
             for key in keys or new[section]:
@@ -74,8 +75,12 @@ def check_workdir(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer) 
         saved_table = meta.get("parametrization")
         if saved_table is not None:
             parametrization.check_matches(saved_table, table)
+
+
+def record_run(workdir: Path, cfg: Config, table: Table) -> None:
+    """The resolved config and table in the workdir, each replaced atomically."""
     if jax.process_index() == 0:
-        _write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_atomic(workdir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _write_atomic(workdir / "parametrization.json", json.dumps(table.to_json(), indent=1))
 
 
@@ -103,10 +108,32 @@ class _Throughput:
         return rate
 
 
-def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, console: bool = True) -> RunResult:
+def check_writable(workdir: Path) -> None:
+    """One line, before anything is compiled, if this process could not write the run: the
+    workdir and its checkpoints if they exist, else the nearest directory above that does
+    (probed by creating a file: permission bits alone do not say what root, ACLs or a
+    read-only mount allow)."""
+    existing = [d for d in (workdir / "checkpoints", workdir) if d.is_dir()]
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir}: exists and is not a directory")
+    if not existing:
+        existing = [next(p for p in workdir.absolute().parents if p.exists())]
+        if not existing[0].is_dir():
+            raise UserError(f"--workdir {workdir}: {existing[0]} is not a directory")
+    for directory in existing:
+        try:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as err:
+            raise UserError(f"--workdir {workdir}: cannot write in {directory} ({err.strerror})") from None
+
+
+def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, console: bool = True,
+        check_memory: bool = True) -> RunResult:
     """Train in `workdir`, resuming from its newest checkpoint. `stop_after` ends this
     invocation after that step (with a checkpoint), as a preemption would. `console=False`
-    keeps the terminal quiet (metrics.jsonl and TensorBoard are still written)."""
+    keeps the terminal quiet (metrics.jsonl and TensorBoard are still written).
+    `check_memory=False` skips the memory preflight (`memory.check_fits`)."""
     workdir = Path(workdir)
     check_compute(cfg.model)
     check_wandb(cfg.train.wandb_project)
@@ -114,9 +141,10 @@ def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, cons
     sharding.check_batch_divides(cfg, mesh)
     sources = open_sources(cfg)
     pipeline.check_fits(cfg, sources)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir}: exists and is not a directory")
+    check_writable(workdir)
     spec = ts.model_spec(cfg)
+    if check_memory:
+        memory.check_fits(cfg, spec, mesh)
     rewarm.check_before_start(cfg, spec.table, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir, cfg.checkpoint)
@@ -182,8 +210,9 @@ def _train(cfg: Config, spec: ts.ModelSpec, workdir: Path, mesh, sources: list[D
     step, tokens = int(jax.device_get(state.step)), counters["tokens"]
     guard = NonFiniteGuard(cfg.train.on_nonfinite, ckpt.latest_step, counters["skipped_steps"])
     logger = MetricsLogger(workdir, step, cfg.train.steps, enabled=jax.process_index() == 0, console=console,
-                           wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict())
+                           wandb_project=cfg.train.wandb_project, run_config=cfg.to_dict(), warn=_warn)
     try:
+        record_run(workdir, cfg, spec.table)  # every resume check has passed: the state is restored
         if resumed_from is not None:
             logger.message(f"resumed from checkpoint at step {resumed_from} ({tokens:,} tokens)")
         for note in notes:
@@ -243,6 +272,9 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
         halt = stopped_by is not None or step == stop_after
         if last or halt or ckpt.due(step):
             guard.check()  # never checkpoint a state from a non-finite step
+            if pending is not None:  # a checkpointed step's row is on disk before its checkpoint, so a
+                logger.write({**_row(*pending, throughput, cfg), **guard.row_fields()})  # kill never loses it
+                pending = None
         meta = {"tokens": tokens, "step": step, "skipped_steps": guard.skipped, **run_meta}
         saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
         if halt:

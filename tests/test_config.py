@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO, TINY, run_cli
 from jaxtrain import cli
 from jaxtrain.config import load_config
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import UserError
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -59,11 +59,12 @@ def test_bad_config_is_one_line_naming_the_key(case, tmp_path, capsys):
 
 
 def test_missing_and_malformed_files_name_the_file(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    """As a file, not as a config key."""
+    with pytest.raises(UserError, match="^config file .*nope.yaml: cannot be read"):
         load_config(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  d_model: [64\n")
-    with pytest.raises(ConfigError, match=r"broken.yaml.*line"):
+    with pytest.raises(UserError, match=r"^config file .*broken.yaml: invalid YAML at line"):
         load_config(broken)
 
 

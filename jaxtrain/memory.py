@@ -1,0 +1,135 @@
+"""Memory per device of a training step, estimated from shapes alone, and the preflight that
+compares it with what this machine's devices have before anything is compiled or written
+(`jaxtrain train`; `jaxtrain dry-run` prints the same estimate).
+
+Memory per device (bytes), with P = parameter elements held by one device (the exact
+sum over parameters of size / product of the mesh axes sharding it):
+
+    params 4P + Adam moments 8P + gradients 4P               (all float32)
+  + saved activations   L * t * a(remat) * b                 (b = compute-dtype bytes)
+  + recomputation       t * a(none) * b                      (one block, if remat != none)
+  + logits              3 * t * V/tp * 4                     (logits, softmax, their gradient)
+
+t = tokens per device per microbatch = batch * seq_len / (data * fsdp * microbatches),
+tp = the tensor axis. a(remat) counts the elements one block saves for the backward pass
+per token, read off `jax.ad_checkpoint` residuals of this model (d = d_model,
+f = d_ff, H = heads, T = seq_len):
+
+    none            11 d + 6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
+                    scores and probabilities; cuDNN flash attention keeps neither)
+    dots_saveable    8 d + 2 f/tp
+    full             2 d
+
+`model.attention: auto` counts as cuDNN on GPU in bfloat16 (what JAX picks there) and as
+XLA otherwise. The compute dtype and attention follow `--backend` (default: this machine's).
+
+It is an estimate: XLA's buffer assignment may fuse away or add temporaries; the test
+suite holds it to the compiled step's own memory analysis for small configs.
+
+Available memory: an accelerator's `memory_stats()["bytes_limit"]`; on CPU the host's
+available RAM (MemAvailable), shared by its simulated devices. A model whose estimate
+exceeds it is refused with both figures (`--skip-memory-check` overrides, for users who know
+the estimate is pessimistic for their case).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+from jax.sharding import Mesh
+
+from jaxtrain import sharding
+from jaxtrain.config import Config
+from jaxtrain.errors import UserError
+
+COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def flash_attention(cfg: Config, backend: str) -> bool:
+    if cfg.model.attention == "auto":
+        return backend == "gpu" and compute_dtype_name(cfg, backend) == "bfloat16"
+    return cfg.model.attention == "cudnn"
+
+
+def block_activations_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
+    """a(remat): elements one block keeps for the backward pass, per token."""
+    d, f, heads, seq = cfg.model.d_model, cfg.model.ff_dim, cfg.model.n_heads, cfg.data.seq_len
+    if remat == "none":
+        scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor
+        return 11 * d + 6 * f / tensor + scores
+    if remat == "dots_saveable":
+        return 8 * d + 2 * f / tensor
+    return 2 * d
+
+
+def compute_dtype_name(cfg: Config, backend: str) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "float32" if backend == "cpu" else "bfloat16"
+
+
+def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
+               backend: str = "gpu") -> dict[str, float]:
+    """The estimate of the module docstring, in bytes, by component."""
+    model, tensor = cfg.model, mesh_shape["tensor"]
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
+    tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
+    b = COMPUTE_BYTES[compute_dtype_name(cfg, backend)]
+    per_token = functools.partial(block_activations_per_token, cfg, tensor=tensor, backend=backend)
+    saved = model.n_layers * tokens * per_token(model.remat) * b
+    recompute = 0.0 if model.remat == "none" else tokens * per_token("none") * b
+    parts = {"params": 4.0 * params_per_device, "optimizer": 8.0 * params_per_device,
+             "gradients": 4.0 * params_per_device, "activations": saved + recompute,
+             "logits": 3.0 * tokens * model.vocab_size / tensor * 4}
+    return {**parts, "total": sum(parts.values())}
+
+
+def params_per_device(spec, mesh: Mesh) -> int:
+    """P: parameter elements one device holds under the storage rules (`spec`: a ModelSpec)."""
+    total = 0
+    for axes, shape in spec.params_by_path().values():
+        total += math.prod(shape) // sharding.shard_count(sharding.logical_to_spec(axes, shape, mesh), mesh)
+    return total
+
+
+def available_per_device(devices: list) -> tuple[float, str]:
+    """(bytes one device may use, where the figure comes from)."""
+    stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return float(min(d.memory_stats()["bytes_limit"] for d in devices)), f"{devices[0].device_kind} memory"
+    host = _host_available_bytes()
+    return host / len(devices), f"{_gb(host)} of available host RAM shared by {len(devices)} CPU device(s)"
+
+
+def _host_available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def check_fits(cfg: Config, spec, mesh: Mesh) -> None:
+    """Refuse, in one line with both figures, a step whose estimate exceeds device memory."""
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    check_estimate(per_device(cfg, params_per_device(spec, mesh), dict(mesh.shape), jax.default_backend()), devices)
+
+
+def check_estimate(estimate: dict[str, float], devices: list) -> None:
+    """`estimate` (of `per_device`) against what each of `devices` has."""
+    available, source = available_per_device(devices)
+    if estimate["total"] > available:
+        parts = ", ".join(f"{k} {_gb(v)}" for k, v in estimate.items() if k != "total")
+        raise UserError(f"the run needs about {_gb(estimate['total'])} per device ({parts}; the dry-run "
+                        f"estimate) but a device has {_gb(available)} ({source}); use a smaller model or batch, "
+                        f"more devices, model.remat or train.microbatches, or --skip-memory-check to try anyway")

@@ -1,0 +1,73 @@
+"""The SLURM path for real: a one-node cluster (slurmctld, slurmd, munged on 127.0.0.1,
+`launch/slurm_local_cluster.sh`) runs `sbatch launch/slurm.sbatch` as a 2-task job step of
+4 CPU devices each. The processes join `jax.distributed` from SLURM's environment alone and
+log the single-process run's losses; `scancel --signal=TERM` makes both checkpoint the same
+step and the job exit 143, and the requeued job (`scontrol requeue`) resumes at that step
+and finishes with the reference's losses and parameters."""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import REFERENCE_SETTINGS, REPO, TINY, assert_same_params, final_params, logged_rows
+
+pytestmark = pytest.mark.slow
+
+CLUSTER = REPO / "launch" / "slurm_local_cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    if started.returncode in (2, 3):  # not root / no package source: nothing here can run a scheduler
+        pytest.skip(started.stderr.strip())
+    assert started.returncode == 0, started.stderr
+    yield
+    subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=60)
+
+
+def job_state(job: str) -> dict:
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", shown))
+
+
+def wait_until_done(job: str, timeout: float = 400) -> dict:
+    deadline = time.time() + timeout
+    while job_state(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
+        assert time.time() < deadline, job_state(job)
+        time.sleep(1)
+    return job_state(job)
+
+
+def test_a_slurm_job_joins_from_its_environment_stops_on_term_and_resumes_when_requeued(
+        slurm, cli_reference, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "job.out"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    job = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-task=0", f"--output={log}",
+                          "launch/slurm.sbatch", str(TINY), str(workdir), *REFERENCE_SETTINGS,
+                          "--set", "train.grace_period_sec=30"],
+                         capture_output=True, text=True, cwd=REPO, env=env, check=True).stdout.strip()
+    deadline = time.time() + 300
+    while len(logged_rows(workdir)) < 10:
+        assert time.time() < deadline and job_state(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    stopped = wait_until_done(job)
+    output = log.read_text()
+    steps = set(re.findall(r"stopped by signal 15 after step (\d+)", output))
+    assert stopped["ExitCode"] == "143:0" and len(steps) == 1, output  # both processes, the same step
+    step = int(steps.pop())
+    assert output.count(f"stopped by signal 15 after step {step}") == 2, output
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    finished = wait_until_done(job)
+    output = log.read_text()
+    assert finished["JobState"] == "COMPLETED" and finished["Restarts"] == "1", output
+    assert f"resumed from checkpoint at step {step}" in output, output
+    got, want = logged_rows(workdir), logged_rows(cli_reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 41))
+    for a, b in zip(got, want):  # 2 processes x 4 devices vs 1 x 8: gloo sums in another order
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    assert_same_params(final_params(workdir), final_params(cli_reference), rtol=1e-4)
