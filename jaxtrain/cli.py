@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from jaxtrain import xla_flags
 from jaxtrain.data import commands as data_commands
@@ -142,6 +143,12 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
                         help="override a config value in every run (repeatable)")
 
 
+def _check_parent_dir(flag: str, path: str) -> None:
+    """A file the command will write must have an existing directory to go into."""
+    if not Path(path).absolute().parent.is_dir():
+        raise UserError(f"{flag} {path}: its directory does not exist")
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -197,8 +204,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.steps <= 0 or args.warmup < 0:
         raise UserError(f"--steps {args.steps} --warmup {args.warmup}: need steps > 0 and warmup >= 0")
-    if args.hlo_out and not Path(args.hlo_out).resolve().parent.is_dir():
-        raise UserError(f"--hlo-out {args.hlo_out}: its directory does not exist")
+    if args.hlo_out:
+        _check_parent_dir("--hlo-out", args.hlo_out)
     cfg = load_config(args.config, args.overrides)
     from jaxtrain.bench import bench
 
@@ -248,8 +255,7 @@ def _plot(args: argparse.Namespace) -> int:
     for metric in metrics:
         if not any(metric in row for rows in runs.values() for row in rows):
             raise UserError(f"--metric {metric}: not logged by any of the runs")
-    if not Path(args.out).absolute().parent.is_dir():
-        raise UserError(f"--out {args.out}: its directory does not exist")
+    _check_parent_dir("--out", args.out)
     plot_runs(runs, metrics, args.x, Path(args.out), log_y=set(args.log_y.split(",")))
     print(f"wrote {args.out}")
     return 0
@@ -369,8 +375,7 @@ def _schedule(args: argparse.Namespace) -> int:
     from jaxtrain.plotting import plot_schedule
 
     cfg = load_config(args.config, args.overrides)
-    if not Path(args.out).absolute().parent.is_dir():
-        raise UserError(f"--out {args.out}: its directory does not exist")
+    _check_parent_dir("--out", args.out)
     plot_schedule(cfg, Path(args.out))
     print(f"wrote {args.out}")
     return 0
