@@ -13,6 +13,10 @@ On CPU the peak is the measured matmul rate of the whole machine (simulated devi
 its cores); on accelerators it is the table in `flops.py` times the device count.
 Memory is the devices' peak bytes in use where the runtime reports it, else the process's
 peak resident set size.
+
+With `optimizer.name: muon` the same config is also timed with AdamW in the same process,
+alternating the two (`adamw_step_time_s`, `step_time_ratio_vs_adamw` = Muon / AdamW), so
+the ratio compares runs on one machine in one state.
 """
 
 from __future__ import annotations
@@ -57,6 +61,35 @@ def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, fl
     return compiled, state, batch, time.perf_counter() - started
 
 
+def _timed(step, state, batch, steps: int, warmup: int) -> tuple[Any, float, dict]:
+    """(state, seconds per step after `warmup` untimed steps, last metrics)."""
+    for _ in range(warmup):
+        state, metrics = step(state, batch, BENCH_LR)
+    jax.block_until_ready(state)
+    started = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch, BENCH_LR)
+    jax.block_until_ready((state, metrics))
+    return state, (time.perf_counter() - started) / steps, metrics
+
+
+def _adamw_twin(cfg: Config) -> Config:
+    return cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"name": "adamw", "adam_lr": None})})
+
+
+def _versus_adamw(cfg: Config, mesh, compiled, state, batch, steps: int, warmup: int) -> dict[str, Any]:
+    """Muon and its AdamW twin timed in turns (three rounds each; the median of each)."""
+    twin, twin_state, twin_batch, _ = _compiled_step(_adamw_twin(cfg), mesh)
+    times: dict[str, list[float]] = {"muon": [], "adamw": []}
+    for _ in range(3):
+        state, seconds, _ = _timed(compiled, state, batch, steps, warmup)
+        times["muon"].append(seconds)
+        twin_state, seconds, _ = _timed(twin, twin_state, twin_batch, steps, warmup)
+        times["adamw"].append(seconds)
+    muon, adamw = float(np.median(times["muon"])), float(np.median(times["adamw"]))
+    return {"muon_step_time_s": muon, "adamw_step_time_s": adamw, "step_time_ratio_vs_adamw": muon / adamw}
+
+
 def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = None) -> dict[str, Any]:
     """Time `steps` train steps after `warmup`; the one-line report as a dict. `hlo_out`:
     where to write the compiled step's HLO text (its collective bytes are in the report)."""
@@ -67,14 +100,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = 
     hlo = step.as_text()
     if hlo_out is not None:
         hlo_out.write_text(hlo)
-    for _ in range(warmup):
-        state, metrics = step(state, batch, BENCH_LR)
-    jax.block_until_ready(state)
-    started = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch, BENCH_LR)
-    jax.block_until_ready((state, metrics))
-    step_time = (time.perf_counter() - started) / steps
+    state, step_time, metrics = _timed(step, state, batch, steps, warmup)
+    versus = _versus_adamw(cfg, mesh, step, state, batch, steps, warmup) if cfg.optimizer.name == "muon" else {}
 
     dtype = np.dtype(compute_dtype(cfg.model)).name
     devices = mesh.devices.flatten().tolist()
@@ -100,6 +127,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = 
         "devices": f"{len(devices)} x {devices[0].device_kind}",
         "mesh": dict(mesh.shape),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "optimizer": cfg.optimizer.name,
+        **versus,
         "config": {"model": cfg.model.model_dump(mode="json"), "compute_dtype": dtype,
                    "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
                    "microbatches": cfg.train.microbatches, "parametrization": cfg.parametrization.name,

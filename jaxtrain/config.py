@@ -135,6 +135,21 @@ class OptimizerConfig(_Section):
     # coupled: decay multiplied by the parameter's current learning rate (optax adamw);
     # independent: by lr(t)/lr_peak only, so lambda is a per-step rate (Wortsman et al. 2023).
     weight_decay_mode: Literal["coupled", "independent"] = "coupled"
+    # muon: hidden matrices by Muon (jaxtrain/muon.py), the other roles by AdamW as above.
+    name: Literal["adamw", "muon"] = "adamw"
+    # The orthogonalized update's multiplier: spectral = sqrt(fan_out/fan_in), rms_match =
+    # 0.2 sqrt(max(fan_in, fan_out)) (AdamW's update RMS and learning rate), none = 1.
+    muon_scale: Literal["spectral", "rms_match", "none"] = "spectral"
+    muon_momentum: float = Field(0.95, ge=0, lt=1)  # Nesterov momentum of the Muon roles
+    muon_ns_steps: int = Field(5, ge=1)  # Newton-Schulz iterations
+    muon_ns_dtype: Literal["float32", "bfloat16"] = "float32"  # precision of the iterations
+    adam_lr: float | None = Field(None, gt=0)  # Muon: peak LR of the AdamW roles; None = lr
+
+    @model_validator(mode="after")
+    def _muon_only(self) -> "OptimizerConfig":
+        if self.name != "muon" and self.adam_lr is not None:
+            raise ValueError("adam_lr is the AdamW roles' learning rate next to Muon; with name adamw set lr")
+        return self
 
 
 class ScheduleConfig(_Section):

@@ -67,10 +67,11 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
         size = math.prod(shape)
         params.append({"path": path, "shape": list(shape), "role": rule.role, "logical_axes": list(axes),
                        "partition_spec": [s if s is None or isinstance(s, str) else list(s) for s in pspec],
-                       "per_device": size // shards})
+                       "per_device": size // shards, "update": rule.update})
         role_counts[rule.role] += size
-        for field in ("init_std", "multiplier", "lr", "weight_decay", "eps"):
-            roles[rule.role][field].add(round(getattr(rule, field), 8))
+        for field in ("init_std", "multiplier", "lr", "weight_decay", "eps", "update", "muon_scale"):
+            value = getattr(rule, field)
+            roles[rule.role][field].add(value if isinstance(value, str) else round(value, 8))
     per_device = sum(p["per_device"] for p in params)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_per_token = flops.model_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -87,7 +88,8 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
         "matmul_params": flops.matmul_params(cfg.model),
         "tokens_per_step": tokens_per_step,
         "flops_per_step": flops_per_token * tokens_per_step,
-        "memory_per_device": memory.per_device(cfg, per_device, dict(mesh.shape), backend),
+        "memory_per_device": memory.per_device(cfg, per_device, dict(mesh.shape), backend,
+                                               memory.optimizer_state_per_device(spec, mesh)),
         "compute_dtype": memory.compute_dtype_name(cfg, backend),
         "schedule": schedule_summary(cfg),
         **extra,
@@ -125,11 +127,13 @@ def format_plan(p: dict[str, Any]) -> str:
     lines = ["# resolved config", yaml.safe_dump(p["config"], sort_keys=False).rstrip(), "",
              f"# parameters: {p['params_total']:,} ({_count(p['params_total'])}), "
              f"{p['params_per_device']:,} per device",
-             f"{'role':<10} {'params':>14}  {'init std':<24} {'multiplier':<18} {'lr x':<14} {'wd x':<10} eps x"]
+             f"{'role':<10} {'params':>14}  {'init std':<24} {'multiplier':<18} {'lr x':<14} {'wd x':<10} "
+             f"{'eps x':<10} {'update':<7} muon scale"]
     fmt = lambda values: ",".join(f"{v:.4g}" for v in values)
     for role, r in p["roles"].items():
         lines.append(f"{role:<10} {r['params']:>14,}  {fmt(r['init_std']):<24} {fmt(r['multiplier']):<18} "
-                     f"{fmt(r['lr']):<14} {fmt(r['weight_decay']):<10} {fmt(r['eps'])}")
+                     f"{fmt(r['lr']):<14} {fmt(r['weight_decay']):<10} {fmt(r['eps']):<10} "
+                     f"{','.join(r['update']):<7} {fmt(r['muon_scale']) if r['update'] == ['muon'] else '-'}")
     lines += ["", f"# mesh over {p['devices']} devices: {p['mesh']}",
               f"{'parameter (blocks.* = every layer)':<36} {'shape':<18} {'logical axes':<34} partition spec"]
     for path, q in _one_row_per_layer_kind(p["params"]).items():

@@ -3,9 +3,10 @@ compares it with what this machine's devices have before anything is compiled or
 (`jaxtrain train`; `jaxtrain dry-run` prints the same estimate).
 
 Memory per device (bytes), with P = parameter elements held by one device (the exact
-sum over parameters of size / product of the mesh axes sharding it):
+sum over parameters of size / product of the mesh axes sharding it; P_adam and P_muon split
+it by the table's update rule: Adam keeps two moments, Muon one momentum):
 
-    params 4P + Adam moments 8P + gradients 4P               (all float32)
+    params 4P + optimizer state 8P_adam + 4P_muon + gradients 4P       (all float32)
   + saved activations   L * t * a(remat) * b                 (b = compute-dtype bytes)
   + recomputation       t * a(none) * b                      (one block, if remat != none)
   + logits              3 * t * V/tp * 4                     (logits, softmax, their gradient)
@@ -71,9 +72,13 @@ def compute_dtype_name(cfg: Config, backend: str) -> str:
     return "float32" if backend == "cpu" else "bfloat16"
 
 
+MOMENTS = {"adam": 2, "muon": 1}  # float32 optimizer-state arrays per parameter, by update rule
+
+
 def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
-               backend: str = "gpu") -> dict[str, float]:
-    """The estimate of the module docstring, in bytes, by component."""
+               backend: str = "gpu", optimizer_bytes: float | None = None) -> dict[str, float]:
+    """The estimate of the module docstring, in bytes, by component (`optimizer_bytes`:
+    of `optimizer_state_per_device`; None counts Adam's two moments for every parameter)."""
     model, tensor = cfg.model, mesh_shape["tensor"]
     batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
     tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
@@ -81,18 +86,28 @@ def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
     per_token = functools.partial(block_activations_per_token, cfg, tensor=tensor, backend=backend)
     saved = model.n_layers * tokens * per_token(model.remat) * b
     recompute = 0.0 if model.remat == "none" else tokens * per_token("none") * b
-    parts = {"params": 4.0 * params_per_device, "optimizer": 8.0 * params_per_device,
+    optimizer = 8.0 * params_per_device if optimizer_bytes is None else optimizer_bytes
+    parts = {"params": 4.0 * params_per_device, "optimizer": optimizer,
              "gradients": 4.0 * params_per_device, "activations": saved + recompute,
              "logits": 3.0 * tokens * model.vocab_size / tensor * 4}
     return {**parts, "total": sum(parts.values())}
 
 
+def elements_per_device(spec, mesh: Mesh) -> dict[str, int]:
+    """Parameter path -> elements one device holds under the storage rules (`spec`: a ModelSpec)."""
+    return {path: math.prod(shape) // sharding.shard_count(sharding.logical_to_spec(axes, shape, mesh), mesh)
+            for path, (axes, shape) in spec.params_by_path().items()}
+
+
 def params_per_device(spec, mesh: Mesh) -> int:
-    """P: parameter elements one device holds under the storage rules (`spec`: a ModelSpec)."""
-    total = 0
-    for axes, shape in spec.params_by_path().values():
-        total += math.prod(shape) // sharding.shard_count(sharding.logical_to_spec(axes, shape, mesh), mesh)
-    return total
+    """P: parameter elements one device holds."""
+    return sum(elements_per_device(spec, mesh).values())
+
+
+def optimizer_state_per_device(spec, mesh: Mesh) -> float:
+    """Bytes of optimizer state one device holds: float32 moments, as many as the table's
+    update rule of each parameter keeps (sharded like the parameter)."""
+    return sum(4.0 * MOMENTS[spec.table.rules[path].update] * n for path, n in elements_per_device(spec, mesh).items())
 
 
 def available_per_device(devices: list) -> tuple[float, str]:
@@ -122,7 +137,9 @@ def _gb(n: float) -> str:
 def check_fits(cfg: Config, spec, mesh: Mesh) -> None:
     """Refuse, in one line with both figures, a step whose estimate exceeds device memory."""
     devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    check_estimate(per_device(cfg, params_per_device(spec, mesh), dict(mesh.shape), jax.default_backend()), devices)
+    estimate = per_device(cfg, params_per_device(spec, mesh), dict(mesh.shape), jax.default_backend(),
+                          optimizer_state_per_device(spec, mesh))
+    check_estimate(estimate, devices)
 
 
 def check_estimate(estimate: dict[str, float], devices: list) -> None:

@@ -12,34 +12,52 @@ Decoupled weight decay (Loshchilov & Hutter 2019), lambda_R = lambda * decay_R f
                -(lr(t) / eta) * lambda_R * theta: a per-step rate that only follows the
                schedule's shape, not eta or the muP LR multiplier (Wortsman et al. 2023).
 Init and optimizer read the same table, so they cannot drift apart.
+
+`optimizer.name: muon`: the table marks the hidden matrices `update: muon`, and their
+scale_by_adam is replaced by Muon's orthogonalized momentum times the table's muon_scale
+(jaxtrain/muon.py), so they move by
+    -lr(t) * lr_R * (muon_scale_R * O_t + lambda'_R * theta)
+with lr_R and decay_R from the table's Muon rows (parametrization._muon_rule). The other
+roles keep AdamW, their rate multiplied by optimizer.adam_lr / optimizer.lr when it is set.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxtrain.config import OptimizerConfig
+from jaxtrain.muon import muon_direction
 from jaxtrain.parametrization import ROLES, ParamRule, Table
 
 
 def _role_rule(table: Table, role: str) -> ParamRule | None:
     """The role's shared optimizer settings (the table gives all its members the same)."""
-    members = {(r.lr, r.eps, r.weight_decay): r for r in table.rules.values() if r.role == role}
+    members = {(r.lr, r.eps, r.weight_decay, r.update): r for r in table.rules.values() if r.role == role}
     if len(members) > 1:
         raise ValueError(f"role {role} has differing optimizer settings: {sorted(members)}")
     return next(iter(members.values()), None)
 
 
-def _role_transform(cfg: OptimizerConfig, rule: ParamRule) -> optax.GradientTransformation:
+def _direction(cfg: OptimizerConfig, table: Table, rule: ParamRule) -> optax.GradientTransformation:
+    if rule.update == "muon":
+        return muon_direction(table, cfg.muon_momentum, cfg.muon_ns_steps, jnp.dtype(cfg.muon_ns_dtype))
+    return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps * rule.eps)
+
+
+def _role_transform(cfg: OptimizerConfig, table: Table, rule: ParamRule) -> optax.GradientTransformation:
+    lr = rule.lr
+    if rule.update == "adam" and cfg.adam_lr is not None:
+        lr *= cfg.adam_lr / cfg.lr
     decay = cfg.weight_decay * rule.weight_decay
     if cfg.weight_decay_mode == "independent":
-        decay /= rule.lr * cfg.lr
-    steps = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps * rule.eps)]
+        decay /= lr * cfg.lr
+    steps = [_direction(cfg, table, rule)]
     if decay > 0:
         steps.append(optax.add_decayed_weights(decay))
-    if rule.lr != 1.0:
-        steps.append(optax.scale(rule.lr))
+    if lr != 1.0:
+        steps.append(optax.scale(lr))
     return optax.chain(*steps)
 
 
@@ -56,7 +74,7 @@ def scale_by_given_learning_rate() -> optax.GradientTransformationExtraArgs:
 def make_optimizer(cfg: OptimizerConfig, table: Table) -> optax.GradientTransformationExtraArgs:
     """The chain; call its update with `learning_rate=lr` (the step's scheduled rate)."""
     rules = {role: _role_rule(table, role) for role in ROLES}
-    per_role = optax.partition({role: _role_transform(cfg, rule) for role, rule in rules.items() if rule},
+    per_role = optax.partition({role: _role_transform(cfg, table, rule) for role, rule in rules.items() if rule},
                                table.labels)
     steps = [per_role, scale_by_given_learning_rate()]
     if cfg.clip_norm > 0:

@@ -36,6 +36,14 @@ residual branch is multiplied by r^-a; hidden Adam LR by r^(a-1) and eps by r^-a
 (a = 1 keeps the LR unchanged: CompleteP). Attention logits are scaled 1/sqrt(d_head), or
 sqrt(d_head0)/d_head (muP's 1/d_head anchored at the base width). At m = r = 1 every
 parametrization is SP exactly, so a base model can be tuned as SP and scaled as muP.
+
+Muon (`optimizer.name: muon`, jaxtrain/muon.py) replaces Adam on the hidden role only;
+every other row above stays. Its rows (derivations in `muon_scale` and `_muon_rule`):
+
+    optimizer.muon_scale   muon scale                  LR            decay
+    spectral               sqrt(fan_out/fan_in)        r^(a-1)       lambda
+    none                   1                           r^(a-1)       lambda
+    rms_match              0.2 sqrt(max(fan_in, out))  Adam's row    Adam's row
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ class ParamRule:
     eps: float  # multiplies optimizer.eps
     weight_decay: float  # multiplies optimizer.weight_decay
     layers: int = 0  # size of the leading `layers` axis of a stacked weight, 0 if not stacked
+    update: str = "adam"  # the update rule the optax chain gives it: adam or muon
+    muon_scale: float = 0.0  # Muon: multiplies the orthogonalized update (0 under Adam)
 
     def per_layer_paths(self, path: str) -> list[str]:
         """`blocks.attn.wq` -> blocks.0.attn.wq, blocks.1.attn.wq, ... (a stacked weight's
@@ -152,7 +162,7 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in_dims: int) -> P
     mup, ntk = p.name == "mup", p.name == "ntk"
     vector_decay = 1.0 if p.decay_vector_like else 0.0
     eps = 1.0 / m if mup else 1.0
-    depth_lr, depth_eps = (r ** (a - 1), r ** -a) if a > 0 else (1.0, 1.0)
+    depth_lr, depth_eps = _depth_lr(cfg), (r ** -a if a > 0 else 1.0)
     if role == "embedding":
         return ParamRule(role, shape, fan_in_dims, p.embed_std, p.embed_multiplier, 1.0, eps, vector_decay)
     if role == "vector":
@@ -172,6 +182,51 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in_dims: int) -> P
     return ParamRule(role, shape, fan_in_dims, 0.0 if p.readout_zero_init else std, mult, 1.0, eps, vector_decay)
 
 
+def _depth_lr(cfg: Config) -> float:
+    r, a = cfg.model.n_layers / base_shape(cfg)[1], cfg.parametrization.depth_alpha
+    return r ** (a - 1) if a > 0 else 1.0
+
+
+def muon_scale(rule: str, fan_in: int, fan_out: int) -> float:
+    """The multiplier of a Muon role's orthogonalized update O (all singular values ~1):
+    spectral   sqrt(fan_out/fan_in): ||dW||_op = lr * sqrt(fan_out/fan_in), the spectral
+               condition for feature learning (Yang, Simon & Bernstein 2023, "A Spectral
+               Condition for Feature Learning", Condition 1), so lr is width-independent;
+    rms_match  0.2 sqrt(max(fan_in, fan_out)): RMS(dW) = 0.2 lr, AdamW's typical update RMS,
+               so AdamW's learning rate and decay apply (Liu et al. 2025, "Muon is Scalable
+               for LLM Training", Sec. 2.2);
+    none       1."""
+    return {"spectral": math.sqrt(fan_out / fan_in), "rms_match": 0.2 * math.sqrt(max(fan_in, fan_out)),
+            "none": 1.0}[rule]
+
+
+def _muon_rule(cfg: Config, rule: ParamRule) -> ParamRule:
+    """The table's row under `optimizer.name: muon`. Hidden matrices get Muon:
+
+        update = -lr(t) * lr_R * (muon_scale * O + lambda'_R * theta)
+
+    spectral / none: lr_R = r^(a-1), the depth rule, and no width factor, since the scale
+    (spectral) or the orthogonalization (none: ||O||_op = 1 for any shape) already fixes the
+    update's spectral norm; decay_R = 1, so the per-step decay rate lr(t) * lambda does not
+    change with width (the update does not, so neither does the weight norm it settles at).
+    Depth rule, by CompleteP's argument (Dey et al. 2025, Sec. 4): each of the L branches is
+    multiplied by r^-a and should move the residual stream by Theta(1/L) per step, so its
+    weights need ||dW||_op ~ r^-1 / r^-a = r^(a-1). O's norm does not depend on the
+    gradient's size (the r^-a in the gradient is normalized away), so, as for Adam, the
+    rule is lr_R = r^(a-1): 1 under CompleteP (a = 1), r^-1/2 under depth-muP (a = 1/2).
+    rms_match: lr_R and decay_R are AdamW's (its update has AdamW's RMS; Liu et al. 2025).
+    Other roles keep their AdamW rows (the chain gives them optimizer.adam_lr, if set)."""
+    opt = cfg.optimizer
+    if rule.role != "hidden":
+        return rule
+    fan_in = math.prod(rule.shape[:rule.fan_in_dims])
+    fan_out = math.prod(rule.shape[rule.fan_in_dims:])
+    scale = muon_scale(opt.muon_scale, fan_in, fan_out)
+    if opt.muon_scale == "rms_match":
+        return dataclasses.replace(rule, update="muon", muon_scale=scale, eps=1.0)
+    return dataclasses.replace(rule, update="muon", muon_scale=scale, lr=_depth_lr(cfg), eps=1.0, weight_decay=1.0)
+
+
 def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
     """The resolved table for a model's abstract NNX state (shapes and axis metadata)."""
     rules = {}
@@ -183,6 +238,8 @@ def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
         if layers:
             axes, shape = axes[1:], shape[1:]
         rule = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in_dims)
+        if cfg.optimizer.name == "muon":
+            rule = _muon_rule(cfg, rule)
         rules[".".join(str(k) for k in key_path)] = dataclasses.replace(rule, layers=layers)
     d0, l0 = base_shape(cfg)
     return Table(cfg.parametrization.name, cfg.model.d_model / d0, cfg.model.n_layers / l0,
@@ -200,6 +257,9 @@ def effective_params(table: Table, params: Any) -> Any:
     return jax.tree.map(lambda p, c: p if c == 1.0 else p * c, params, mults)
 
 
+_RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ParamRule) if f.default is not dataclasses.MISSING}
+
+
 def describe_difference(saved: dict, current: dict) -> str | None:
     """One line naming the first difference between two `Table.to_json()` dicts, or None."""
     for key in ("name", "width_mult", "depth_mult", "forward"):
@@ -214,8 +274,9 @@ def describe_difference(saved: dict, current: dict) -> str | None:
         if path not in old or path not in new:
             return f"parameter {path} is only in the {'checkpoint' if path in old else 'new model'}"
         for field, value in new[path].items():
-            if old[path].get(field) != value:
-                return f"{path}.{field}: checkpoint has {old[path].get(field)!r}, this run has {value!r}"
+            saved_value = old[path].get(field, _RULE_DEFAULTS.get(field))  # a table saved before the field existed
+            if saved_value != value:
+                return f"{path}.{field}: checkpoint has {saved_value!r}, this run has {value!r}"
     return None
 
 

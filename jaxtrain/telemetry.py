@@ -12,6 +12,8 @@ Transformer training instabilities" (Wortsman et al. 2023), all on the step's ba
                            what z-loss prevents
   grad_norm/<role>         ||g_R|| over the parameters of each role (the global norm is
                            `grad_norm`)
+  update_rms/<role>        RMS(theta_after - theta_before) over the role: the step's size
+                           (under Muon, the hidden role's is lr(t) * lr_R * muon_scale * RMS(O))
   update_rms_ratio/<role>  RMS(theta_after - theta_before) / RMS(theta_before) over the
                            role: the relative size of the step each role takes (inf while
                            a zero-initialized role is still exactly zero)
@@ -62,6 +64,7 @@ def optimizer_telemetry(before: Any, after: Any, grads: Any, labels: Any) -> dic
         out[f"grad_norm/{role}"] = jnp.sqrt(grad_sums[role][0])
         update_rms = jnp.sqrt(update_sums[role][0] / update_sums[role][1])
         param_rms = jnp.sqrt(before_sums[role][0] / before_sums[role][1])
+        out[f"update_rms/{role}"] = update_rms
         out[f"update_rms_ratio/{role}"] = jnp.where(param_rms > 0, update_rms / param_rms, jnp.inf)
         out[f"param_norm/{role}"] = jnp.sqrt(after_sums[role][0])
     return out
