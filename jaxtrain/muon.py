@@ -27,9 +27,10 @@ axes) against its fan-out axes, i.e. the linear map the layer applies. wq
 spectral condition the scale rules rely on is about that map's norm. A stacked weight's
 leading `layers` axis is a batch axis: every layer's matrix is orthogonalized on its own.
 
-On a mesh the iterations are ordinary matmuls inside the jitted step; XLA partitions them
-over the FSDP and tensor shards like the model's own (tests/test_muon.py compares sharded
-and one-device steps).
+On a mesh, the iterations run on whole matrices, the layers split over a mesh axis
+(`layer_spec`): the momentum moves into that layout and the update back, once per step,
+whatever the number of iterations (HLO bytes in tests/test_muon.py and docs/muon.md), and
+the sharded step equals the one-device step (tests/test_muon.py).
 
 Why not optax.contrib.scale_by_muon: it runs the iterations in the momentum's dtype (there
 is no separate precision setting, `optimizer.muon_ns_dtype` here), its orthogonalizer is
@@ -78,10 +79,8 @@ def orthogonalize_kernel(update: jax.Array, rule: ParamRule, steps: int, dtype: 
     batch = (rule.layers,) if rule.layers else ()
     matrices = update.reshape(*batch, fan_in, -1)
     spec = layer_spec(rule.layers) if rule.layers else None
-    if spec is None:
-        return newton_schulz(matrices, steps, dtype).reshape(update.shape)
-    pin = lambda y: jax.lax.with_sharding_constraint(y, spec)
-    return newton_schulz(matrices, steps, dtype, pin).reshape(update.shape)
+    layout = (lambda y: y) if spec is None else (lambda y: jax.lax.with_sharding_constraint(y, spec))
+    return newton_schulz(matrices, steps, dtype, layout).reshape(update.shape)
 
 
 def layer_spec(layers: int) -> P | None:
