@@ -87,7 +87,7 @@ def params(workdir: Path):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from jaxtrain.saved_run import load_run
+    from jaxtrain.tools.saved_run import load_run
 
     return jax.tree.leaves(jax.device_get(load_run(workdir).params))
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from jaxtrain.config import CheckpointConfig
 from jaxtrain.errors import UserError
@@ -217,3 +218,15 @@ def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__
     return line if len(line) <= 240 else line[:237] + "..."
+
+
+@contextlib.contextmanager
+def quiet_absl():
+    """Silence absl's INFO/WARNING lines (orbax notes that a read-only manager will not
+    save or delete) for a block."""
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
     bench.add_argument("--hlo-out", default=None, metavar="FILE",
                        help="write the compiled step's HLO text there (count its collectives with "
-                            "jaxtrain.hlo_collectives)")
+                            "jaxtrain.tools.hlo_collectives)")
     _add_set(bench)
     evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits/byte of a checkpoint")
     evaluate.add_argument("workdir")
@@ -162,7 +162,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from jaxtrain.sweep import StopSweep, parse_grid, sweep
+    from jaxtrain.tools.sweep import StopSweep, parse_grid, sweep
 
     try:
         results = sweep(args.config, parse_grid(args.grid), Path(args.out), overrides=args.overrides,
@@ -182,8 +182,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _coord_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from jaxtrain.config import load_config
-    from jaxtrain.coord_check import coord_check
+    from jaxtrain.config_file import load_config
+    from jaxtrain.tools.coord_check import coord_check
 
     if args.steps <= 0:
         raise UserError(f"--steps {args.steps}: must be positive")
@@ -200,14 +200,14 @@ def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from jaxtrain.config import load_config
+    from jaxtrain.config_file import load_config
 
     if args.steps <= 0 or args.warmup < 0:
         raise UserError(f"--steps {args.steps} --warmup {args.warmup}: need steps > 0 and warmup >= 0")
     if args.hlo_out:
         _check_parent_dir("--hlo-out", args.hlo_out)
     cfg = load_config(args.config, args.overrides)
-    from jaxtrain.bench import bench
+    from jaxtrain.tools.bench import bench
 
     print(json.dumps(bench(cfg, args.steps, args.warmup, hlo_out=Path(args.hlo_out) if args.hlo_out else None)))
     return 0
@@ -216,8 +216,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from jaxtrain.evaluate import evaluate_run
-    from jaxtrain.saved_run import load_run
+    from jaxtrain.tools.evaluate_checkpoint import evaluate_run
+    from jaxtrain.tools.saved_run import load_run
 
     report = evaluate_run(load_run(args.workdir, args.step), args.data)
     print(json.dumps(report))
@@ -226,8 +226,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from jaxtrain.data.sources import run_tokenizer
-    from jaxtrain.generate import check_sampling, generate
-    from jaxtrain.saved_run import load_run
+    from jaxtrain.tools.generate import check_sampling, generate
+    from jaxtrain.tools.saved_run import load_run
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.prompt)
     run = load_run(args.workdir, args.step)
@@ -243,7 +243,7 @@ def _plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jaxtrain.metrics import read_metrics
-    from jaxtrain.plotting import plot_runs
+    from jaxtrain.tools.plotting import plot_runs
 
     metrics = [m for m in args.metric.split(",") if m]
     runs = {}
@@ -264,7 +264,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _dry_run(args: argparse.Namespace) -> int:
     import json
 
-    from jaxtrain.config import load_config
+    from jaxtrain.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.devices is not None and args.devices <= 0:
@@ -273,8 +273,8 @@ def _dry_run(args: argparse.Namespace) -> int:
         xla_flags.simulate_cpu_devices(args.devices)
     import jax
 
-    from jaxtrain import dry_run
-    from jaxtrain.communication import TARGETS
+    from jaxtrain.tools import dry_run
+    from jaxtrain.tools.communication import TARGETS
 
     if args.target is not None and args.target not in TARGETS:
         raise UserError(f"--target {args.target}: not one of {', '.join(sorted(TARGETS))}")
@@ -295,7 +295,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     if args.schedule_png:
         from pathlib import Path
 
-        from jaxtrain.plotting import plot_schedule
+        from jaxtrain.tools.plotting import plot_schedule
 
         plot_schedule(cfg, Path(args.schedule_png))
         if not args.json:
@@ -304,7 +304,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxtrain.config import load_config
+    from jaxtrain.config_file import load_config
 
     from jaxtrain import distributed
 
@@ -331,7 +331,7 @@ def _run_and_report(cfg, workdir: str, check_memory: bool = True) -> int:
 
 
 def _cooldown(args: argparse.Namespace) -> int:
-    from jaxtrain.cooldown import create_branch
+    from jaxtrain.tools.cooldown import create_branch
 
     cfg, lineage = create_branch(args.parent, args.step, args.decay, args.workdir, args.shape,
                                  args.final_lr_fraction, args.overrides)
@@ -344,8 +344,8 @@ def _fit_schedule_law(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from jaxtrain.plotting import plot_schedule_law
-    from jaxtrain.schedule_law import fit_and_predict
+    from jaxtrain.tools.plotting import plot_schedule_law
+    from jaxtrain.tools.schedule_law import fit_and_predict
 
     report = fit_and_predict(args.runs, args.predict)
     law = report["law"]
@@ -371,8 +371,8 @@ def _fit_schedule_law(args: argparse.Namespace) -> int:
 def _schedule(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from jaxtrain.config import load_config
-    from jaxtrain.plotting import plot_schedule
+    from jaxtrain.config_file import load_config
+    from jaxtrain.tools.plotting import plot_schedule
 
     cfg = load_config(args.config, args.overrides)
     _check_parent_dir("--out", args.out)

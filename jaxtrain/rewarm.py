@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jaxtrain import parametrization
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain import config_file
+from jaxtrain.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.config import Config, ModelConfig
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.huggingface import importer
-from jaxtrain.saved_run import quiet_absl, read_config
 
 _MODEL_KEYS = tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.EXECUTION_KEYS)
 
@@ -68,7 +68,7 @@ def initial_state(cfg: Config, table: parametrization.Table, fresh: Any, abstrac
                 f"step and tokens start at 0")
         return fresh.replace(params=importer.place(params, abstract.params))
     parent_dir = Path(source.workdir).absolute()
-    parent = read_config(parent_dir)
+    parent = config_file.read_run_config(parent_dir)
     check_parent(cfg, parent, parent_dir, table)
     with quiet_absl():
         ckpt = Checkpointer(parent_dir, parent.checkpoint, read_only=True)

@@ -25,7 +25,8 @@ import yaml
 from jaxtrain import memory, parametrization, rewarm, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import Config, ModelConfig, read_yaml_mapping
+from jaxtrain.config import Config, ModelConfig
+from jaxtrain.config_file import read_yaml_mapping
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource, open_sources
 from jaxtrain.errors import ConfigError, UserError

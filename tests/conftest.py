@@ -20,7 +20,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 @pytest.fixture
 def tiny_cfg():
-    from jaxtrain.config import load_config
+    from jaxtrain.config_file import load_config
 
     return load_config(TINY)
 
@@ -79,7 +79,7 @@ def final_params(workdir: Path, step: int | None = None):
     """The params of a run's checkpoint as host numpy arrays (for exact comparisons)."""
     import jax
 
-    from jaxtrain.saved_run import load_run
+    from jaxtrain.tools.saved_run import load_run
 
     return jax.device_get(load_run(workdir, step).params)
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY, cli_in_process
-from jaxtrain import coord_check
+from jaxtrain.tools import coord_check
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import REPO, TINY, run_cli
 from jaxtrain import cli
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.errors import UserError
 
 

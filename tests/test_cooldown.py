@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import TINY, cli_in_process
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.metrics import read_metrics
 from jaxtrain.train import run
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from conftest import REPO, run_cli
-from jaxtrain.config import load_config
-from jaxtrain.coord_check import coord_check
+from jaxtrain.config_file import load_config
+from jaxtrain.tools.coord_check import coord_check
 
 pytestmark = pytest.mark.slow
 WIDTHS = [64, 128, 256, 512]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import DOC_SEPARATOR, _is_val, expand_paths, load_corpus
 from jaxtrain.data.prepare import prepare

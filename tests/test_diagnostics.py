@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.diagnostics import sharpness, top_singular_value
 from jaxtrain.metrics import read_metrics
 from jaxtrain.train import run

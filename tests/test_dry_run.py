@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, cli_in_process, run_cli
-from jaxtrain import dry_run, flops, sharding
+from jaxtrain import sharding
+from jaxtrain.tools import dry_run, flops
 from jaxtrain import train_step as ts
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 
 SMALL = REPO / "configs" / "small.yaml"
 CLUSTER = REPO / "configs" / "gpt350m.yaml"

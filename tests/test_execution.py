@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY, cli_in_process, run_cli
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.optimizer import make_optimizer
 from jaxtrain.schedules import lr_per_step
 

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain.hlo_collectives import KINDS, Collective, bytes_by_kind, collectives, total_bytes
+from jaxtrain.tools.hlo_collectives import KINDS, Collective, bytes_by_kind, collectives, total_bytes
 
 RING = [(i, (i + 1) % 8) for i in range(8)]
 STEP_BYTES = 64 * 128 * 4  # the f32[64,128] partial-sum all-reduce of one matmul step

@@ -12,13 +12,13 @@ import torch  # the test extras' CPU PyTorch and transformers: the consumers an 
 import transformers
 
 from conftest import TINY, cli_in_process
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources, run_tokenizer
-from jaxtrain.generate import generate
+from jaxtrain.tools.generate import generate
 from jaxtrain.huggingface.importer import imported_params
-from jaxtrain.saved_run import load_run
+from jaxtrain.tools.saved_run import load_run
 from jaxtrain.train import run
 from jaxtrain import train_step as ts
 

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, cli_in_process, run_cli
-from jaxtrain import inspection
+from jaxtrain.tools import inspection
 from jaxtrain import train_step as ts
-from jaxtrain.config import MeshConfig, load_config
+from jaxtrain.config import MeshConfig
+from jaxtrain.config_file import load_config
 from jaxtrain.data.corpus import encode, load_corpus
-from jaxtrain.evaluate import evaluate_run
-from jaxtrain.generate import generate, generate_by_recompute
+from jaxtrain.tools.evaluate_checkpoint import evaluate_run
+from jaxtrain.tools.generate import generate, generate_by_recompute
 from jaxtrain.metrics import read_metrics
-from jaxtrain.saved_run import load_run
+from jaxtrain.tools.saved_run import load_run
 from jaxtrain.train import run
 
 pytestmark = pytest.mark.slow

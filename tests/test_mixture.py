@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.mixture import Mixture, counts, integer_proportions
 from jaxtrain.data.prepare import prepare

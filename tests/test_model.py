@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxtrain import train_step as ts
-from jaxtrain.config import from_dict
+from jaxtrain.config_file import from_dict
 from jaxtrain.model import Transformer
 
 VARIANTS = {
@@ -83,7 +83,7 @@ def test_dropout_uses_the_key_and_is_off_without_it():
 
 def test_cluster_example_is_about_350m_parameters():
     from conftest import REPO
-    from jaxtrain.config import load_config
+    from jaxtrain.config_file import load_config
 
     spec = ts.model_spec(load_config(REPO / "configs" / "gpt350m.yaml"))  # abstract shapes only
     n_params = sum(leaf.size for leaf in jax.tree.leaves(spec.abstract_params))

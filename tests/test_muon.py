@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtrain import muon, parametrization, sharding
 from jaxtrain import train_step as ts
-from jaxtrain.config import ConfigError, from_dict, load_config
+from jaxtrain.config import ConfigError
+from jaxtrain.config_file import from_dict, load_config
 from jaxtrain.optimizer import make_optimizer
 
 from conftest import TINY, cli_in_process
@@ -231,7 +232,8 @@ def test_interrupted_muon_run_resumes_bitwise_and_reports_update_rms(tmp_path):
 
 
 def test_dry_run_counts_one_momentum_for_muon_and_two_moments_for_adam():
-    from jaxtrain import dry_run, memory
+    from jaxtrain import memory
+    from jaxtrain.tools import dry_run
 
     for name in ("adamw", "muon"):
         cfg = load_config(TINY, [f"optimizer.name={name}", "mesh.fsdp=1"])
@@ -263,7 +265,7 @@ def test_muon_moves_the_momentum_once_and_adds_no_all_reduce(layers, mesh):
     no mesh axis divides the layers, one all-gather; and the update back to the shards),
     whatever the number of iterations, and no all-reduce (no iteration runs on split
     matrices). Measured: 0.4x (fsdp 8, 8 layers), 1.0x (2 layers), 1.1x (fsdp 2 x tensor 4)."""
-    from jaxtrain import communication
+    from jaxtrain.tools import communication
 
     kinds = {}
     for name in ("adamw", "muon"):

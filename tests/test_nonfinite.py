@@ -15,7 +15,7 @@ from conftest import TINY, cli_in_process, final_params
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.metrics import read_metrics
 from jaxtrain.train import run
 

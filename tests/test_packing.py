@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY
 from jaxtrain import train_step as ts
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources

@@ -9,7 +9,7 @@ import pytest
 
 from jaxtrain import parametrization
 from jaxtrain import train_step as ts
-from jaxtrain.config import from_dict
+from jaxtrain.config_file import from_dict
 from jaxtrain.optimizer import make_optimizer
 from jaxtrain.schedules import make_schedule
 

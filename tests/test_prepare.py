@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, cli_in_process
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline, token_store
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.prepare import prepare

@@ -16,9 +16,10 @@ import jax
 import pytest
 
 from conftest import REPO, TINY, cli_in_process, run_cli
-from jaxtrain import communication, hlo_collectives, parametrization, sharding
+from jaxtrain import parametrization, sharding
+from jaxtrain.tools import communication, hlo_collectives
 from jaxtrain import train_step as ts
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 
 SMALL = REPO / "configs" / "small.yaml"
 MESHES = {"fsdp8": ["mesh.fsdp=8"], "data8": ["mesh.data=8", "mesh.fsdp=1"],

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import TINY
 
-from jaxtrain.config import load_config
-from jaxtrain.schedule_law import Law, annealing_areas, fit, load_curve
+from jaxtrain.config_file import load_config
+from jaxtrain.tools.schedule_law import Law, annealing_areas, fit, load_curve
 from jaxtrain.schedules import lr_per_step
 
 TRUE = Law(L0=1.5, A=0.9, alpha=0.45, C=0.35)

@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY
 
 from jaxtrain import schedules
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.errors import ConfigError
 from jaxtrain.metrics import read_metrics
 from jaxtrain.train import run

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
-from jaxtrain.config import from_dict
+from jaxtrain.config_file import from_dict
 
 MESHES = {  # (data, fsdp, tensor)
     "1x1": (1, 1, 1),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, cli_in_process, run_cli
-from jaxtrain.sweep import analyse, fit_optimum
+from jaxtrain.tools.sweep import analyse, fit_optimum
 
 pytestmark = pytest.mark.slow
 

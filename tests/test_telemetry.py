@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.metrics import read_metrics
 from jaxtrain.train import run
 

@@ -10,7 +10,7 @@ from conftest import TINY, run_cli
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 from jaxtrain.metrics import TIMING_KEYS, read_metrics
 from jaxtrain.optimizer import make_optimizer
 from jaxtrain.train import run

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
-from jaxtrain.config import load_config
+from jaxtrain.config_file import load_config
 
 spec_file, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 module_spec = importlib.util.spec_from_file_location("hlo_collectives", spec_file)

@@ -46,8 +46,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from jaxtrain.config import load_config
-    from jaxtrain.data.bench import bench_data
+    from jaxtrain.config_file import load_config
+    from jaxtrain.tools.data_bench import bench_data
 
     if args.seconds <= 0:
         raise UserError(f"--seconds {args.seconds}: must be positive")

@@ -64,7 +64,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config import apply_overrides, from_dict, load_config
+    from jaxtrain.config_file import apply_overrides, from_dict, load_config
     from jaxtrain.huggingface.importer import check_vocabulary, open_model
     from jaxtrain.train import run
 

@@ -33,7 +33,7 @@ from jaxtrain.data.sources import run_tokenizer
 from jaxtrain.errors import UserError
 from jaxtrain.huggingface import architecture, files, weights
 from jaxtrain.parametrization import path_str
-from jaxtrain.saved_run import load_run
+from jaxtrain.tools.saved_run import load_run
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default shard size

@@ -21,7 +21,8 @@ import numpy as np
 
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
-from jaxtrain.config import Config, MeshConfig, apply_overrides, from_dict
+from jaxtrain.config import Config, MeshConfig
+from jaxtrain.config_file import apply_overrides, from_dict
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import open_sources
 
@@ -121,7 +122,7 @@ def _slopes(records: list[dict], widths: list[int], depth: int, steps: int) -> d
 
 
 def _write(report: dict[str, Any], out: Path) -> None:
-    from jaxtrain.plotting import plot_coord_check
+    from jaxtrain.tools.plotting import plot_coord_check
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "coord_check.json").write_text(json.dumps(report, indent=1))

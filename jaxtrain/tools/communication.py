@@ -40,7 +40,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtrain import flops, hlo_collectives, sharding
+from jaxtrain import sharding
+from jaxtrain.tools import flops, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.config import from_dict, read_yaml_mapping
+from jaxtrain.config_file import load_config, read_run_config
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import read_metrics
 from jaxtrain.schedules import lr_per_step, resolve
@@ -68,15 +68,11 @@ def load_curve(path: str | Path) -> Curve:
     """A workdir (config.yaml, metrics.jsonl if it ran) or a config file (prediction only)."""
     path = Path(path)
     if path.is_dir():
-        config_file = path / "config.yaml"
-        if not config_file.is_file():
-            raise UserError(f"{path}: not a jaxtrain workdir (no config.yaml)")
-        rows = read_metrics(path / "metrics.jsonl")
+        cfg, rows = read_run_config(path), read_metrics(path / "metrics.jsonl")
     elif path.is_file():
-        config_file, rows = path, []
+        cfg, rows = load_config(path), []
     else:
         raise UserError(f"{path}: no such workdir or config file")
-    cfg = from_dict(read_yaml_mapping(config_file))
     lengths = resolve(cfg)
     first = max(math.ceil(lengths.warmup / lengths.per_step), cfg.train.steps // 20, 1)
     # a row of step s logs the loss of its batch before the s-th update: s - 1 updates in

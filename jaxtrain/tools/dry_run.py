@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
-from jaxtrain import communication, flops, memory, sharding
+from jaxtrain import memory, sharding
+from jaxtrain.tools import communication, flops
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.schedules import lr_per_step, resolve

@@ -24,12 +24,11 @@ from typing import Any
 
 import yaml
 
-from jaxtrain import config as config_lib
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain import config_file
+from jaxtrain.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.config import Config
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import truncate_after
-from jaxtrain.saved_run import quiet_absl, read_config
 from jaxtrain.schedules import resolve
 
 LINEAGE_FILE = "lineage.json"
@@ -68,7 +67,7 @@ def branch_config(parent: Config, step: int, steps: int, shape: str, final_fract
                            decay_shape=shape, warmup_steps=0, warmup_fraction=None, warmup_tokens=lengths.warmup)
     if final_fraction is not None:
         raw["schedule"]["final_lr_fraction"] = final_fraction
-    return config_lib.from_dict(config_lib.apply_overrides(raw, overrides))
+    return config_file.from_dict(config_file.apply_overrides(raw, overrides))
 
 
 def create_branch(parent_dir: str | Path, step: int | None, decay: str, new_dir: str | Path, shape: str = "linear",
@@ -76,7 +75,7 @@ def create_branch(parent_dir: str | Path, step: int | None, decay: str, new_dir:
     """Write the branch workdir (or, if it exists from an earlier call with the same lineage,
     reuse it) and return its config and lineage."""
     parent_dir, new_dir = Path(parent_dir).absolute(), Path(new_dir).absolute()
-    parent = read_config(parent_dir)
+    parent = config_file.read_run_config(parent_dir)
     with quiet_absl():  # orbax notes that a read-only manager will not write
         ckpt = Checkpointer(parent_dir, parent.checkpoint, read_only=True)
     try:

@@ -56,7 +56,7 @@ def bench_data(cfg: Config, seconds: float = 20.0, train: bool = True, train_ste
     report = {"dataset": [s.path for s in cfg.data.sources], "batch_size": cfg.train.batch_size,
               "seq_len": cfg.data.seq_len, **bench_pipeline(cfg, seconds)}
     if train:
-        from jaxtrain.bench import bench
+        from jaxtrain.tools.bench import bench
 
         step = bench(cfg, steps=train_steps)
         report["train_tokens_per_s"] = step["tokens_per_s"]

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from jaxtrain.config import Config, load_config
+from jaxtrain.config import Config
+from jaxtrain.config_file import load_config
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import read_metrics
 
@@ -209,7 +210,7 @@ def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = ()
                "panels": panel_keys, "runs": runs, **analysis}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_table(out, runs)
-    from jaxtrain.plotting import plot_sweep
+    from jaxtrain.tools.plotting import plot_sweep
 
     plot_sweep(results, out / "sweep.png")
     return results

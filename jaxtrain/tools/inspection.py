@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain import diagnostics
-from jaxtrain.coord_check import activation_rms
+from jaxtrain.tools.coord_check import activation_rms
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import open_sources
 from jaxtrain.model import Transformer
 from jaxtrain.parametrization import path_str
-from jaxtrain.saved_run import SavedRun
+from jaxtrain.tools.saved_run import SavedRun
 from jaxtrain.train_step import batch_tokens
 
 

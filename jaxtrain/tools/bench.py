@@ -31,7 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtrain import communication, flops, hlo_collectives, sharding
+from jaxtrain import sharding
+from jaxtrain.tools import communication, flops, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.model import check_compute, compute_dtype

@@ -13,19 +13,18 @@ This is what `jaxtrain eval`, `jaxtrain generate` and `notebooks/inspect.ipynb` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 import jax
-from absl import logging as absl_logging
 from jax.sharding import Mesh
 
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
-from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import Config, MeshConfig, from_dict, read_yaml_mapping
+from jaxtrain.checkpoint import Checkpointer, quiet_absl
+from jaxtrain.config import Config, MeshConfig
+from jaxtrain.config_file import read_run_config
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import read_metrics
 from jaxtrain.model import Transformer
@@ -57,24 +56,6 @@ class SavedRun:
         return ts.bind_model(self.spec, self.params)
 
 
-def read_config(workdir: str | Path) -> Config:
-    """The resolved config a run recorded in `WORKDIR/config.yaml`."""
-    path = Path(workdir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{workdir}: not a jaxtrain workdir (no config.yaml)")
-    return from_dict(read_yaml_mapping(path, "the run's config"))
-
-
-@contextlib.contextmanager
-def quiet_absl():
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(verbosity)
-
-
 def loading_mesh(cfg: Config, mesh_cfg: MeshConfig | None = None) -> Mesh:
     """`mesh_cfg`, else the run's own mesh if it fits these devices, else one device."""
     if mesh_cfg is not None:
@@ -90,7 +71,7 @@ def loading_mesh(cfg: Config, mesh_cfg: MeshConfig | None = None) -> Mesh:
 def load_run(workdir: str | Path, step: int | None = None, mesh_cfg: MeshConfig | None = None) -> SavedRun:
     """Read a run's config and the parameters of checkpoint `step` (default: newest)."""
     workdir = Path(workdir)
-    cfg = read_config(workdir)
+    cfg = read_run_config(workdir)
     if not (workdir / "checkpoints").is_dir():
         raise UserError(f"{workdir}: has no checkpoints yet")
     with quiet_absl():  # orbax warns that a read-only manager will not save or delete

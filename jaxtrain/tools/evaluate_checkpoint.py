@@ -1,0 +1,68 @@
+"""`jaxtrain eval`: the validation metrics of any saved checkpoint, on the run's own data or
+on other prepared datasets / text files, computed by the same Evaluator the training loop
+calls, so `jaxtrain eval WORKDIR --step N` reproduces the `val_loss` logged at step N."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxtrain import sharding
+from jaxtrain import train_step as ts
+from jaxtrain.config import Config
+from jaxtrain.data.sources import open_sources
+from jaxtrain.errors import UserError
+from jaxtrain.evaluate import Evaluator
+from jaxtrain.tools.saved_run import SavedRun
+
+
+def evaluate_run(run: SavedRun, data_paths: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Validation metrics of a saved checkpoint, on the run's own data or on `data_paths`
+    (prepared dataset directories, or text files/globs split into train/validation by the
+    same rule as `data.paths`)."""
+    cfg = run.cfg
+    if data_paths:
+        cfg = cfg.model_copy(update={"data": _other_data(cfg, data_paths)})
+    sharding.check_batch_divides(cfg, run.mesh)
+    param_shardings = jax.tree.map(lambda p: p.sharding, run.params)
+    evaluate = jax.jit(functools.partial(ts.eval_step, spec=run.spec),
+                       in_shardings=(param_shardings, sharding.batch_sharding(run.mesh)),
+                       out_shardings=sharding.replicated(run.mesh))
+    try:
+        sources = open_sources(cfg)
+    except UserError as err:  # the paths came from --data, not from the config's data section
+        if not data_paths:
+            raise
+        raise UserError(f"--data {' '.join(data_paths)}: {str(err).split(': ', 1)[-1]}") from None
+    evaluator = Evaluator(evaluate, cfg, sources, run.mesh)
+    result = evaluator(run.params)
+    loss = result["val_loss"]
+    tokens = sum(len(b) for b in evaluator.batches) * cfg.train.batch_size * cfg.data.seq_len
+    return {**dataclasses.asdict(EvalReport(
+        step=run.step, tokens_seen=run.tokens, val_loss=loss, perplexity=math.exp(loss),
+        bits_per_byte=result["val_bits_per_byte"], val_tokens=tokens,
+        data=[s.path for s in cfg.data.sources] or list(cfg.data.paths))),
+        **{k: v for k, v in result.items() if k.startswith("val_loss/")}}
+
+
+def _other_data(cfg: Config, data_paths: tuple[str, ...]):
+    if all((Path(p).expanduser() / "metadata.json").exists() for p in data_paths):
+        sources = tuple({"path": p} for p in data_paths)
+        return cfg.data.model_validate({**cfg.data.model_dump(), "sources": sources, "phases": ()})
+    return cfg.data.model_copy(update={"paths": tuple(data_paths), "sources": (), "phases": ()})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    step: int
+    tokens_seen: int  # training tokens of the checkpoint
+    val_loss: float  # nats/token
+    perplexity: float
+    bits_per_byte: float
+    val_tokens: int  # predicted tokens the figures average over
+    data: list[str]
