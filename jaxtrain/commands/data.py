@@ -1,4 +1,4 @@
-"""`jaxtrain data prepare` and `jaxtrain data bench`: the data subcommands of the CLI.
+"""`jaxtrain data prepare` and `jaxtrain data bench`: make token stores, time the input pipeline.
 
     jaxtrain data prepare --input PATH_OR_GLOB... --out DIR [--tokenizer byte | bpe:VOCAB | FILE.json]
                           [--val-fraction F] [--name NAME] [--token-dtype auto|uint8|uint16|uint32]
@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxtrain.errors import UserError
+from jaxtrain.commands.args import add_set, positive_float
 
 
-def add_parser(commands) -> None:
+def add_parsers(commands) -> None:
     data = commands.add_parser("data", help="prepare token stores; benchmark the input pipeline")
     sub = data.add_subparsers(dest="data_command", required=True)
     prep = sub.add_parser("prepare", help="tokenize text files once into a token store")
@@ -28,16 +28,14 @@ def add_parser(commands) -> None:
     bench = sub.add_parser("bench", help="pipeline tokens/s and memory, next to the train step's tokens/s")
     bench.add_argument("dataset", metavar="DIR", help="a prepared dataset")
     bench.add_argument("--config", required=True, help="the run's config (seq_len, batch size, model)")
-    bench.add_argument("--seconds", type=float, default=20.0, help="how long to drain the pipeline")
+    bench.add_argument("--seconds", type=positive_float, default=20.0, help="how long to drain the pipeline")
     bench.add_argument("--no-train", action="store_true", help="skip timing the train step")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set(bench, "override a config value (repeatable)")
+    prep.set_defaults(func=prepare_command)
+    bench.set_defaults(func=bench_command)
 
 
-def run(args: argparse.Namespace) -> int:
-    return {"prepare": _prepare, "bench": _bench}[args.data_command](args)
-
-
-def _prepare(args: argparse.Namespace) -> int:
+def prepare_command(args: argparse.Namespace) -> int:
     from jaxtrain.data.prepare import prepare, summary
 
     metadata = prepare(args.input, args.out, args.tokenizer, args.val_fraction, args.name, args.token_dtype)
@@ -45,12 +43,10 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def bench_command(args: argparse.Namespace) -> int:
     from jaxtrain.config_file import load_config
     from jaxtrain.tools.data_bench import bench_data
 
-    if args.seconds <= 0:
-        raise UserError(f"--seconds {args.seconds}: must be positive")
     cfg = load_config(args.config, [*args.overrides, f"data.sources=[{{path: '{args.dataset}'}}]"])
     print(json.dumps(bench_data(cfg, args.seconds, train=not args.no_train)))
     return 0

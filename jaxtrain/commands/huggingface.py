@@ -1,4 +1,5 @@
-"""`jaxtrain export` and `jaxtrain import`: the command-line side of jaxtrain/huggingface/.
+"""`jaxtrain export` and `jaxtrain import`: Hugging Face model directories out of and into runs
+(jaxtrain/huggingface/).
 
     jaxtrain export WORKDIR --out DIR [--step N] [--dtype float32|bfloat16] [--max-shard-size 5GB]
     jaxtrain import HF_DIR --workdir WORKDIR [--config CONFIG] [--set key=value ...]
@@ -17,6 +18,7 @@ import argparse
 import re
 from pathlib import Path
 
+from jaxtrain.commands.args import add_process_group, add_set, join_process_group, non_negative_int
 from jaxtrain.errors import UserError
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
@@ -36,7 +38,7 @@ def add_parsers(commands) -> None:
                                                 "(Llama / Qwen3, safetensors, tokenizer)")
     export.add_argument("workdir")
     export.add_argument("--out", required=True, help="new directory to write (must not exist)")
-    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    export.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: newest)")
     export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the exported weights (default float32)")
     export.add_argument("--max-shard-size", type=shard_size, default="5GB", metavar="SIZE",
@@ -48,8 +50,8 @@ def add_parsers(commands) -> None:
     imported.add_argument("--workdir", required=True, help="new jaxtrain workdir")
     imported.add_argument("--config", default=None,
                           help="YAML file for everything but the model section (default: jaxtrain's defaults)")
-    imported.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config value (repeatable)")
+    add_set(imported, "override a config value (repeatable)")
+    add_process_group(imported)
     imported.set_defaults(func=import_command)
 
 
@@ -72,6 +74,7 @@ def import_command(args: argparse.Namespace) -> int:
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
         raise UserError(f"--workdir {workdir}: already exists and is not empty (import makes a new workdir)")
     model = open_model(args.hf_dir)
+    join_process_group(args)
     base = load_config(args.config, args.overrides) if args.config else from_dict(apply_overrides({}, args.overrides))
     raw = base.to_dict()
     raw["model"].update(model.fields)

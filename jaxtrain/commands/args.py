@@ -1,0 +1,74 @@
+"""Argument types and flag groups shared by the subcommands.
+
+A `type=` validator raises `argparse.ArgumentTypeError("VALUE: why")`; `cli.OneLineParser`
+turns that into the one line `jaxtrain: error: --flag VALUE: why` (exit 2), like every
+other bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _number(text: str, kind: type, low: float, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected {what}") from None
+    if not value >= low:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text}: must be {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, float.fromhex("0x1p-1074"), "a positive number")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """`64,128,256` -> [64, 128, 256]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers")
+    return values
+
+
+def file_to_write(text: str) -> str:
+    """A file the command will write: its directory must already exist."""
+    if not Path(text).absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its directory does not exist")
+    return text
+
+
+def add_set(parser: argparse.ArgumentParser, help: str = "override a config value in every run (repeatable)") -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_process_group(parser: argparse.ArgumentParser) -> None:
+    """The flags of a training entry point that may run as one of several processes."""
+    group = parser.add_argument_group("multi-process (jaxtrain/distributed.py; default: SLURM/TPU pod "
+                                      "auto-detection, else one process)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    group.add_argument("--num-processes", type=positive_int, default=None, metavar="N")
+    group.add_argument("--process-id", type=non_negative_int, default=None, metavar="I")
+    group.add_argument("--peer-timeout", type=positive_int, default=None, metavar="SECONDS",
+                       help="exit with an error when a peer process is silent this long (default 30)")
+
+
+def join_process_group(args: argparse.Namespace) -> None:
+    """Every training entry point joins the process group before touching devices."""
+    from jaxtrain import distributed
+
+    group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(group, args.peer_timeout or distributed.DEFAULT_PEER_TIMEOUT)

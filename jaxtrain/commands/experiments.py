@@ -1,0 +1,148 @@
+"""The experiment commands: grids of short runs, the muP coordinate check, the step
+benchmark and the dry run.
+
+    jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
+    jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
+    jaxtrain bench CONFIG [--steps 10 --warmup 2 --hlo-out FILE --set ...]   (one JSON line)
+    jaxtrain dry-run CONFIG [--devices N --backend gpu] [--compile] [--target h100|tpu-v5p] [--schedule-png FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxtrain import xla_flags
+from jaxtrain.commands.args import add_set, file_to_write, non_negative_int, positive_int, positive_int_list
+from jaxtrain.errors import UserError
+
+
+def add_parsers(commands) -> None:
+    sweep = commands.add_parser("sweep", help="train a grid of short runs; loss vs learning rate per width/depth")
+    sweep.add_argument("config")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="a swept config key and its values (repeatable; the product is run)")
+    sweep.add_argument("--out", required=True, help="sweep directory (rerunning resumes it)")
+    sweep.add_argument("--x", default="optimizer.lr", help="the grid key on the x axis (log2)")
+    sweep.add_argument("--curves", default=None, help="the grid key drawn as separate curves "
+                                                      "(default: the first other --grid key)")
+    add_set(sweep)
+    sweep.set_defaults(func=sweep_command)
+
+    coord = commands.add_parser("coord-check", help="muP coordinate check: activation RMS vs width")
+    coord.add_argument("config")
+    coord.add_argument("--widths", required=True, type=positive_int_list, help="comma-separated d_model values")
+    coord.add_argument("--depths", default=None, type=positive_int_list,
+                       help="comma-separated n_layers values (default: the config's)")
+    coord.add_argument("--steps", type=positive_int, default=5, help="optimizer updates to record (default 5)")
+    coord.add_argument("--out", required=True)
+    add_set(coord)
+    coord.set_defaults(func=coord_check_command)
+
+    bench = commands.add_parser("bench", help="time the compiled train step: tokens/s, MFU, memory (one JSON line)")
+    bench.add_argument("config")
+    bench.add_argument("--steps", type=positive_int, default=10, help="timed steps (default 10)")
+    bench.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps after compiling (default 2)")
+    bench.add_argument("--hlo-out", default=None, type=file_to_write, metavar="FILE",
+                       help="write the compiled step's HLO text there (count its collectives with "
+                            "jaxtrain.tools.hlo_collectives)")
+    add_set(bench)
+    bench.set_defaults(func=bench_command)
+
+    dry = commands.add_parser("dry-run", help="resolve a config: params by role, shardings, FLOPs, memory, schedule")
+    dry.add_argument("config")
+    dry.add_argument("--devices", type=positive_int, default=None,
+                     help="simulated device count for the mesh (default: this machine's)")
+    dry.add_argument("--schedule-png", default=None, type=file_to_write, metavar="FILE",
+                     help="also plot the LR schedule")
+    dry.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None,
+                     help="platform the run is planned for: sets dtype/attention under auto "
+                          "(default: this machine's)")
+    dry.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
+    dry.add_argument("--skip-memory-check", action="store_true",
+                     help="print the plan even if it exceeds this machine's memory (planned for its devices)")
+    dry.add_argument("--compile", action="store_true",
+                     help="also compile the step on --devices simulated CPU devices and count its collectives")
+    dry.add_argument("--target", default=None, metavar="NAME",
+                     help="roofline of the step on --devices of this accelerator: h100 or tpu-v5p "
+                          "(compute vs communication time; jaxtrain/tools/communication.py)")
+    add_set(dry)
+    dry.set_defaults(func=dry_run_command)
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from jaxtrain.tools.sweep import StopSweep, parse_grid, sweep
+
+    try:
+        results = sweep(args.config, parse_grid(args.grid), Path(args.out), overrides=args.overrides,
+                        x_key=args.x, curve_key=args.curves)
+    except StopSweep as stopped:
+        print(f"jaxtrain: sweep stopped by a signal during {stopped}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    for d in results["drift"]:
+        panel = ", ".join(f"{k}={d[k]}" for k in results["panels"]) or "all"
+        print(f"{panel}: optimum moved {d['drift_steps']:+.2f} grid steps from "
+              f"{results['curve']}={d['from']} to {d['to']}")
+    print(f"wrote {args.out}/results.json, results.csv, sweep.png")
+    return 0
+
+
+def coord_check_command(args: argparse.Namespace) -> int:
+    from jaxtrain.config_file import load_config
+    from jaxtrain.tools.coord_check import coord_check
+
+    cfg = load_config(args.config, args.overrides)
+    report = coord_check(cfg, args.widths, args.depths, args.steps, Path(args.out))
+    for name, slope in report["slopes"][str(args.steps)].items():
+        print(f"{name}: log-log slope of RMS vs width at step {args.steps}: {slope:+.3f}")
+    print(f"wrote {args.out}/coord_check.json and coord_check.png")
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from jaxtrain.config_file import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from jaxtrain.tools.bench import bench
+
+    print(json.dumps(bench(cfg, args.steps, args.warmup, hlo_out=Path(args.hlo_out) if args.hlo_out else None)))
+    return 0
+
+
+def dry_run_command(args: argparse.Namespace) -> int:
+    from jaxtrain.config_file import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.compile:
+        xla_flags.simulate_cpu_devices(args.devices)
+    import jax
+
+    from jaxtrain.tools import dry_run
+    from jaxtrain.tools.communication import TARGETS
+
+    if args.target is not None and args.target not in TARGETS:
+        raise UserError(f"--target {args.target}: not one of {', '.join(sorted(TARGETS))}")
+    devices = args.devices or jax.device_count()
+    compiled_on = None
+    if args.compile:
+        compiled_on = jax.devices("cpu")[:devices]
+        if len(compiled_on) < devices:
+            raise UserError(f"--compile --devices {devices}: this process has {len(compiled_on)} CPU devices "
+                            f"(its XLA_FLAGS fix --xla_force_host_platform_device_count)")
+    plan = dry_run.plan(cfg, devices, backend="cpu" if args.compile else args.backend or jax.default_backend(),
+                        target=args.target, compiled_on=compiled_on)
+    if args.devices is None and args.backend is None and not args.skip_memory_check:  # a plan for this machine
+        from jaxtrain.memory import check_estimate
+
+        check_estimate(plan["memory_per_device"], jax.local_devices())  # as `jaxtrain train` would
+    print(json.dumps(plan) if args.json else dry_run.format_plan(plan))
+    if args.schedule_png:
+        from jaxtrain.tools.plotting import plot_schedule
+
+        plot_schedule(cfg, Path(args.schedule_png))
+        if not args.json:
+            print(f"wrote {args.schedule_png}")
+    return 0

@@ -1,0 +1,87 @@
+"""Commands that read saved runs (nothing in a workdir is written).
+
+    jaxtrain eval WORKDIR [--data GLOB ...] [--step N]
+    jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
+    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxtrain.commands.args import file_to_write, non_negative_int
+from jaxtrain.errors import UserError
+
+
+def add_parsers(commands) -> None:
+    evaluate = commands.add_parser("eval", help="validation loss, perplexity and bits/byte of a checkpoint")
+    evaluate.add_argument("workdir")
+    evaluate.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: newest)")
+    evaluate.add_argument("--data", nargs="+", default=None, metavar="GLOB",
+                          help="prepared dataset directories, or text files/globs, to evaluate on "
+                               "(default: the run's own data); text files are split by the rule of data.paths")
+    evaluate.set_defaults(func=eval_command)
+
+    generate = commands.add_parser("generate", help="sample text from a checkpoint (KV-cached)")
+    generate.add_argument("workdir")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=200,
+                          help="1 to 100,000 (generate.MAX_NEW_TOKENS; default 200)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="finite, >= 0; 0 = greedy (default 0.8)")
+    generate.add_argument("--top-k", type=non_negative_int, default=0,
+                          help="sample among the k most likely (0 = all)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: newest)")
+    generate.set_defaults(func=generate_command)
+
+    plot = commands.add_parser("plot", help="overlay the logged curves of several runs in one PNG")
+    plot.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+    plot.add_argument("--out", required=True, type=file_to_write, help="PNG file to write")
+    plot.add_argument("--metric", default="loss,val_loss,lr", help="comma-separated metrics.jsonl keys")
+    plot.add_argument("--x", choices=("step", "tokens"), default="step")
+    plot.add_argument("--log-y", default="", metavar="METRIC,...", help="metrics drawn on a log y axis")
+    plot.set_defaults(func=plot_command)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from jaxtrain.tools.evaluate_checkpoint import evaluate_run
+    from jaxtrain.tools.saved_run import load_run
+
+    print(json.dumps(evaluate_run(load_run(args.workdir, args.step), args.data)))
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from jaxtrain.data.sources import run_tokenizer
+    from jaxtrain.tools.generate import check_sampling, generate
+    from jaxtrain.tools.saved_run import load_run
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.prompt)
+    run = load_run(args.workdir, args.step)
+    tokenizer = run_tokenizer(run.cfg)
+    prompt = tokenizer.encode_documents([args.prompt.encode("utf-8")])[0].astype("int32")
+    tokens = generate(run.model(), prompt[None], max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + tokenizer.decode(tokens[0]))
+    return 0
+
+
+def plot_command(args: argparse.Namespace) -> int:
+    from jaxtrain.metrics import read_metrics
+    from jaxtrain.tools.plotting import plot_runs
+
+    metrics = [m for m in args.metric.split(",") if m]
+    runs = {}
+    for workdir in args.workdirs:
+        rows = read_metrics(Path(workdir) / "metrics.jsonl")
+        if not rows:
+            raise UserError(f"{workdir}: no metrics.jsonl rows (not a jaxtrain workdir, or no step logged yet)")
+        runs[Path(workdir).name if Path(workdir).name not in runs else workdir] = rows
+    for metric in metrics:
+        if not any(metric in row for rows in runs.values() for row in rows):
+            raise UserError(f"--metric {metric}: not logged by any of the runs")
+    plot_runs(runs, metrics, args.x, Path(args.out), log_y=set(args.log_y.split(",")))
+    print(f"wrote {args.out}")
+    return 0
