@@ -6,10 +6,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from jaxtrain.errors import UserError
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a figure is drawn:
+    plotting is optional (`pip install 'jaxtrain[plot]'`); training never needs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("drawing figures needs matplotlib: pip install 'jaxtrain[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def _short(key: str) -> str:
@@ -23,6 +33,7 @@ def _panel_title(panel: dict) -> str:
 def plot_sweep(results: dict[str, Any], path: Path) -> None:
     """Validation loss vs log2(x), one curve per curve-key value, one panel per panel value.
     Stars mark each curve's fitted optimum; crosses on the top edge mark diverged runs."""
+    plt = _pyplot()
     x_key, curve_key, panel_keys = results["x"], results["curve"], results["panels"]
     runs = results["runs"]
     panels = list(dict.fromkeys(tuple(r[k] for k in panel_keys) for r in runs))
@@ -66,6 +77,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
 
 def plot_coord_check(report: dict[str, Any], path: Path) -> None:
     """RMS of each recorded activation vs width (log-log), one line per step."""
+    plt = _pyplot()
     names = report["names"]
     records = report["records"]
     steps = sorted({r["step"] for r in records})
@@ -102,6 +114,7 @@ def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path:
     """Overlay the logged curves of several runs: one panel per metric, one line per run.
     `runs` maps a label to its metrics.jsonl rows; rows without a metric are skipped
     (val_loss is logged only at evaluation steps)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.9), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for label, rows in runs.items():
@@ -126,6 +139,7 @@ def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path:
 
 def plot_schedule(cfg, path: Path) -> None:
     """The learning rate of every step of a config's schedule."""
+    plt = _pyplot()
     from jaxtrain.schedules import lr_per_step, resolve
 
     lrs, lengths = lr_per_step(cfg), resolve(cfg)
@@ -145,6 +159,7 @@ def plot_schedule(cfg, path: Path) -> None:
 def plot_schedule_law(report: dict[str, Any], path: Path) -> None:
     """Logged training loss (dots) and the fitted law's curve per run: solid for the runs
     it was fitted on, dashed for the runs it predicts."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     colors = plt.get_cmap("tab10")
     errors = {r["run"]: r for r in report["fitted"] + report["predicted"]}
