@@ -19,6 +19,10 @@ from jaxtrain.errors import ConfigError
 class _Section(BaseModel):
     # allow_inf_nan=False: `lr: .inf` (or nan) is a config error, not a run that diverges
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+    # In an identity section (IDENTITY_SECTIONS) every key fixes what a checkpoint holds,
+    # so resuming with another value is refused, except the keys named here: a key added
+    # later is an identity key unless it is listed.
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset()
 
 
 class ModelConfig(_Section):
@@ -70,7 +74,7 @@ class ModelConfig(_Section):
             raise ValueError(f"n_kv_heads={n_kv} must divide n_heads={n_heads}")
         return n_kv
 
-    EXECUTION_KEYS: ClassVar[tuple[str, ...]] = ("dtype", "attention", "remat", "scan_layers")
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"dtype", "attention", "remat", "scan_layers"})
 
     @property
     def head_dim(self) -> int:
@@ -223,6 +227,8 @@ class DataConfig(_Section):
     val_batches: int = Field(8, gt=0)
     seed: int = 0
     read_threads: int = Field(2, ge=0)
+    # how much is read or checked, not which tokens train: these may change on resume
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({"max_epochs", "val_batches", "read_threads"})
 
     @field_validator("paths")
     @classmethod
@@ -343,6 +349,26 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# The sections whose keys fix what a checkpoint holds (minus each section's RESUMABLE);
+# everything else (steps, schedule, logging, mesh, checkpointing) may change on resume.
+IDENTITY_SECTIONS: dict[str, type[_Section]] = {"model": ModelConfig, "parametrization": ParametrizationConfig,
+                                                 "data": DataConfig}
+
+
+def identity_difference(new: dict[str, Any], old: dict[str, Any],
+                        sections: tuple[str, ...] = tuple(IDENTITY_SECTIONS)) -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first identity key on which two configs in
+    `to_dict()` form differ, or None. A key the old config lacks (written before the key
+    existed) counts as unchanged."""
+    for section in sections:
+        resumable = IDENTITY_SECTIONS[section].RESUMABLE
+        for key, value in new[section].items():
+            old_value = old.get(section, {}).get(key, value)
+            if key not in resumable and old_value != value:
+                return f"{section}.{key}", old_value, value
+    return None
 
 
 def phase_start_steps(cfg: Config) -> list[int]:

@@ -27,21 +27,16 @@ from typing import Any, Callable
 from jaxtrain import parametrization
 from jaxtrain import config_file
 from jaxtrain.checkpoint import Checkpointer, quiet_absl
-from jaxtrain.config import Config, ModelConfig
+from jaxtrain.config import Config, identity_difference
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.huggingface import importer
 
-_MODEL_KEYS = tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.EXECUTION_KEYS)
-
-
 def check_parent(cfg: Config, parent: Config, parent_dir: Path, table: parametrization.Table) -> None:
     """The parent's model and parametrization must be this run's."""
-    mine, theirs = cfg.to_dict(), parent.to_dict()
-    for section, keys in (("model", _MODEL_KEYS), ("parametrization", tuple(mine["parametrization"]))):
-        for key in keys:
-            if mine[section][key] != theirs[section][key]:
-                raise ConfigError(f"{section}.{key}", f"is {mine[section][key]!r}, but train.init_from.workdir "
-                                                      f"{parent_dir} was trained with {theirs[section][key]!r}")
+    difference = identity_difference(cfg.to_dict(), parent.to_dict(), sections=("model", "parametrization"))
+    if difference:
+        key, theirs, mine = difference
+        raise ConfigError(key, f"is {mine!r}, but train.init_from.workdir {parent_dir} was trained with {theirs!r}")
     saved_table = parent_dir / "parametrization.json"
     if saved_table.is_file():
         parametrization.check_matches(json.loads(saved_table.read_text()), table)

@@ -25,7 +25,7 @@ import yaml
 from jaxtrain import memory, parametrization, rewarm, sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import Config, ModelConfig
+from jaxtrain.config import Config, identity_difference
 from jaxtrain.config_file import read_yaml_mapping
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource, open_sources
@@ -37,14 +37,6 @@ from jaxtrain.nonfinite import NonFiniteGuard
 from jaxtrain.parametrization import Table
 from jaxtrain.preemption import StopRequest, StopVote, stop_on_signal
 from jaxtrain.schedules import make_schedule
-
-# What a checkpoint's contents depend on (None means all of the section's keys); resuming
-# with a change there is an error. Everything else (steps, logging, mesh, threads, how the
-# step is computed) may change.
-_IDENTITY_KEYS = {"model": tuple(k for k in ModelConfig.model_fields if k not in ModelConfig.EXECUTION_KEYS),
-                  "parametrization": None,
-                  "data": ("paths", "sources", "phases", "packing", "seq_len", "val_fraction", "seed")}
-
 
 @dataclasses.dataclass
 class RunResult:
@@ -63,15 +55,11 @@ def check_workdir(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer) 
     meta = ckpt.newest_meta()
     path = workdir / "config.yaml"
     if meta is not None and path.exists():
-        saved = read_yaml_mapping(path, "the run's config")
-        new = cfg.to_dict()
-        for section, keys in _IDENTITY_KEYS.items():
-            for key in keys or new[section]:
-                value = new[section][key]
-                old = saved.get(section, {}).get(key, value)
-                if old != value:
-                    raise ConfigError(f"{section}.{key}", f"workdir {workdir} holds a run with {old!r}, "
-                                                          f"this config says {value!r}; use a new --workdir")
+        difference = identity_difference(cfg.to_dict(), read_yaml_mapping(path, "the run's config"))
+        if difference:
+            key, old, value = difference
+            raise ConfigError(key, f"workdir {workdir} holds a run with {old!r}, "
+                                   f"this config says {value!r}; use a new --workdir")
     if meta is not None:
         saved_table = meta.get("parametrization")
         if saved_table is not None:

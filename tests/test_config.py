@@ -5,7 +5,7 @@ import pytest
 
 from conftest import REPO, TINY, run_cli
 from jaxtrain import cli
-from jaxtrain.config_file import load_config
+from jaxtrain.config_file import from_dict, load_config
 from jaxtrain.errors import UserError
 
 
@@ -73,3 +73,25 @@ def test_console_exit_status_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "jaxtrain: error: config key 'model.n_heads': n_heads=3 must divide d_model=64"]
+
+
+def test_identity_keys_are_marked_once_and_a_new_key_is_identity_by_default():
+    """What may change on resume comes from config.IDENTITY_SECTIONS and each section's
+    RESUMABLE; a data key nobody listed (one added later) is refused, not resumed."""
+    from jaxtrain.config import identity_difference
+
+    saved = from_dict({}).to_dict()
+    changed = {**saved, "data": {**saved["data"], "val_batches": 3, "read_threads": 0}}
+    assert identity_difference(changed, saved) is None  # listed as resumable
+    changed["model"] = {**saved["model"], "remat": "full", "dtype": "bfloat16"}
+    assert identity_difference(changed, saved) is None
+    changed["data"] = {**changed["data"], "seq_len": 128}
+    assert identity_difference(changed, saved) == ("data.seq_len", 256, 128)
+    future = {**saved, "data": {**saved["data"], "new_field": 1}}
+    assert identity_difference(future, {**saved, "data": {**saved["data"], "new_field": 2}}) == \
+        ("data.new_field", 2, 1)
+    assert identity_difference(future, saved) is None  # a config saved before the key existed
+    assert identity_difference({**saved, "train": {**saved["train"], "steps": 9}}, saved) is None
+    qk = {**saved, "model": {**saved["model"], "qk_norm": True}}
+    assert identity_difference(qk, saved, sections=("parametrization",)) is None
+    assert identity_difference(qk, saved, sections=("model",))[0] == "model.qk_norm"
