@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine; both create .venv and install what they need.
 #   make train   train configs/small.yaml on the Python standard-library sources
-#   make test    run the test suite (CPU, 8 simulated devices)
+#   make test    run the whole test suite (CPU, 8 simulated devices per worker, one worker per core)
+#   make check   the fast subset for the edit loop (no multi-run or subprocess tests)
 #   make data    tokenize the default corpus (bytes, BPE 8k) and a second corpus into data/cache/
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ CONFIG ?= configs/small.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test venv clean data train-bpe data-bench
+.PHONY: train test check venv clean data train-bpe data-bench
 
 venv: $(STAMP)
 
@@ -41,8 +42,12 @@ train-bpe: data
 data-bench: $(CACHE)/stdlib/metadata.json
 	$(BIN)/jaxtrain data bench $(CACHE)/stdlib --config configs/small.yaml
 
+# one pytest worker per core; a test file stays on one worker, so module fixtures are shared
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
+
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,9 +1,26 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere, and one
+compilation cache for the whole session.
 
+The suite compiles the same tiny train step in many tests and in every `jaxtrain`
+subprocess it starts; JAX's persistent compilation cache (keyed by the HLO, the compile
+options and the jax/XLA version, so a changed computation never hits) lets each distinct
+program compile once per session. It lives in a fresh directory removed at exit, so no
+session reuses another's executables. The variables reach subprocesses through the
+environment.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jaxtrain-test-compile-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import json  # noqa: E402
 import re  # noqa: E402
