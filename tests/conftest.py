@@ -123,3 +123,13 @@ def assert_same_params(got, want, rtol: float = 0.0) -> None:
             np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol, err_msg=jax.tree_util.keystr(path))
         else:
             np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def figure_panels(path: Path) -> list[dict]:
+    """What a jaxtrain PNG draws, from its Description text (tools/plotting.py `_save`):
+    per panel its title, axis labels and {curve label: point count}."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        return json.loads(image.text["Description"])["panels"]

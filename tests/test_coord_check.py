@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, figure_panels, run_cli
 from jaxtrain.config_file import load_config
 from jaxtrain.tools.coord_check import coord_check
 
@@ -44,7 +44,9 @@ def test_cli_writes_json_and_plot(tmp_path):
     report = json.loads((tmp_path / "coord_check.json").read_text())
     assert {(r["width"], r["depth"], r["step"]) for r in report["records"]} == \
         {(w, d, t) for w in (32, 64) for d in (1, 2) for t in (0, 1)}
-    assert (tmp_path / "coord_check_L1.png").stat().st_size > 10_000
-    assert (tmp_path / "coord_check_L2.png").stat().st_size > 10_000
+    for depth in (1, 2):  # a panel per recorded activation, a curve per step over both widths
+        panels = figure_panels(tmp_path / f"coord_check_L{depth}.png")
+        assert [p["title"].split()[0] for p in panels] == report["names"]
+        assert all(p["curves"] == {"t=0": 2, "t=1": 2} for p in panels), panels
     bad = run_cli("coord-check", str(REPO / "configs" / "mup_sweep.yaml"), "--widths", "64,x", "--out", str(tmp_path))
     assert bad.returncode == 2 and "--widths" in bad.stderr

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, cli_in_process, run_cli
+from conftest import REPO, TINY, cli_in_process, figure_panels, run_cli
 from jaxtrain import sharding
 from jaxtrain.tools import dry_run, flops
 from jaxtrain import train_step as ts
@@ -46,7 +46,8 @@ def test_cluster_config_plan_from_the_cli(tmp_path):
                     "blocks.*.attn.wq", "(None, 'fsdp', None, None)", "model FLOPs per token", "# memory per device",
                     "# schedule: wsd"):
         assert section in out, section
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    (panel,) = figure_panels(png)
+    assert panel["title"].startswith("wsd") and panel["y"] == "learning rate"
     plan = json.loads(run_cli("dry-run", str(CLUSTER), "--devices", "64", "--json").stdout)
     assert plan["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
     assert plan["tokens_per_step"] == 256 * 2048

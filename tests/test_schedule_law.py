@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, figure_panels
 
 from jaxtrain.config_file import load_config
 from jaxtrain.tools.schedule_law import Law, annealing_areas, fit, load_curve
@@ -60,6 +60,9 @@ def test_the_command_reports_errors_on_logged_runs_and_predicts_configs(tmp_path
     assert predicted["wsd"]["mean_abs_error"] < 0.02  # the noise level
     power_line = next(line for line in out.splitlines() if line.startswith("predicted power:"))
     assert "mean_abs_error" not in predicted["power"] and "logged" not in power_line
-    assert "predicted wsd: final loss predicted" in out and (tmp_path / "law" / "schedule_law.png").stat().st_size > 0
+    assert "predicted wsd: final loss predicted" in out
+    (panel,) = figure_panels(tmp_path / "law" / "schedule_law.png")  # the law's curve for each run
+    assert [label.split(" (")[0] for label in panel["curves"]] == [runs[0].name, runs[1].name, "wsd", "power"]
+    assert panel["title"].startswith("L = ") and all(n > 1 for n in panel["curves"].values())
     status, _, err = cli_in_process(capsys, "fit-schedule-law", str(tmp_path / "nothing"))
     assert status == 2 and "nothing" in err and err.count("\n") == 1

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import TINY, cli_in_process, run_cli
+from conftest import TINY, cli_in_process, figure_panels, run_cli
 from jaxtrain.tools.sweep import analyse, fit_optimum
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,8 @@ def test_sweep_runs_the_grid_records_divergence_and_resumes(tmp_path):
     assert all(np.isclose(optima[w]["opt"], 0.03) for w in (32, 64))
     with (tmp_path / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6
-    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    (panel,) = figure_panels(tmp_path / "sweep.png")  # a curve per width over its finite runs
+    assert panel["curves"] == {"d_model=32": 2, "d_model=64": 2} and panel["x"] == "log2(lr)"
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}
     again = run_cli(*args)  # every run is read back from its result.json, none retrained
     assert again.returncode == 0

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from jaxtrain.errors import UserError
+
+
+def _save(fig, path: Path) -> None:
+    """Write the PNG and close the figure. The PNG's `Description` text records what it
+    draws (JSON: per panel its title, axis labels and each labelled curve's point count),
+    so a script or a test can check a figure's content without reading pixels."""
+    panels = [{"title": ax.get_title(), "x": ax.get_xlabel(), "y": ax.get_ylabel(),
+               "curves": {line.get_label(): len(line.get_xdata()) for line in ax.get_lines()
+                          if not line.get_label().startswith("_")}}
+              for ax in fig.axes if ax.axison]
+    fig.savefig(path, dpi=110, metadata={"Description": json.dumps({"panels": panels})})
+    _pyplot().close(fig)
 
 
 def _pyplot():
@@ -71,8 +84,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("final validation loss (nats/token)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_coord_check(report: dict[str, Any], path: Path) -> None:
@@ -105,8 +117,7 @@ def plot_coord_check(report: dict[str, Any], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"coordinate check: {report['parametrization']} (RMS of activations vs width)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path: Path,
@@ -133,8 +144,7 @@ def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_schedule(cfg, path: Path) -> None:
@@ -144,7 +154,7 @@ def plot_schedule(cfg, path: Path) -> None:
 
     lrs, lengths = lr_per_step(cfg), resolve(cfg)
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(range(len(lrs)), lrs)
+    ax.plot(range(len(lrs)), lrs, label="learning rate")
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     shape = f" ({cfg.schedule.decay_shape} decay)" if cfg.schedule.name in ("wsd", "power") else ""
@@ -152,8 +162,7 @@ def plot_schedule(cfg, path: Path) -> None:
                  f"warmup {lengths.warmup / lengths.per_step:g} steps")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_schedule_law(report: dict[str, Any], path: Path) -> None:
@@ -183,5 +192,4 @@ def plot_schedule_law(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
