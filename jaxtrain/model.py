@@ -14,7 +14,10 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
   checkpoints). The forward pass is one `lax.scan` over that axis, so XLA compiles one
   block whatever the depth; `model.scan_layers: false` unrolls the same scan (one code
   path, same storage). `model.remat` wraps the scanned block in `jax.checkpoint`.
-  `Transformer.layer(i)` is layer i as an ordinary `Block` (inspection, telemetry, decode).
+  `Transformer.layer(i)` is layer i as an ordinary `Block` (incremental decoding).
+* `Transformer.__call__` is the only forward pass (telemetry, coord-check and inspection read
+  what it sows, `nnx.Intermediate`, asked by name, via `forward_sown`): embedding_rms; attn_rms,
+  mlp_rms (L,) of the branches; max_attn_logit (L,); attention_weights (L, B, N, T, T); log_z (B, T).
 * Execution options (`model.dtype/attention/remat/scan_layers`) change how the step is
   computed, never the parameter tree.
 * Incremental decoding (`Transformer.decode`) keeps each layer's keys and values in a
@@ -39,6 +42,7 @@ attention-logit scale and the residual-branch multiplier, arrive as `ForwardScal
 from __future__ import annotations
 
 import math
+from typing import Callable, Collection
 
 import flax.struct
 import jax
@@ -106,6 +110,18 @@ def _laid_out(weight: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 
 ACTIVATION = ("batch", "sequence", "embed")  # the residual stream's axes
+SOWABLE = frozenset({"embedding_rms", "attn_rms", "mlp_rms", "max_attn_logit", "attention_weights", "log_z"})
+_SCORE_CHUNK = 256  # queries per piece of the max attention logit: no (T, T) scores held at once
+
+
+def rms(x: jax.Array) -> jax.Array:  # sqrt(mean(x^2)) over all entries, in float32
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+
+
+def _sow(module: nnx.Module, sow: Collection[str], name: str, compute: Callable[[], jax.Array]) -> None:
+    """compute(), as this call's intermediate `name`, if `sow` asks for it (and only then)."""
+    if name in sow:
+        module.sow(nnx.Intermediate, name, compute(), reduce_fn=lambda _, new: new, init_fn=lambda: None)
 
 
 def sp_scales(cfg: ModelConfig) -> ForwardScales:
@@ -203,7 +219,7 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta), v
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 mask: jax.Array | None = None, sow: Collection[str] = ()) -> tuple[jax.Array, KVCache | None]:
         """Causal self-attention over x; `mask` (B, 1, T, T), if given, also hides keys of
         other documents. With a cache, over the cached positions and x (x's positions
         must continue the cache: cache.length, cache.length + 1, ...)."""
@@ -212,6 +228,8 @@ class Attention(nnx.Module):
             implementation = None if self.cfg.attention == "auto" else self.cfg.attention
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=self.scale,
                                                implementation=implementation)
+            _sow(self, sow, "max_attn_logit", lambda: self._max_logit(q, k, mask))
+            _sow(self, sow, "attention_weights", lambda: jax.nn.softmax(self._scores(q, k, mask), axis=-1))
         else:
             cache = cache.extend(k, v)
             visible = jnp.arange(cache.k.shape[1])[None, :] <= positions[0][:, None]  # (T, max_len)
@@ -219,31 +237,20 @@ class Attention(nnx.Module):
         out = constrain(out, _Q)
         return constrain(jnp.einsum("btnh,nhd->btd", out, _read(self.wo, x.dtype)), ACTIVATION), cache
 
-    def _scores(self, q: jax.Array, k: jax.Array, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-        """scale * q.k (B, N, Tq, Tk), float32, -inf where the causal mask hides a key;
-        query head n reads kv head n // (N / K)."""
+    def _scores(self, q: jax.Array, k: jax.Array, mask: jax.Array | None, start: int = 0) -> jax.Array:
+        """scale * q.k (B, N, Tq, Tk) in float32 of queries start.., -inf where a key is hidden (later,
+        by index as `is_causal`, or by `mask`); query head n reads kv head n // (N / K)."""
         k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
         logits = self.scale * jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-        causal = q_positions[:, :, None] >= k_positions[:, None, :]
-        return jnp.where(causal[:, None], logits, -jnp.inf)
+        visible = ((start + jnp.arange(q.shape[1]))[:, None] >= jnp.arange(k.shape[1]))[None, None]
+        visible = visible if mask is None else visible & mask[:, :, start:start + q.shape[1]]
+        return jnp.where(visible, logits, -jnp.inf)
 
-    def logits(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """The masked attention logits (B, N, T, T) of x."""
-        q, k, _ = self._qkv(x, positions)
-        return self._scores(q, k, positions, positions)
-
-    def weights(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """The attention probabilities (B, N, T, T) of x, for inspection (float32)."""
-        return jax.nn.softmax(self.logits(x, positions), axis=-1)
-
-    def max_logit(self, x: jax.Array, positions: jax.Array, chunk: int = 256) -> jax.Array:
-        """The largest attention logit any query gives any visible key (a scalar): the
-        quantity whose growth precedes attention-logit divergence (Wortsman et al. 2023).
-        Queries go `chunk` at a time so no (T, T) matrix is held at once."""
-        q, k, _ = self._qkv(x, positions)
-        maxima = [jnp.max(self._scores(q[:, s:s + chunk], k, positions[:, s:s + chunk], positions))
-                  for s in range(0, x.shape[1], chunk)]
-        return jnp.max(jnp.stack(maxima))
+    def _max_logit(self, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """The largest logit a query gives a key it sees: its growth precedes attention-logit
+        divergence (Wortsman et al. 2023). Queries go `_SCORE_CHUNK` at a time."""
+        chunks = range(0, q.shape[1], _SCORE_CHUNK)
+        return jnp.max(jnp.stack([jnp.max(self._scores(q[:, s:s + _SCORE_CHUNK], k, mask, s)) for s in chunks]))
 
 
 class SwiGLU(nnx.Module):
@@ -278,12 +285,15 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None,
-                 cache: KVCache | None = None, mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None, cache: KVCache | None = None,
+                 mask: jax.Array | None = None, sow: Collection[str] = ()) -> tuple[jax.Array, KVCache | None]:
         keys = jax.random.split(key) if key is not None else (None, None)
-        attended, cache = self.attn(self.attn_norm(x), positions, cache, mask)
+        attended, cache = self.attn(self.attn_norm(x), positions, cache, mask, sow)
+        _sow(self, sow, "attn_rms", lambda: rms(attended))  # the branch before dropout and residual scale
         x = x + self.residual * dropout(attended, self.dropout_rate, keys[0])
-        branch = dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        branch = self.mlp(self.mlp_norm(x))
+        _sow(self, sow, "mlp_rms", lambda: rms(branch))
+        branch = dropout(branch, self.dropout_rate, keys[1])
         return constrain(x + self.residual * branch, ACTIVATION), cache
 
 
@@ -308,12 +318,16 @@ class Transformer(nnx.Module):
         return constrain(jnp.take(table, tokens, axis=0), ACTIVATION)
 
     def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, sow: Collection[str] = ()) -> jax.Array:
         """tokens: (B, T) int -> logits (B, T, vocab) float32. With `segment_ids` (B, T)
         (packed documents), positions restart at every document and no token attends to
-        another document's."""
+        another document's. `sow`: the intermediates of this pass to record (`forward_sown`)."""
         positions, mask = segment_positions_and_mask(segment_ids, tokens.shape)
-        return self.logits(self._scan_blocks(self.embed_tokens(tokens), positions, dropout_key, mask))
+        x = self.embed_tokens(tokens)
+        _sow(self, sow, "embedding_rms", lambda: rms(x))
+        logits = self.logits(self._scan_blocks(x, positions, dropout_key, mask, sow))
+        _sow(self, sow, "log_z", lambda: jax.nn.logsumexp(logits, axis=-1))
+        return logits
 
     def logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
@@ -341,19 +355,24 @@ class Transformer(nnx.Module):
         return self.logits(x), extended
 
     def _scan_blocks(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None,
-                     mask: jax.Array | None) -> jax.Array:
+                     mask: jax.Array | None, sow: Collection[str]) -> jax.Array:
         """x through every layer: one `lax.scan` over the stacked weights (unrolled when
-        `scan_layers` is off), each layer rematerialised by `model.remat` (`_REMAT_POLICIES`)."""
+        `scan_layers` is off), each layer rematerialised by `model.remat` (`_REMAT_POLICIES`);
+        what the layers sow leaves it stacked on a leading layers axis."""
         graphdef, stacked = nnx.split(self.blocks)
 
-        def one_layer(x: jax.Array, layer: tuple) -> tuple[jax.Array, None]:
+        def one_layer(x: jax.Array, layer: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
             weights, index = layer
             block = nnx.merge(graphdef, weights)
-            return block(x, positions, _layer_key(dropout_key, index), mask=mask)[0], None
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+            (x, _), found = nnx.capture(block, nnx.Intermediate)(x, positions, key, mask=mask, sow=sow)
+            return x, {path[-1]: variable.get_value() for path, variable in nnx.to_flat_state(found)}
 
         one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(one_layer, x, (stacked, jnp.arange(self.cfg.n_layers)),
-                            unroll=1 if self.cfg.scan_layers else self.cfg.n_layers)
+        x, per_layer = jax.lax.scan(one_layer, x, (stacked, jnp.arange(self.cfg.n_layers)),
+                                    unroll=1 if self.cfg.scan_layers else self.cfg.n_layers)
+        for name, values in per_layer.items():
+            _sow(self, sow, name, lambda values=values: values)
         return x
 
 
@@ -372,5 +391,10 @@ def segment_positions_and_mask(segment_ids: jax.Array | None,
     return index - document_start, same_document[:, None]
 
 
-def _layer_key(dropout_key: jax.Array | None, layer: int | jax.Array) -> jax.Array | None:
-    return None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
+def forward_sown(model: Transformer, tokens: jax.Array, names: Collection[str],
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The logits of `model(tokens, segment_ids=...)` and the intermediates `names` that call sowed."""
+    if unknown := set(names) - SOWABLE:
+        raise ValueError(f"the model cannot sow {sorted(unknown)}; it sows {sorted(SOWABLE)}")
+    logits, found = nnx.capture(model, nnx.Intermediate)(tokens, segment_ids=segment_ids, sow=names)
+    return logits, nnx.to_pure_dict(found)

@@ -1,12 +1,17 @@
-"""Stability telemetry, computed inside the train step every `diagnostics.telemetry_every`
-steps (a second compiled variant of the step; ordinary steps do none of this work).
+"""What a run measures about itself besides the loss: stability telemetry and diagnostics.
 
-The signals that precede the instabilities of "Small-scale proxies for large-scale
-Transformer training instabilities" (Wortsman et al. 2023), all on the step's batch:
+None of it is part of the plain train step. train.py hands `step_metrics(spec)` to the
+step builder as its extra metrics when `diagnostics.telemetry_every` > 0 (a second
+compiled variant of the step, run every that many steps), and `compile_diagnose` is a
+separate compiled function, run every `diagnostics.every_steps` steps.
 
-  max_attn_logit/<layer>   max over heads, queries and visible keys of scale * q.k, with
-                           the params before the update; attention-logit growth is what
-                           QK-norm prevents
+Stability telemetry: the signals that precede the instabilities of "Small-scale proxies
+for large-scale Transformer training instabilities" (Wortsman et al. 2023), on the step's
+batch. The forward ones are sown by the model's own forward pass (`Transformer.__call__`,
+params before the update, no dropout), with the document mask when `data.packing` is on:
+
+  max_attn_logit/<layer>   max over heads, queries and visible keys of scale * q.k;
+                           attention-logit growth is what QK-norm prevents
   log_z_mean, log_z_std    statistics of log Z = logsumexp(output logits) over all
                            positions; output-logit divergence (log Z drifting from 0) is
                            what z-loss prevents
@@ -19,16 +24,62 @@ Transformer training instabilities" (Wortsman et al. 2023), all on the step's ba
                            a zero-initialized role is still exactly zero)
   param_norm/<role>        ||theta_R|| after the update
 Roles are those of the parametrization table (embedding, hidden, readout, vector).
+
+Diagnostics, on the params after the step:
+* Top singular value of every weight matrix (each layer of a stacked one: sv/blocks.I.*),
+  of the weight the forward pass uses (multiplier applied), viewed as (fan_in, fan_out).
+  Under a width-robust parametrization the sublayer gains, and so these values, stay
+  comparable across widths ("Robust Layerwise Scaling Rules by Proper Weight Decay
+  Tuning", the top-singular-value check). Power iteration: v <- W^T W v / |W^T W v|,
+  sigma = |W v|.
+* Sharpness: the top eigenvalue of the Hessian of the training loss on the step's batch
+  (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of
+  Stability"), by power iteration on Hessian-vector products H v = d/de grad L(theta + e v),
+  reported as the Rayleigh quotient v.Hv with |v| = 1.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
 
-from jaxtrain.model import Transformer
+from jaxtrain import parametrization, sharding
+from jaxtrain import train_step as ts
+from jaxtrain.config import Config, DiagnosticsConfig
+from jaxtrain.model import forward_sown
+
+# Added to a norm before dividing by it: a zero matrix (a zero-initialized readout) or a
+# direction of zero curvature gives W^T W v = 0 or Hv = 0, and the iterate stays 0, not NaN.
+NORM_FLOOR = 1e-30
+# The sharpness iteration's random start is fold_in(PRNGKey(SHARPNESS_SEED), step): fixed
+# per step, so a resumed run reports the same values as an uninterrupted one.
+SHARPNESS_SEED = 0
+FORWARD_TELEMETRY = ("max_attn_logit", "log_z")  # what the model is asked to sow
+
+
+def step_metrics(spec: ts.ModelSpec) -> ts.ExtraMetrics:
+    """The stability telemetry as the train step's extra metrics."""
+
+    def metrics(before: Any, after: Any, grads: Any, batch: Any) -> dict[str, jax.Array]:
+        return {**forward_telemetry(spec, before, batch),
+                **optimizer_telemetry(before, after, grads, spec.table.labels(before))}
+
+    return metrics
+
+
+def forward_telemetry(spec: ts.ModelSpec, params: Any, batch: Any) -> dict[str, jax.Array]:
+    """Max attention logit per layer and log Z statistics of one no-dropout forward pass
+    over the batch's inputs, with its document mask when packed."""
+    inputs, segment_ids = ts.model_inputs(batch)
+    _, sown = forward_sown(ts.bind_model(spec, params), inputs, FORWARD_TELEMETRY, segment_ids)
+    out = {f"max_attn_logit/{i}": logit for i, logit in enumerate(sown["max_attn_logit"])}
+    out["log_z_mean"], out["log_z_std"] = jnp.mean(sown["log_z"]), jnp.std(sown["log_z"])
+    return out
 
 
 def _sums_by_role(tree: Any, labels: Any) -> dict[str, tuple[jax.Array, int]]:
@@ -38,20 +89,6 @@ def _sums_by_role(tree: Any, labels: Any) -> dict[str, tuple[jax.Array, int]]:
         total, count = sums.get(role, (jnp.float32(0), 0))
         sums[role] = (total + jnp.sum(jnp.square(leaf.astype(jnp.float32))), count + leaf.size)
     return sums
-
-
-def forward_telemetry(model: Transformer, tokens: jax.Array) -> dict[str, jax.Array]:
-    """Max attention logit per layer and log Z statistics of one no-dropout forward pass."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = model.embed_tokens(tokens)
-    out = {}
-    for i in range(model.cfg.n_layers):
-        block = model.layer(i)
-        out[f"max_attn_logit/{i}"] = block.attn.max_logit(block.attn_norm(x), positions)
-        x, _ = block(x, positions, None)
-    log_z = jax.nn.logsumexp(model.logits(x), axis=-1)
-    out["log_z_mean"], out["log_z_std"] = jnp.mean(log_z), jnp.std(log_z)
-    return out
 
 
 def optimizer_telemetry(before: Any, after: Any, grads: Any, labels: Any) -> dict[str, jax.Array]:
@@ -68,3 +105,75 @@ def optimizer_telemetry(before: Any, after: Any, grads: Any, labels: Any) -> dic
         out[f"update_rms_ratio/{role}"] = jnp.where(param_rms > 0, update_rms / param_rms, jnp.inf)
         out[f"param_norm/{role}"] = jnp.sqrt(after_sums[role][0])
     return out
+
+
+def top_singular_value(matrix: jax.Array, iterations: int) -> jax.Array:
+    v = jnp.ones((matrix.shape[1],), jnp.float32) / math.sqrt(matrix.shape[1])
+
+    def body(_, v):
+        w = matrix.T @ (matrix @ v)
+        return w / (jnp.linalg.norm(w) + NORM_FLOOR)
+
+    v = jax.lax.fori_loop(0, iterations, body, v)
+    return jnp.linalg.norm(matrix @ v)
+
+
+def singular_values(params: Any, table: parametrization.Table, iterations: int) -> dict[str, jax.Array]:
+    effective = parametrization.effective_params(table, params)
+    out = {}
+    for key_path, value in jax.tree_util.tree_leaves_with_path(effective):
+        path = parametrization.path_str(key_path)
+        rule = table.rules[path]
+        if rule.role == "vector":
+            continue
+        fan_in = math.prod(rule.shape[:rule.fan_in_dims])
+        layers = value.reshape(-1, fan_in, math.prod(rule.shape) // fan_in).astype(jnp.float32)
+        sigmas = jax.vmap(lambda matrix: top_singular_value(matrix, iterations))(layers)
+        out.update({f"sv/{name}": sigma for name, sigma in zip(rule.per_layer_paths(path), sigmas, strict=True)})
+    return out
+
+
+def sharpness(loss_fn: Callable[[Any], jax.Array], params: Any, iterations: int, key: jax.Array) -> jax.Array:
+    grad_fn = jax.grad(loss_fn)
+
+    def hvp(v):
+        return jax.jvp(grad_fn, (params,), (v,))[1]
+
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    v = treedef.unflatten([jax.random.normal(k, p.shape, jnp.float32) for k, p in zip(keys, leaves, strict=True)])
+    v = jax.tree.map(lambda x: x / optax.global_norm(v), v)
+
+    def body(_, v):
+        hv = hvp(v)
+        return jax.tree.map(lambda x: x / (optax.global_norm(hv) + NORM_FLOOR), hv)
+
+    v = jax.lax.fori_loop(0, iterations, body, v)
+    return optax.tree.vdot(v, hvp(v))
+
+
+def make_diagnose(cfg: DiagnosticsConfig, table: parametrization.Table,
+                  loss_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable:
+    """diagnose(params, batch, step) -> {name: scalar}; a pure function to jit."""
+
+    def diagnose(params, batch, step):
+        out = {}
+        if cfg.singular_values:
+            out.update(singular_values(params, table, cfg.power_iterations))
+        if cfg.sharpness:
+            key = jax.random.fold_in(jax.random.PRNGKey(SHARPNESS_SEED), step)
+            out["sharpness"] = sharpness(lambda p: loss_fn(p, batch), params, cfg.power_iterations, key)
+        return out
+
+    return diagnose
+
+
+def compile_diagnose(cfg: Config, spec: ts.ModelSpec, shardings: ts.TrainState, mesh: Mesh) -> Callable | None:
+    """The jitted diagnostics (singular values, sharpness), or None when they are off."""
+    if cfg.diagnostics.every_steps == 0:
+        return None
+    loss = lambda params, batch: ts.loss_and_metrics(params, spec, batch, cfg.train.z_loss)[0]
+    diagnose = make_diagnose(cfg.diagnostics, spec.table, loss)
+    rep = sharding.replicated(mesh)
+    return jax.jit(sharding.traced_on(mesh, diagnose), in_shardings=(shardings.params, sharding.batch_sharding(mesh), rep),
+                   out_shardings=rep)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import yaml
 
-from jaxtrain import memory, parametrization, rewarm, sharding
+from jaxtrain import memory, parametrization, rewarm, sharding, telemetry
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
 from jaxtrain.config import Config, identity_difference
@@ -153,7 +153,7 @@ class _Parts:
     tx: Any
     shardings: ts.TrainState
     train_step: Callable
-    train_telemetry: Callable  # the step with stability telemetry, every diagnostics.telemetry_every steps
+    train_telemetry: Callable | None  # the step with stability telemetry, every diagnostics.telemetry_every steps
     diagnose: Callable | None  # every diagnostics.every_steps steps
     evaluate: Evaluator
     iterator: Any  # grain DatasetIterator, checkpointable
@@ -161,16 +161,17 @@ class _Parts:
 
 
 def _build(cfg: Config, spec: ts.ModelSpec, mesh, sources: list[DataSource]) -> _Parts:
-    steps = ts.build_steps(cfg, spec, mesh)
+    watch = telemetry.step_metrics(spec) if cfg.diagnostics.telemetry_every > 0 else None
+    steps = ts.build_steps(cfg, spec, mesh, extra_metrics=watch)
     tx, shardings = steps.tx, steps.shardings
     rows, row_blocks = sharding.process_rows(mesh, cfg.train.batch_size)
     batch_sharding = sharding.batch_sharding(mesh)
     to_global = lambda local: jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
     iterator = pipeline.train_iterator(cfg, sources, rows, row_blocks, warn=_warn)
-    diagnose = ts.compile_diagnose(cfg, spec, shardings, mesh)
+    diagnose = telemetry.compile_diagnose(cfg, spec, shardings, mesh)
     evaluator = Evaluator(steps.evaluate, cfg, sources, mesh)
-    return _Parts(spec, tx, shardings, steps.train, steps.train_telemetry, diagnose, evaluator, iterator, to_global)
+    return _Parts(spec, tx, shardings, steps.train, steps.train_extra, diagnose, evaluator, iterator, to_global)
 
 
 def _init_or_restore(cfg: Config, parts: _Parts, ckpt: Checkpointer,

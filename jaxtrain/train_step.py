@@ -4,6 +4,9 @@
 
 lr is the step's learning rate, computed by the host from the tokens seen
 (jaxtrain/schedules.py): a scalar argument, so every value reuses the one compilation.
+Optional measurements (telemetry) reach the step only as an `ExtraMetrics` function the
+caller passes to `build_steps`; it is compiled into a second variant of the step, and
+the plain one is the same program with or without it.
 
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the NNX module is rebuilt
 from the static graph definition inside each step (`nnx.merge`), so no stateful object
@@ -28,14 +31,16 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxtrain import diagnostics, parametrization, sharding
-from jaxtrain import telemetry as telemetry_lib
+from jaxtrain import parametrization, sharding
 from jaxtrain.config import Config
 from jaxtrain.model import Transformer
 from jaxtrain.optimizer import make_optimizer
 from jaxtrain.parametrization import Table
 
 NONFINITE = "nonfinite"  # train-step metric: 1 when the step's loss or gradients are not finite
+
+# (params before the update, params after it, gradients, batch) -> more metrics of the step
+ExtraMetrics = Callable[[Any, Any, Any, Any], dict[str, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -131,15 +136,21 @@ def batch_tokens(batch: Any) -> tuple[jax.Array, jax.Array | None]:
     return batch, None
 
 
+def model_inputs(batch: Any) -> tuple[jax.Array, jax.Array | None]:
+    """What the model reads of a batch: tokens[:, :-1], and their segment ids when packed."""
+    tokens, segments = batch_tokens(batch)
+    return tokens[:, :-1], None if segments is None else segments[:, :-1]
+
+
 def loss_and_metrics(params: Any, spec: ModelSpec, batch: Any, z_loss: float,
                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Predicts tokens[:, 1:] from tokens[:, :-1]. Packed: each document attends only to
     itself, and targets in another document than their input (one per boundary) are not
     counted, so the mean is over the predictions made within documents."""
     tokens, segments = batch_tokens(batch)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = bind_model(spec, params)(inputs, dropout_key=dropout_key,
-                                      segment_ids=None if segments is None else segments[:, :-1])
+    inputs, segment_ids = model_inputs(batch)
+    targets = tokens[:, 1:]
+    logits = bind_model(spec, params)(inputs, dropout_key=dropout_key, segment_ids=segment_ids)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = jnp.ones_like(log_z) if segments is None else (segments[:, 1:] == segments[:, :-1]).astype(log_z.dtype)
@@ -181,11 +192,11 @@ def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: f
 
 def train_step(state: TrainState, batch: jax.Array, lr: jax.Array, *, spec: ModelSpec,
                tx: optax.GradientTransformationExtraArgs, z_loss: float, dropout: bool, microbatches: int = 1,
-               skip_nonfinite: bool = False, telemetry: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False, extra_metrics: ExtraMetrics | None = None) -> tuple[TrainState, dict]:
     """One optimizer step. metrics[NONFINITE] is 1 when the loss or any gradient is not
     finite; with `skip_nonfinite` such a step keeps the old params and optimizer state (the
-    step counter still advances: the batch is consumed, the schedule moves on). `telemetry`
-    adds the stability telemetry of jaxtrain/telemetry.py to the metrics."""
+    step counter still advances: the batch is consumed, the schedule moves on).
+    `extra_metrics`, if given, adds its metrics of the step (e.g. jaxtrain/telemetry.py's)."""
     dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
     grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=lr)
@@ -198,10 +209,8 @@ def train_step(state: TrainState, batch: jax.Array, lr: jax.Array, *, spec: Mode
         opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
     metrics = {**metrics, "grad_norm": grad_norm, "lr": lr,
                NONFINITE: jnp.logical_not(finite).astype(jnp.int32)}
-    if telemetry:
-        metrics.update(telemetry_lib.forward_telemetry(bind_model(spec, state.params), batch_tokens(batch)[0][:, :-1]))
-        metrics.update(telemetry_lib.optimizer_telemetry(state.params, params, grads,
-                                                         spec.table.labels(state.params)))
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(state.params, params, grads, batch))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -211,23 +220,23 @@ def eval_step(params: Any, batch: jax.Array, *, spec: ModelSpec) -> jax.Array:
 
 
 def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState,
-                  mesh: Mesh) -> tuple[Callable, Callable, Callable]:
-    """jit the pure steps once, with explicit in/out shardings and the state donated."""
+                  mesh: Mesh, extra_metrics: ExtraMetrics | None = None) -> tuple[Callable, Callable | None, Callable]:
+    """jit the pure steps once, with explicit in/out shardings and the state donated: the
+    plain step, the step with `extra_metrics` (None without them), the evaluation."""
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     step = functools.partial(train_step, spec=spec, tx=tx,
                              z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0,
                              microbatches=cfg.train.microbatches,
                              skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    train = jax.jit(sharding.traced_on(mesh, step), in_shardings=(shardings, batch_sh, rep),
-                    out_shardings=(shardings, rep), donate_argnums=0)
-    # compiled on first use only, i.e. only when diagnostics.telemetry_every > 0
-    train_telemetry = jax.jit(sharding.traced_on(mesh, functools.partial(step, telemetry=True)),
-                              in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep),
-                              donate_argnums=0)
+    jit_step = lambda fn: jax.jit(sharding.traced_on(mesh, fn), in_shardings=(shardings, batch_sh, rep),
+                                  out_shardings=(shardings, rep), donate_argnums=0)
+    train = jit_step(step)
+    # compiled on first use only, i.e. only on the steps that ask for the extra metrics
+    train_extra = None if extra_metrics is None else jit_step(functools.partial(step, extra_metrics=extra_metrics))
     evaluate = jax.jit(sharding.traced_on(mesh, functools.partial(eval_step, spec=spec)),
                        in_shardings=(shardings.params, batch_sh), out_shardings=rep)
-    return train, train_telemetry, evaluate
+    return train, train_extra, evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,27 +246,18 @@ class Steps:
     tx: optax.GradientTransformation
     shardings: TrainState
     train: Callable  # jitted train_step(state, batch, lr) -> (state, metrics)
-    train_telemetry: Callable  # the same step, its metrics with the stability telemetry
+    train_extra: Callable | None  # the same step, its metrics with build_steps' extra_metrics
     evaluate: Callable  # jitted eval_step(params, batch) -> loss
 
     def init(self, cfg: Config, spec: ModelSpec) -> TrainState:
         return init_state(cfg, spec, self.tx, self.shardings)
 
 
-def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh) -> Steps:
-    """config -> optax chain from the table -> shardings -> jitted steps."""
+def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh, extra_metrics: ExtraMetrics | None = None) -> Steps:
+    """config -> optax chain from the table -> shardings -> jitted steps (with a variant
+    adding `extra_metrics` when given)."""
     tx = make_optimizer(cfg.optimizer, spec.table)
     shardings = state_shardings(cfg, spec, tx, mesh)
-    train, train_telemetry, evaluate = compile_steps(cfg, spec, tx, shardings, mesh)
-    return Steps(tx, shardings, train, train_telemetry, evaluate)
+    train, train_extra, evaluate = compile_steps(cfg, spec, tx, shardings, mesh, extra_metrics)
+    return Steps(tx, shardings, train, train_extra, evaluate)
 
-
-def compile_diagnose(cfg: Config, spec: ModelSpec, shardings: TrainState, mesh: Mesh) -> Callable | None:
-    """The jitted diagnostics (singular values, sharpness), or None when they are off."""
-    if cfg.diagnostics.every_steps == 0:
-        return None
-    loss = lambda params, batch: loss_and_metrics(params, spec, batch, cfg.train.z_loss)[0]
-    diagnose = diagnostics.make_diagnose(cfg.diagnostics, spec.table, loss)
-    rep = sharding.replicated(mesh)
-    return jax.jit(sharding.traced_on(mesh, diagnose), in_shardings=(shardings.params, sharding.batch_sharding(mesh), rep),
-                   out_shardings=rep)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY
 from jaxtrain.config_file import load_config
-from jaxtrain.diagnostics import sharpness, top_singular_value
+from jaxtrain.telemetry import sharpness, top_singular_value
 from jaxtrain.metrics import read_metrics
 from jaxtrain.train import run
 

@@ -2,7 +2,8 @@
 
 Train the same config at several widths for a few steps and record, after every update,
 the RMS (sqrt of the mean square coordinate) of: the token embeddings, each block's
-attention and MLP branch outputs, and the logits, all on one fixed batch of real data.
+attention and MLP branch outputs, and the logits, all on one fixed batch of real data
+(packed, and seen through its document mask, when `data.packing` is on).
 Under a correct muP every curve is flat in width (log-log slope near 0) at every step;
 under SP the logits (and the hidden updates) grow with width after the first update.
 
@@ -25,6 +26,7 @@ from jaxtrain.config import Config, MeshConfig
 from jaxtrain.config_file import apply_overrides, from_dict
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import open_sources
+from jaxtrain.model import forward_sown, rms
 
 
 def _shape_config(cfg: Config, width: int, depth: int, steps: int) -> Config:
@@ -34,36 +36,26 @@ def _shape_config(cfg: Config, width: int, depth: int, steps: int) -> Config:
         "schedule.name=constant", "schedule.warmup_steps=0", f"train.steps={steps + 1}"]))
 
 
-def _rms(x: jax.Array) -> jax.Array:
-    return jax.numpy.sqrt(jax.numpy.mean(jax.numpy.square(x.astype(jax.numpy.float32))))
-
-
-def activation_rms(params: Any, tokens: jax.Array, *, spec: ts.ModelSpec) -> dict[str, jax.Array]:
-    """RMS of the embeddings, every block's attention/MLP outputs and the logits (no
-    dropout, unpacked: the probe is one batch of plain windows)."""
-    model = ts.bind_model(spec, params)
-    positions = jax.numpy.broadcast_to(jax.numpy.arange(tokens.shape[1]), tokens.shape)
-    x = model.embed_tokens(tokens)
-    out = {"embedding": _rms(x)}
-    for i in range(model.cfg.n_layers):
-        block = model.layer(i)
-        attended = block.attn(block.attn_norm(x), positions)[0]
-        out[f"block{i}.attn"] = _rms(attended)
-        x = x + block.residual * attended
-        branch = block.mlp(block.mlp_norm(x))
-        out[f"block{i}.mlp"] = _rms(branch)
-        x = x + block.residual * branch
-    out["logits"] = _rms(model.logits(x))
+def activation_rms(params: Any, batch: Any, *, spec: ts.ModelSpec) -> dict[str, jax.Array]:
+    """RMS of the embeddings, every block's attention/MLP outputs and the logits, as the
+    model's forward pass sows them: no dropout, the batch's document mask if it is packed."""
+    inputs, segment_ids = ts.model_inputs(batch)
+    names = ("embedding_rms", "attn_rms", "mlp_rms")
+    logits, sown = forward_sown(ts.bind_model(spec, params), inputs, names, segment_ids)
+    out = {"embedding": sown["embedding_rms"]}
+    for i, (attn, mlp) in enumerate(zip(sown["attn_rms"], sown["mlp_rms"], strict=True)):
+        out[f"block{i}.attn"], out[f"block{i}.mlp"] = attn, mlp
+    out["logits"] = rms(logits)
     return out
 
 
-def _trace(cfg: Config, batches: list[np.ndarray], probe: np.ndarray) -> list[dict[str, float]]:
+def _trace(cfg: Config, batches: list[Any], probe: Any) -> list[dict[str, float]]:
     """RMS after 0, 1, ..., len(batches) updates, on one device."""
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     spec = ts.model_spec(cfg)
     steps = ts.build_steps(cfg, spec, mesh)
     state, step = steps.init(cfg, spec), steps.train
-    measure = jax.jit(lambda p, t: activation_rms(p, t, spec=spec))
+    measure = jax.jit(lambda params, batch: activation_rms(params, batch, spec=spec))
     trace = [measure(state.params, probe)]
     lr = np.float32(cfg.optimizer.lr)  # the check runs a constant schedule without warmup
     for batch in batches:
@@ -96,7 +88,7 @@ def coord_check(cfg: Config, widths: list[int], depths: list[int] | None, steps:
     shapes = {(depth, width): _shape_config(cfg, width, depth, steps) for depth in depths for width in widths}
     iterator = pipeline.train_iterator(cfg, open_sources(cfg), 0, 1)  # every shape is valid: now compute
     batches = [next(iterator) for _ in range(steps)]
-    probe = ts.batch_tokens(batches[0])[0][:, :-1]
+    probe = batches[0]  # tokens, and segment ids when packed
     records = []
     for depth in depths:
         for width in widths:

@@ -6,7 +6,8 @@
     attention_maps(model, tokens) softmax attention probabilities, one (B, N, T, T) per layer
     sample_tokens(run, n)         the first n validation windows of the run's corpus
 
-Everything runs on the devices the run was loaded onto (`saved_run.load_run`).
+Everything runs on the devices the run was loaded onto (`saved_run.load_run`), and what
+the model computes inside is what its own forward pass sows (`model.forward_sown`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain import diagnostics
-from jaxtrain.tools.coord_check import activation_rms
+from jaxtrain import telemetry
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import open_sources
-from jaxtrain.model import Transformer
+from jaxtrain.model import Transformer, forward_sown
 from jaxtrain.parametrization import path_str
+from jaxtrain.tools.coord_check import activation_rms
 from jaxtrain.tools.saved_run import SavedRun
 from jaxtrain.train_step import batch_tokens
+
+SV_ITERATIONS = 30  # power iterations per top singular value: a value to read, cheap for any run
 
 
 def _layer(path: str) -> int | None:
@@ -36,9 +39,9 @@ def _layer(path: str) -> int | None:
 def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
     """Per parameter, and per layer of a stacked one (path blocks.I.*): path, role, layer
     (None outside the blocks), shape, RMS, and for matrices the top singular value of the
-    weight the forward pass uses, as a fan-in x fan-out matrix (`diagnostics.singular_values`)."""
+    weight the forward pass uses, as a fan-in x fan-out matrix (`telemetry.singular_values`)."""
     flat = jax.tree_util.tree_flatten_with_path(run.params)[0]
-    sigma = jax.jit(lambda params: diagnostics.singular_values(params, run.spec.table, 30))(run.params)
+    sigma = jax.jit(lambda params: telemetry.singular_values(params, run.spec.table, SV_ITERATIONS))(run.params)
     rows = []
     for key_path, stacked in flat:
         rule = run.spec.table.rules[path_str(key_path)]
@@ -59,19 +62,15 @@ def sample_tokens(run: SavedRun, n: int = 1) -> np.ndarray:
     return batch_tokens(batch)[0][:n]
 
 
-def activation_stats(run: SavedRun, batch: np.ndarray) -> dict[str, float]:
-    """RMS of the embeddings, every block's attention/MLP outputs and the logits."""
-    rms = jax.jit(lambda params, tokens: activation_rms(params, tokens, spec=run.spec))
-    return {k: float(v) for k, v in rms(run.params, jnp.asarray(batch[:, :-1])).items()}
+def activation_stats(run: SavedRun, batch: Any) -> dict[str, float]:
+    """RMS of the embeddings, every block's attention/MLP outputs and the logits, on a batch
+    (B, T + 1) of tokens (or a packed {"tokens", "segment_ids"} one) such as `sample_tokens`'."""
+    rms = jax.jit(lambda params, batch: activation_rms(params, batch, spec=run.spec))
+    return {k: float(v) for k, v in rms(run.params, jax.tree.map(jnp.asarray, batch)).items()}
 
 
-def attention_maps(model: Transformer, tokens: jax.Array) -> list[jax.Array]:
-    """Attention probabilities of every layer, (B, N, T, T) each, for tokens (B, T)."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = model.embed_tokens(tokens)
-    maps = []
-    for i in range(model.cfg.n_layers):
-        block = model.layer(i)
-        maps.append(block.attn.weights(block.attn_norm(x), positions))
-        x, _ = block(x, positions, None)
-    return maps
+def attention_maps(model: Transformer, tokens: jax.Array, segment_ids: jax.Array | None = None) -> list[jax.Array]:
+    """Attention probabilities of every layer, (B, N, T, T) each, for tokens (B, T) (with
+    their segment ids when packed: no query then attends to another document)."""
+    _, sown = forward_sown(model, tokens, ("attention_weights",), segment_ids)
+    return list(sown["attention_weights"])
