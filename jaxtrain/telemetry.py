@@ -142,11 +142,11 @@ def sharpness(loss_fn: Callable[[Any], jax.Array], params: Any, iterations: int,
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     v = treedef.unflatten([jax.random.normal(k, p.shape, jnp.float32) for k, p in zip(keys, leaves, strict=True)])
-    v = jax.tree.map(lambda x: x / optax.global_norm(v), v)
+    v = jax.tree.map(lambda x: x / optax.tree_utils.tree_norm(v), v)
 
     def body(_, v):
         hv = hvp(v)
-        return jax.tree.map(lambda x: x / (optax.global_norm(hv) + NORM_FLOOR), hv)
+        return jax.tree.map(lambda x: x / (optax.tree_utils.tree_norm(hv) + NORM_FLOOR), hv)
 
     v = jax.lax.fori_loop(0, iterations, body, v)
     return optax.tree.vdot(v, hvp(v))

@@ -201,7 +201,7 @@ def train_step(state: TrainState, batch: jax.Array, lr: jax.Array, *, spec: Mode
     grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=lr)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)  # non-finite iff some gradient entry is
+    grad_norm = optax.tree_utils.tree_norm(grads)  # non-finite iff some gradient entry is
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
         keep_old = lambda new, old: jnp.where(finite, new, old)
