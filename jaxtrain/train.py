@@ -260,13 +260,14 @@ def _loop(cfg: Config, parts: _Parts, ckpt: Checkpointer, logger: MetricsLogger,
             pending = (step, tokens, metrics, val if evaluate_now else None)
         stopped_by = vote(stop)  # the same answer on every process after the same step
         halt = stopped_by is not None or step == stop_after
-        if last or halt or ckpt.due(step):
+        saved = False
+        if last or halt or ckpt.due(step):  # the iterator's state is read only for a checkpoint
             guard.check()  # never checkpoint a state from a non-finite step
             if pending is not None:  # a checkpointed step's row is on disk before its checkpoint, so a
                 logger.write({**_row(*pending, throughput, cfg), **guard.row_fields()})  # kill never loses it
                 pending = None
-        meta = {"tokens": tokens, "step": step, "skipped_steps": guard.skipped, **run_meta}
-        saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=last or halt)
+            meta = {"tokens": tokens, "step": step, "skipped_steps": guard.skipped, **run_meta}
+            saved = ckpt.save(step, state, parts.iterator.get_state(), meta, force=True)
         if halt:
             logger.message(f"stopping: checkpoint {'saved' if saved else 'exists'} at step {step}")
             break
