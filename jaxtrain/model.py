@@ -41,7 +41,6 @@ attention-logit scale and the residual-branch multiplier, arrive as `ForwardScal
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Collection
 
 import flax.struct
@@ -122,10 +121,6 @@ def _sow(module: nnx.Module, sow: Collection[str], name: str, compute: Callable[
     """compute(), as this call's intermediate `name`, if `sow` asks for it (and only then)."""
     if name in sow:
         module.sow(nnx.Intermediate, name, compute(), reduce_fn=lambda _, new: new, init_fn=lambda: None)
-
-
-def sp_scales(cfg: ModelConfig) -> ForwardScales:
-    return ForwardScales(attn_scale=1.0 / math.sqrt(cfg.head_dim), residual=1.0)
 
 
 class RMSNorm(nnx.Module):
@@ -298,8 +293,7 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, scales: ForwardScales | None = None):
-        scales = scales or sp_scales(cfg)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, scales: ForwardScales):
         self.cfg = cfg
         self.embed = _matrix(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1)
 

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtrain import train_step as ts
 from jaxtrain.config_file import from_dict
 from jaxtrain.model import Transformer
+from jaxtrain.parametrization import forward_scales
 
 VARIANTS = {
     "mha": {},
@@ -21,7 +22,7 @@ VARIANTS = {
 
 def build(**model):
     cfg = from_dict({"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, **model}})
-    return cfg, Transformer(cfg.model, nnx.Rngs(params=jax.random.PRNGKey(0)))
+    return cfg, Transformer(cfg.model, nnx.Rngs(params=jax.random.PRNGKey(0)), forward_scales(cfg))
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))

@@ -6,8 +6,8 @@
 
 The whole loop is one compiled function (`lax.scan` over the new tokens). Token i is
 drawn with the key `fold_in(PRNGKey(seed), i)`, so a fixed seed gives the same text, and
-`generate_by_recompute` (the full forward pass over the growing sequence, no cache) draws
-exactly the same tokens: it is the reference the tests hold the cached path to.
+the full forward pass over the growing sequence with no cache draws exactly the same
+tokens (tests/reference_decoding.py, the reference the tests hold the cached path to).
 
 Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / temperature),
 restricted to the `top_k` most likely tokens when top_k > 0.
@@ -79,18 +79,3 @@ def generate(model: Transformer, prompt: jax.Array, *, max_new_tokens: int, temp
     """prompt (B, T) int32 -> (B, max_new_tokens) sampled continuations (KV-cached)."""
     return _generate_cached(model, prompt, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
                             temperature=float(temperature), top_k=int(top_k))
-
-
-def generate_by_recompute(model: Transformer, prompt: jax.Array, *, max_new_tokens: int,
-                          temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> jax.Array:
-    """The same sampling with no cache: every token re-runs the model on the whole
-    sequence (padded to its final length, which causal attention ignores, so that it
-    compiles once)."""
-    key, start = jax.random.PRNGKey(seed), prompt.shape[1]
-    sequence = jnp.pad(prompt, ((0, 0), (0, max_new_tokens)))
-    logits_at = jax.jit(lambda model, tokens, position: model(tokens)[:, position])
-    for index in range(max_new_tokens):
-        logits = logits_at(model, sequence, start + index - 1)
-        token = sample(logits, jax.random.fold_in(key, index), temperature, top_k)
-        sequence = sequence.at[:, start + index].set(token)
-    return sequence[:, start:]
