@@ -53,6 +53,21 @@ def test_counts_follow_the_proportions_at_every_prefix():
     assert [mixture[k] for k in (100, 101)] == [(1, 50), (1, 51)]
 
 
+def test_a_tiny_weight_still_owns_slots_and_never_divides_by_zero():
+    # 0.0004 is below 1/2000, so at denominators <= 1000 it rounded to 0: never read
+    assert integer_proportions([1.0, 0.0004]) == (2500, 1)
+    mixture = Mixture([0], [[1.0, 0.0004]])
+    assert mixture.windows_read(2501) == [2500, 1]
+    assert mixture[2500] == (1, 0)
+    # both tiny: the ratio 4:3 survives instead of 0:0 (gcd 0, ZeroDivisionError)
+    assert integer_proportions([0.0004, 0.0003]) == (4, 3)
+    assert integer_proportions([0.0, 1e-6, 1.0]) == (0, 1, 10**6)
+    # weights written with three decimals keep their proportions exactly
+    assert integer_proportions([0.7, 0.3]) == (7, 3) and integer_proportions([3, 1]) == (3, 1)
+    with pytest.raises(ValueError, match="not all 0"):
+        integer_proportions([0.0, 0.0])
+
+
 def test_mixture_weights_are_honoured_in_each_phase(lower_upper):
     cfg = _mix_config(lower_upper, "data.phases=[{start_step: 50, weights: {lower: 0.2, upper: 0.8}}]",
                       "train.batch_size=16")

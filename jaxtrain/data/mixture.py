@@ -2,7 +2,8 @@
 
 The stream is a sequence of slots (global window positions, `train.batch_size` per step).
 A phase covers the slots from its first step on and mixes with integer proportions
-p_1..p_S (the weights as fractions with denominators <= 1000). Inside a phase the
+p_1..p_S (the weights as fractions with denominators <= 1000, finer for a weight below
+1/2000 so that no positive weight rounds to 0; `integer_proportions`). Inside a phase the
 first n slots hold exactly
 
     c_1(n) = n - floor(n (R - p_1) / R),  R = p_1 + ... + p_S,
@@ -27,8 +28,32 @@ from typing import Sequence
 from jaxtrain.config import Config, phase_start_steps
 
 
+# Weights are read as fractions with denominators <= 1000: exact for any weight written
+# with three decimals (0.7, 0.125), and a small period R = sum of proportions.
+WEIGHT_DENOMINATOR = 1000
+
+# grain wants a finite length; 2**62 slots never run out and stay below int64's 2**63.
+STREAM_SLOTS = 2**62
+
+
+def _weight_fraction(weight: float) -> fractions.Fraction:
+    """`weight` as a fraction with denominator <= WEIGHT_DENOMINATOR. Below 1/2000 that
+    rounds to 0, and the source would never be read; such a weight keeps three significant
+    digits instead (denominator <= WEIGHT_DENOMINATOR / weight, so the smallest positive
+    fraction available, weight / 1000, is far below the weight itself)."""
+    exact = fractions.Fraction(weight)
+    coarse = exact.limit_denominator(WEIGHT_DENOMINATOR)
+    if coarse > 0 or exact == 0:
+        return coarse
+    return exact.limit_denominator(math.ceil(WEIGHT_DENOMINATOR / exact))
+
+
 def integer_proportions(weights: Sequence[float]) -> tuple[int, ...]:
-    fracs = [fractions.Fraction(w).limit_denominator(1000) for w in weights]
+    """Smallest integers in the ratio of `weights`; every positive weight gets >= 1 (its
+    source owns at least one slot per period), a zero weight gets 0."""
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ValueError(f"mixture weights must be >= 0 and not all 0, got {list(weights)}")
+    fracs = [_weight_fraction(w) for w in weights]
     scale = math.lcm(*(f.denominator for f in fracs))
     ints = [int(f * scale) for f in fracs]
     divisor = math.gcd(*ints)
@@ -64,7 +89,7 @@ class Mixture:
         return [a + b for a, b in zip(self.offsets[j], inside)]
 
     def __len__(self) -> int:
-        return 2**62
+        return STREAM_SLOTS
 
     def __getitem__(self, slot: int) -> tuple[int, int]:
         before, after = self.windows_read(slot), self.windows_read(slot + 1)

@@ -20,6 +20,7 @@ the best of a few timed 2048^3 matmuls in the compute dtype on this machine.
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -27,18 +28,41 @@ import jax.numpy as jnp
 
 from jaxtrain.config import ModelConfig
 
-# Dense peak FLOP/s per device by device_kind substring: (bfloat16, float32).
+# Dense peak FLOP/s per device by device kind (matched by `table_entry`): (bfloat16, float32).
 # float32 on NVIDIA is the TF32 tensor-core rate, which XLA uses for f32 matmuls by default.
 PEAK_FLOPS = {
     "H200": (989e12, 495e12),  # same tensor cores as H100 SXM
     "H100": (989e12, 495e12),  # SXM5; the PCIe card is about 0.76x
     "A100": (312e12, 156e12),
     "L4": (121e12, 60e12),
-    "TPU v6": (918e12, 918e12),  # TPU matmuls run f32 as bf16 passes by default
-    "TPU v5p": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),  # v6e; TPU matmuls run f32 as bf16 passes by default
+    "TPU v5": (459e12, 459e12),  # v5p
     "TPU v5 lite": (197e12, 197e12),  # v5e
     "TPU v4": (275e12, 275e12),
 }
+
+
+def _words(name: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
+def table_entry(device_kind: str) -> str | None:
+    """The PEAK_FLOPS key of `device_kind`, matched by whole words, never substrings.
+
+    A TPU kind names the chip exactly ('TPU v5' is v5p, 'TPU v5 lite' v5e, 'TPU v4 lite'
+    v4i, which is not a v4), so it must equal a key. An NVIDIA kind is the model followed by
+    variant words ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB'), so the key must be one
+    of its words: 'L4' is not a word of 'NVIDIA L40S', nor 'H200' of 'NVIDIA GH200 480GB'.
+    """
+    words = _words(device_kind)
+    for key in PEAK_FLOPS:
+        key_words = _words(key)
+        if key_words[0] == "tpu":
+            if words == key_words:
+                return key
+        elif key_words[0] in words:
+            return key
+    return None
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -70,8 +94,9 @@ def _measured_matmul_peak(dtype: jnp.dtype, size: int = 2048, repeats: int = 5, 
 
 def peak_flops(device: jax.Device, dtype: str) -> tuple[float, str]:
     """(peak FLOP/s of one device in `dtype`, where the number comes from)."""
-    for kind, (bf16, f32) in PEAK_FLOPS.items():
-        if kind.lower() in device.device_kind.lower():
-            return (bf16 if dtype == "bfloat16" else f32), f"table: {kind} {dtype}"
+    kind = table_entry(device.device_kind)
+    if kind is not None:
+        bf16, f32 = PEAK_FLOPS[kind]
+        return (bf16 if dtype == "bfloat16" else f32), f"table: {kind} {dtype}"
     peak = _measured_matmul_peak(jnp.dtype(dtype))
     return peak, f"measured: 2048^3 {dtype} matmul on {device.device_kind}"
