@@ -17,13 +17,11 @@ Reported quantities, with loss in nats per token (mean next-token cross-entropy,
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -31,8 +29,7 @@ from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.data import pipeline
-from jaxtrain.data.sources import DataSource, open_sources
-from jaxtrain.errors import UserError
+from jaxtrain.data.sources import DataSource
 
 
 def validation_set(cfg: Config, source: DataSource, mesh: Mesh) -> list:
@@ -52,6 +49,13 @@ class Evaluator:
         self.batches = [validation_set(cfg, source, mesh) for source in sources]
         total = sum(s.weight for s in sources)
         self.weights = [s.weight / total for s in sources]
+        self._replicated = sharding.replicated(mesh)
+
+    def predicted_tokens(self) -> int:
+        """Targets the validation losses average over, every source together (under packing,
+        not the targets that start a new document: the loss does not count them)."""
+        count = jax.jit(lambda b: jnp.sum(ts.target_weights(b, jnp.int32)), out_shardings=self._replicated)
+        return sum(int(count(b)) for batches in self.batches for b in batches)
 
     def __call__(self, params: Any) -> dict[str, float]:
         losses = [[self.evaluate(params, b) for b in batches] for batches in self.batches]

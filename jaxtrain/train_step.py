@@ -142,18 +142,26 @@ def model_inputs(batch: Any) -> tuple[jax.Array, jax.Array | None]:
     return tokens[:, :-1], None if segments is None else segments[:, :-1]
 
 
+def target_weights(batch: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """(B, T) weights of the targets tokens[:, 1:]: all 1, or under packing 0 for a target in
+    another document than its input (the first token of the next document)."""
+    tokens, segments = batch_tokens(batch)
+    if segments is None:
+        return jnp.ones(tokens[:, 1:].shape, dtype)
+    return (segments[:, 1:] == segments[:, :-1]).astype(dtype)
+
+
 def loss_and_metrics(params: Any, spec: ModelSpec, batch: Any, z_loss: float,
                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Predicts tokens[:, 1:] from tokens[:, :-1]. Packed: each document attends only to
     itself, and targets in another document than their input (one per boundary) are not
     counted, so the mean is over the predictions made within documents."""
-    tokens, segments = batch_tokens(batch)
+    targets = batch_tokens(batch)[0][:, 1:]
     inputs, segment_ids = model_inputs(batch)
-    targets = tokens[:, 1:]
     logits = bind_model(spec, params)(inputs, dropout_key=dropout_key, segment_ids=segment_ids)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    weights = jnp.ones_like(log_z) if segments is None else (segments[:, 1:] == segments[:, :-1]).astype(log_z.dtype)
+    weights = target_weights(batch, log_z.dtype)
     mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)
     ce = mean(log_z - target_logit)
     z_term = z_loss * mean(log_z**2)

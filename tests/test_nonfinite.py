@@ -7,7 +7,6 @@ whole runs resumed from a good checkpoint."""
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -67,10 +67,12 @@ def test_metrics_rows_and_tensorboard(uninterrupted):
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_path):
     cfg, ref_dir, _ = uninterrupted
-    first = run(cfg, tmp_path, stop_after=15)
-    assert first.step == 15 and first.resumed_from is None
+    first = run(cfg, tmp_path, stop_after=25)  # between the evaluations at 20 and 40
+    assert first.step == 25 and first.resumed_from is None
+    logged = {r["step"]: r for r in read_metrics(ref_dir / "metrics.jsonl")}
+    assert first.val_step == 20 and first.val_loss == logged[20]["val_loss"]  # not reported as step 25's
     second = run(cfg, tmp_path)
-    assert second.resumed_from == 15 and second.step == cfg.train.steps
+    assert second.resumed_from == 25 and second.step == second.val_step == cfg.train.steps
     assert without_timing(read_metrics(tmp_path / "metrics.jsonl")) == \
         without_timing(read_metrics(ref_dir / "metrics.jsonl"))
     ref_state, ref_data, ref_meta = final_state(cfg, ref_dir)

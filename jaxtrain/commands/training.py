@@ -72,5 +72,5 @@ def run_and_report(cfg, workdir: str, check_memory: bool = True) -> int:
 
     if jax.process_index() == 0:  # the result is the same on every process; say it once
         print(f"final val_loss {result.val_loss:.4f} nats/token ({result.val_bits_per_byte:.3f} bits/byte) "
-              f"at step {result.step}; unigram entropy of the training data {result.unigram_entropy:.4f} nats/token")
+              f"at step {result.val_step}; unigram entropy of the training data {result.unigram_entropy:.4f} nats/token")
     return 0

@@ -31,7 +31,7 @@ validation split, in order, the same at every evaluation.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import grain
 import numpy as np
@@ -91,12 +91,15 @@ def _validation_batch_count(cfg: Config, source: DataSource) -> int:
     return n_batches
 
 
-def check_fits(cfg: Config, sources: list[DataSource]) -> None:
+def check_fits(cfg: Config, sources: list[DataSource],
+               splits: Sequence[str] = ("train", "validation")) -> None:
     """Every source has training windows and a validation batch at this seq_len and batch
-    size (checked before a run writes anything)."""
+    size, for the `splits` a command reads (checked before a run writes anything)."""
     for source in sources:
-        _train_windows(cfg, source, alone=len(sources) == 1)
-        _validation_batch_count(cfg, source)
+        if "train" in splits:
+            _train_windows(cfg, source, alone=len(sources) == 1)
+        if "validation" in splits:
+            _validation_batch_count(cfg, source)
 
 
 def _window_streams(cfg: Config, sources: list[DataSource]) -> list[grain.MapDataset]:
@@ -119,6 +122,11 @@ def train_dataset(cfg: Config, sources: list[DataSource], process_index: int, pr
     return mine.map(ReadWindows([s.train for s in sources], cfg.data.seq_len, cfg.data.packing))
 
 
+# Batches read ahead per reading thread: enough that one slow read (a cold page of the
+# token store) hides behind the steps still queued, few enough to keep host memory small.
+PREFETCH_PER_THREAD = 4
+
+
 class TrainBatches:
     """This process's training batches: a grain iterator plus where its stream started, so
     that the position survives a change of batch size (module docstring). `warn` is told
@@ -135,7 +143,8 @@ class TrainBatches:
     def _start(self, windows_before: int, consumed: int = 0) -> None:
         ds = train_dataset(self.cfg, self.sources, *self._where, windows_before=windows_before, mixture=self.mixture)
         threads = self.cfg.data.read_threads
-        options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * max(threads, 1))
+        options = grain.ReadOptions(num_threads=threads,
+                                    prefetch_buffer_size=PREFETCH_PER_THREAD * max(threads, 1))
         self.windows_before, self._consumed = windows_before, consumed
         self._iterator = iter(ds.to_iter_dataset(options))
 

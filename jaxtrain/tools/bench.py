@@ -35,7 +35,8 @@ from jaxtrain import sharding
 from jaxtrain.tools import communication, flops, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
-from jaxtrain.model import check_compute, compute_dtype
+from jaxtrain.model import compute_dtype
+from jaxtrain.preflight import preflight
 
 
 def _peak_memory() -> tuple[int, str]:
@@ -50,8 +51,9 @@ BENCH_LR = np.float32(1e-3)  # any rate: the step's cost does not depend on it
 
 
 def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, float]:
-    """(compiled step, initial state, device batch, compile seconds)."""
-    spec = ts.model_spec(cfg)
+    """(compiled step, initial state, device batch, compile seconds), once `cfg` passes the
+    checks `jaxtrain train` makes (bench reads no data: it times synthetic tokens)."""
+    spec = preflight(cfg, mesh)
     steps = ts.build_steps(cfg, spec, mesh)
     state = steps.init(cfg, spec)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
@@ -94,9 +96,7 @@ def _versus_adamw(cfg: Config, mesh, compiled, state, batch, steps: int, warmup:
 def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = None) -> dict[str, Any]:
     """Time `steps` train steps after `warmup`; the one-line report as a dict. `hlo_out`:
     where to write the compiled step's HLO text (its collective bytes are in the report)."""
-    check_compute(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_batch_divides(cfg, mesh)
     step, state, batch, compile_s = _compiled_step(cfg, mesh)
     hlo = step.as_text()
     if hlo_out is not None:

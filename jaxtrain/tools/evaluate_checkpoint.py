@@ -18,6 +18,7 @@ from jaxtrain.config import Config
 from jaxtrain.data.sources import open_sources
 from jaxtrain.errors import UserError
 from jaxtrain.evaluate import Evaluator
+from jaxtrain.preflight import preflight
 from jaxtrain.tools.saved_run import SavedRun
 
 
@@ -28,7 +29,6 @@ def evaluate_run(run: SavedRun, data_paths: tuple[str, ...] | None = None) -> di
     cfg = run.cfg
     if data_paths:
         cfg = cfg.model_copy(update={"data": _other_data(cfg, data_paths)})
-    sharding.check_batch_divides(cfg, run.mesh)
     param_shardings = jax.tree.map(lambda p: p.sharding, run.params)
     evaluate = jax.jit(functools.partial(ts.eval_step, spec=run.spec),
                        in_shardings=(param_shardings, sharding.batch_sharding(run.mesh)),
@@ -39,10 +39,11 @@ def evaluate_run(run: SavedRun, data_paths: tuple[str, ...] | None = None) -> di
         if not data_paths:
             raise
         raise UserError(f"--data {' '.join(data_paths)}: {str(err).split(': ', 1)[-1]}") from None
+    preflight(cfg, run.mesh, sources, splits=("validation",))  # refused here as train would refuse it
     evaluator = Evaluator(evaluate, cfg, sources, run.mesh)
     result = evaluator(run.params)
     loss = result["val_loss"]
-    tokens = sum(len(b) for b in evaluator.batches) * cfg.train.batch_size * cfg.data.seq_len
+    tokens = evaluator.predicted_tokens()
     return {**dataclasses.asdict(EvalReport(
         step=run.step, tokens_seen=run.tokens, val_loss=loss, perplexity=math.exp(loss),
         bits_per_byte=result["val_bits_per_byte"], val_tokens=tokens,
