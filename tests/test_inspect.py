@@ -5,6 +5,7 @@ data=2 x fsdp=2 x tensor=2 mesh. Both are read back on other meshes (the noteboo
 kernel has a single CPU device).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,11 @@ from jaxtrain.tools import inspection
 from jaxtrain import train_step as ts
 from jaxtrain.config import MeshConfig
 from jaxtrain.config_file import load_config
-from jaxtrain.data.corpus import encode, load_corpus
+from jaxtrain.data import pipeline
+from jaxtrain.data.corpus import load_corpus
+from jaxtrain.data.prepare import prepare
+from jaxtrain.data.tokenizer import ByteTokenizer, encode_text
+from jaxtrain.data.sources import open_sources
 from jaxtrain.tools.evaluate_checkpoint import evaluate_run
 from jaxtrain.tools.generate import generate
 from reference_decoding import generate_by_recompute
@@ -32,11 +37,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{'fsdp8': workdir, 'dp2_fsdp2_tp2': workdir}, each a finished tiny run."""
+    """{'fsdp8': workdir, 'dp2_fsdp2_tp2': workdir}, each a finished tiny run: the first on
+    byte tokens, the second on a BPE store (what the notebook reads must not assume bytes)."""
+    store = tmp_path_factory.mktemp("bpe") / "store"
+    prepare(["{stdlib}/json/*.py", "{stdlib}/asyncio/*.py"], str(store), "bpe:512", val_fraction=0.1)
+    bpe = [f"data.sources=[{{path: '{store}'}}]", "model.vocab_size=512"]
     workdirs = {}
-    for name, mesh in [("fsdp8", []), ("dp2_fsdp2_tp2", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])]:
+    for name, overrides in [("fsdp8", []), ("dp2_fsdp2_tp2", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *bpe])]:
         workdirs[name] = tmp_path_factory.mktemp(name)
-        run(load_config(TINY, mesh), workdirs[name], console=False)
+        run(load_config(TINY, overrides), workdirs[name], console=False)
     return workdirs
 
 
@@ -62,6 +71,20 @@ def test_eval_cli_reproduces_the_logged_validation_loss(runs):
     tokens_per_byte = (corpus.val_bytes + corpus.n_val_docs) / corpus.val_bytes
     assert report["bits_per_byte"] == pytest.approx(report["val_loss"] / math.log(2) * tokens_per_byte)
     assert report["bits_per_byte"] == pytest.approx(logged_row(workdir, 20)["val_bits_per_byte"], rel=1e-5)
+
+
+def test_eval_counts_only_the_targets_its_loss_averages_over(runs):
+    """Under data.packing the target that starts a new document is not in the loss, so it is
+    not in val_tokens either."""
+    loaded = load_run(runs["fsdp8"])
+    cfg = loaded.cfg
+    packed_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": True})})
+    windows = pipeline.validation_batches(packed_cfg, open_sources(packed_cfg)[0])
+    targets = len(windows) * cfg.train.batch_size * cfg.data.seq_len
+    boundaries = sum(int(np.sum(w["segment_ids"][:, 1:] != w["segment_ids"][:, :-1])) for w in windows)
+    assert boundaries > 0
+    assert evaluate_run(loaded)["val_tokens"] == targets
+    assert evaluate_run(dataclasses.replace(loaded, cfg=packed_cfg))["val_tokens"] == targets - boundaries
 
 
 def test_eval_on_another_mesh_matches_the_log(runs):
@@ -98,7 +121,7 @@ def test_generate_is_deterministic_for_a_seed(runs, capsys):
 @pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.7, 5)])
 def test_kv_cache_draws_the_same_tokens_as_recomputing_the_sequence(runs, temperature, top_k):
     model = load_run(runs["fsdp8"]).model()
-    prompt = jnp.asarray(np.stack([encode("import os\nde"), encode("class A:\n  b")]))
+    prompt = jnp.asarray(np.stack([encode_text(ByteTokenizer(), text) for text in ("import os\nde", "class A:\n  b")]))
     kwargs = dict(max_new_tokens=20, temperature=temperature, top_k=top_k, seed=11)
     cached = generate(model, prompt, **kwargs)
     assert cached.shape == (2, 20)
@@ -164,7 +187,8 @@ def test_notebook_runs_headless_on_one_device(runs, monkeypatch):
     # the kernel inherits this environment: one CPU device, not the tests' eight
     monkeypatch.setenv("JAXTRAIN_WORKDIR", str(runs[name]))
     monkeypatch.setenv("JAXTRAIN_STEP", "30")
-    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", ""))
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags)) if flags else monkeypatch.delenv("XLA_FLAGS", raising=False)
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
@@ -172,3 +196,5 @@ def test_notebook_runs_headless_on_one_device(runs, monkeypatch):
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 4  # curves, singular values, activations, attention maps
     assert text.count("--- seed") == 2
+    samples = text[text.index("--- seed 0"):]
+    assert "\ufffd" not in samples  # BPE ids read as bytes would decode to U+FFFD

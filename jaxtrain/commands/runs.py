@@ -55,13 +55,14 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def generate_command(args: argparse.Namespace) -> int:
     from jaxtrain.data.sources import run_tokenizer
+    from jaxtrain.data.tokenizer import encode_text
     from jaxtrain.tools.generate import check_sampling, generate
     from jaxtrain.tools.saved_run import load_run
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.prompt)
     run = load_run(args.workdir, args.step)
     tokenizer = run_tokenizer(run.cfg)
-    prompt = tokenizer.encode_documents([args.prompt.encode("utf-8")])[0].astype("int32")
+    prompt = encode_text(tokenizer, args.prompt)
     tokens = generate(run.model(), prompt[None], max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(args.prompt + tokenizer.decode(tokens[0]))

@@ -152,12 +152,3 @@ def load_corpus(paths: tuple[str, ...], val_fraction: float) -> TextCorpus:
     train, train_starts = tokenize(ByteTokenizer(), docs.train, np.uint8)
     val, val_starts = tokenize(ByteTokenizer(), docs.val, np.uint8)
     return TextCorpus(train, val, train_starts, val_starts, sum(len(d) for d in docs.val))
-
-
-def encode(text: str) -> np.ndarray:
-    """Text -> byte tokens (int32), as the byte tokenizer tokenizes it."""
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def decode(tokens) -> str:
-    return ByteTokenizer().decode(tokens)

@@ -44,6 +44,11 @@ class Tokenizer(Protocol):
     def decode(self, tokens: Iterable[int]) -> str: ...
 
 
+def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """One text (a prompt) -> its int32 token ids, without an end token."""
+    return tokenizer.encode_documents([text.encode("utf-8")])[0].astype(np.int32)
+
+
 class ByteTokenizer:
     kind, vocab_size, eos_id = "byte", BYTE_VOCAB, 0
 
