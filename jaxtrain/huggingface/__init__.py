@@ -5,5 +5,5 @@
     files.py          safetensors (numpy API, sharded + index) and tokenizer files
     export.py         `jaxtrain export WORKDIR --out DIR`
     importer.py       `train.init_from.huggingface` and `jaxtrain import`
-    commands.py       the two CLI commands
+(the two CLI commands, export and import, are in jaxtrain/commands/huggingface.py)
 """
