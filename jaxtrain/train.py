@@ -120,7 +120,7 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, sources: list[DataSource]) -> 
     batch_sharding = sharding.batch_sharding(mesh)
     to_global = lambda local: jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
-    iterator = pipeline.train_iterator(cfg, sources, rows, row_blocks, warn=_warn)
+    iterator = pipeline.TrainBatches(cfg, sources, rows, row_blocks, warn=_warn)
     diagnose = telemetry.compile_diagnose(cfg, spec, steps.shardings, mesh)
     evaluator = Evaluator(steps.evaluate, cfg, sources, mesh)
     return _Parts(spec, steps, diagnose, evaluator, iterator, to_global, sources)

@@ -5,7 +5,10 @@ import pytest
 
 from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
-from jaxtrain.data.corpus import DOC_SEPARATOR, _is_val, expand_paths, load_corpus
+from jaxtrain.data.corpus import _is_val, expand_paths, load_corpus
+from jaxtrain.data.tokenizer import ByteTokenizer
+
+DOC_SEPARATOR = ByteTokenizer.eos_id  # byte 0 ends every document
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources
 from jaxtrain.errors import DataError
@@ -40,7 +43,7 @@ def test_split_is_deterministic_disjoint_and_by_document(tiny_cfg):
 def test_windows_are_next_token_pairs(tiny_cfg):
     source = open_sources(tiny_cfg)[0]
     tokens = load_corpus(tuple(tiny_cfg.data.paths), tiny_cfg.data.val_fraction).train
-    batch = next(pipeline.train_iterator(tiny_cfg, [source]))
+    batch = next(pipeline.TrainBatches(tiny_cfg, [source]))
     assert batch.shape == (tiny_cfg.train.batch_size, tiny_cfg.data.seq_len + 1)
     T = tiny_cfg.data.seq_len
     for window in batch:  # every row is a contiguous slice starting on a window boundary
@@ -50,12 +53,12 @@ def test_windows_are_next_token_pairs(tiny_cfg):
 
 def test_iterator_resumes_to_exactly_the_next_batches(tiny_cfg):
     sources = open_sources(tiny_cfg)
-    uninterrupted = pipeline.train_iterator(tiny_cfg, sources)
+    uninterrupted = pipeline.TrainBatches(tiny_cfg, sources)
     expected = [next(uninterrupted) for _ in range(12)]
-    first = pipeline.train_iterator(tiny_cfg, sources)
+    first = pipeline.TrainBatches(tiny_cfg, sources)
     for _ in range(5):
         next(first)
-    resumed = pipeline.train_iterator(tiny_cfg, sources)
+    resumed = pipeline.TrainBatches(tiny_cfg, sources)
     resumed.set_state(first.get_state())
     for want in expected[5:]:
         np.testing.assert_array_equal(next(resumed), want)
@@ -63,16 +66,16 @@ def test_iterator_resumes_to_exactly_the_next_batches(tiny_cfg):
 
 def test_a_doubled_batch_size_continues_at_the_next_unread_window(tiny_cfg):
     sources = open_sources(tiny_cfg)
-    small = pipeline.train_iterator(tiny_cfg, sources)
+    small = pipeline.TrainBatches(tiny_cfg, sources)
     expected = [next(small) for _ in range(9)]  # batches of 16 windows
-    first = pipeline.train_iterator(tiny_cfg, sources)
+    first = pipeline.TrainBatches(tiny_cfg, sources)
     for _ in range(5):
         next(first)
     big_cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"batch_size": 32})})
-    big = pipeline.train_iterator(big_cfg, sources)
+    big = pipeline.TrainBatches(big_cfg, sources)
     big.set_state(first.get_state())
     np.testing.assert_array_equal(next(big), np.concatenate(expected[5:7]))
-    again = pipeline.train_iterator(big_cfg, sources)  # and a later resume at the same (new) size
+    again = pipeline.TrainBatches(big_cfg, sources)  # and a later resume at the same (new) size
     again.set_state(big.get_state())
     np.testing.assert_array_equal(next(again), np.concatenate(expected[7:9]))
 

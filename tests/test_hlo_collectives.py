@@ -8,10 +8,14 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain.tools.hlo_collectives import KINDS, Collective, bytes_by_kind, collectives, total_bytes
+from jaxtrain.tools.hlo_collectives import KINDS, Collective, bytes_by_kind, collectives
 
 RING = [(i, (i + 1) % 8) for i in range(8)]
 STEP_BYTES = 64 * 128 * 4  # the f32[64,128] partial-sum all-reduce of one matmul step
+
+
+def total_bytes(hlo_text: str) -> int:
+    return sum(bytes_by_kind(hlo_text).values())
 
 
 @pytest.fixture(scope="module")

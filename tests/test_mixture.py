@@ -71,7 +71,7 @@ def test_a_tiny_weight_still_owns_slots_and_never_divides_by_zero():
 def test_mixture_weights_are_honoured_in_each_phase(lower_upper):
     cfg = _mix_config(lower_upper, "data.phases=[{start_step: 50, weights: {lower: 0.2, upper: 0.8}}]",
                       "train.batch_size=16")
-    batches = pipeline.train_iterator(cfg, open_sources(cfg))
+    batches = pipeline.TrainBatches(cfg, open_sources(cfg))
     upper_rows = [int(sum(np.any((row >= ord("A")) & (row <= ord("J"))) for row in next(batches)))
                   for _ in range(100)]
     # stated tolerance: within 1% of the weight over 50 batches of 16 windows (exact up to one window)
@@ -82,7 +82,7 @@ def test_mixture_weights_are_honoured_in_each_phase(lower_upper):
 def test_a_source_read_past_max_epochs_is_warned_about_once_per_pass(lower_upper):
     cfg = _mix_config(lower_upper, "data.max_epochs=1.5", "data.seq_len=256", "train.batch_size=8", weights=(1, 1))
     warnings = []
-    batches = pipeline.train_iterator(cfg, open_sources(cfg), warn=warnings.append)
+    batches = pipeline.TrainBatches(cfg, open_sources(cfg), warn=warnings.append)
     per_pass = batches.windows[1] / (8 * 0.5)  # batches per pass over the (smaller) upper-case source
     for _ in range(int(2.5 * per_pass) + 1):
         next(batches)

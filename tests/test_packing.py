@@ -35,7 +35,7 @@ def _nll(logits, targets):
 def test_packed_rows_give_every_document_its_unpacked_loss(short_documents):
     cfg = load_config(TINY, [f"data.sources=[{{path: '{short_documents}'}}]", "data.packing=true",
                              "data.seq_len=256", "train.batch_size=4"])
-    batch = next(pipeline.train_iterator(cfg, open_sources(cfg)))
+    batch = next(pipeline.TrainBatches(cfg, open_sources(cfg)))
     tokens, segments = batch["tokens"], batch["segment_ids"]
     assert segments.max() >= 3  # several documents per row
     spec = ts.model_spec(cfg)

@@ -31,8 +31,6 @@ import numpy as np
 from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer
 from jaxtrain.errors import DataError
 
-DOC_SEPARATOR = ByteTokenizer.eos_id  # byte 0
-
 
 @dataclasses.dataclass(frozen=True)
 class Documents:

@@ -191,11 +191,6 @@ class TrainBatches:
             self._start(before + state["next_index"] * batch_size)
 
 
-def train_iterator(cfg: Config, sources: list[DataSource], process_index: int = 0, process_count: int = 1,
-                   warn: Callable[[str], None] | None = None) -> TrainBatches:
-    return TrainBatches(cfg, sources, process_index, process_count, warn)
-
-
 def validation_batches(cfg: Config, source: DataSource, process_index: int = 0, process_count: int = 1) -> list:
     """The source's fixed validation batches (this process's rows)."""
     n_batches = _validation_batch_count(cfg, source)

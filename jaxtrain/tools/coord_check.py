@@ -86,7 +86,7 @@ def coord_check(cfg: Config, widths: list[int], depths: list[int] | None, steps:
                 out: Path | None = None) -> dict[str, Any]:
     depths = depths or [cfg.model.n_layers]
     shapes = {(depth, width): _shape_config(cfg, width, depth, steps) for depth in depths for width in widths}
-    iterator = pipeline.train_iterator(cfg, open_sources(cfg), 0, 1)  # every shape is valid: now compute
+    iterator = pipeline.TrainBatches(cfg, open_sources(cfg), 0, 1)  # every shape is valid: now compute
     batches = [next(iterator) for _ in range(steps)]
     probe = batches[0]  # tokens, and segment ids when packed
     records = []

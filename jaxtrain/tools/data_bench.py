@@ -31,7 +31,7 @@ def _rss_bytes() -> int:
 
 
 def bench_pipeline(cfg: Config, seconds: float = 20.0, warmup: int = 20) -> dict[str, Any]:
-    batches = pipeline.train_iterator(cfg, open_sources(cfg))
+    batches = pipeline.TrainBatches(cfg, open_sources(cfg))
     for _ in range(warmup):
         next(batches)
     rss, count = [_rss_bytes()], 0

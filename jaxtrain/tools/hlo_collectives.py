@@ -99,10 +99,6 @@ def bytes_by_kind(hlo_text: str) -> dict[str, int]:
     return totals
 
 
-def total_bytes(hlo_text: str) -> int:
-    return sum(bytes_by_kind(hlo_text).values())
-
-
 def _collective_kind(opcode: str) -> str | None:
     """The kind an opcode counts as: plain collectives and `-done` ops, never `-start`."""
     kind = opcode.removesuffix("-done")
