@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from jaxtrain.config import CheckpointConfig
+from jaxtrain.distributed import barrier
 from jaxtrain.errors import UserError
 
 UNREADABLE_DIR = "checkpoints.unreadable"
@@ -158,10 +159,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             target.parent.mkdir(exist_ok=True)
             shutil.move(str(self._directory / str(step)), str(target))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"jaxtrain: moved checkpoint {step} aside")
+        barrier(f"jaxtrain: moved checkpoint {step} aside")
         self._manager.reload()
         return target
 

@@ -104,3 +104,14 @@ def initialize(group: ProcessGroup | None, peer_timeout: int = DEFAULT_PEER_TIME
         coordinator_address=group.coordinator, num_processes=group.num_processes,
         process_id=group.process_id, heartbeat_timeout_seconds=peer_timeout,
         initialization_timeout=max(peer_timeout, 60), shutdown_timeout_seconds=peer_timeout)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op for a single process): what
+    process 0 wrote before it is there for the others to read after it."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

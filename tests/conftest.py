@@ -24,6 +24,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import json  # noqa: E402
 import re  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -64,6 +65,13 @@ def cli_env(devices: int) -> dict[str, str]:
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import TINY, cli_in_process
+from conftest import TINY, cli_env, cli_in_process, free_port, start_cli
 from jaxtrain.config_file import load_config
 from jaxtrain.metrics import read_metrics
 from jaxtrain.train import run
@@ -50,6 +50,20 @@ def test_a_branch_from_step_20_decays_from_there_and_leaves_the_parent_alone(wsd
     again = cli_in_process(capsys, "cooldown", str(wsd_parent), "--step", "20", "--decay", "10",
                            "--shape", "cosine", "--workdir", str(branch))
     assert again[0] == 2 and "decay_shape='1-sqrt'" in again[2]  # another branch: refused
+
+
+def test_two_processes_branch_once_and_train_the_branch_together(wsd_parent, tmp_path):
+    """Each process of a group checks the branch; process 0 alone writes it (two writers
+    would race for the same temporary directory), then both train it."""
+    branch, port = tmp_path / "cooldown", free_port()
+    procs = [start_cli("cooldown", str(wsd_parent), "--step", "20", "--decay", "10", "--workdir", str(branch),
+                       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                       env=cli_env(4)) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    assert sum(out.count("final val_loss") for out, _ in outputs) == 1  # process 0 speaks for the run
+    assert [r["step"] for r in read_metrics(branch / "metrics.jsonl")][-1] == 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cooldown"]  # no temporary directory left
 
 
 @pytest.mark.parametrize("args, culprit", [

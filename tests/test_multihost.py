@@ -4,7 +4,6 @@ CPU), launched the way users launch them: `launch/multiprocess.sh` and the CLI f
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REFERENCE_SETTINGS, REPO, TINY, assert_same_params, cli_env, final_params, logged_rows,
-                      wait_for_step)
+from conftest import (REFERENCE_SETTINGS, REPO, TINY, assert_same_params, cli_env, final_params, free_port,
+                      logged_rows, wait_for_step)
 
 pytestmark = pytest.mark.slow
 
 PEER_TIMEOUT = 5  # --peer-timeout of the dead-peer test, seconds
 EXIT_BOUND = PEER_TIMEOUT + 20  # the survivor must be gone within this many seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two(workdir: Path, port: int, settings: tuple[str, ...] = REFERENCE_SETTINGS) -> subprocess.Popen:

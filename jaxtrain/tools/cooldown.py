@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
 
 from jaxtrain import config_file
 from jaxtrain.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.config import Config
+from jaxtrain.distributed import barrier
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import truncate_after
 from jaxtrain.schedules import resolve
@@ -91,10 +93,20 @@ def create_branch(parent_dir: str | Path, step: int | None, decay: str, new_dir:
     cfg = branch_config(parent, step, n_decay, shape, final_fraction, overrides or [])
     lineage = {"parent": str(parent_dir), "step": step, "decay_steps": n_decay, "decay_shape": shape,
                "final_lr_fraction": cfg.schedule.final_lr_fraction}
+    # Every process makes the same checks; process 0 alone writes, and all meet at the
+    # barrier (a process may see the branch process 0 has just written: it is reused).
     if new_dir.exists():
-        return cfg, _existing_branch(new_dir, lineage, cfg)
-    if new_dir == parent_dir or parent_dir in new_dir.parents:
+        lineage = _existing_branch(new_dir, lineage, cfg)
+    elif new_dir == parent_dir or parent_dir in new_dir.parents:
         raise UserError(f"--workdir {new_dir}: must be outside the parent workdir")
+    elif jax.process_index() == 0:
+        _write_branch(parent_dir, step, new_dir, cfg, lineage)
+    barrier("jaxtrain: cooldown branch written")
+    return cfg, lineage
+
+
+def _write_branch(parent_dir: Path, step: int, new_dir: Path, cfg: Config, lineage: dict) -> None:
+    """The branch workdir, made in a temporary directory and renamed into place whole."""
     tmp = new_dir.with_name(f".{new_dir.name}.tmp-{int(time.time())}")
     try:
         (tmp / "checkpoints").mkdir(parents=True)
@@ -107,7 +119,6 @@ def create_branch(parent_dir: str | Path, step: int | None, decay: str, new_dir:
         tmp.rename(new_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return cfg, lineage
 
 
 def _existing_branch(new_dir: Path, lineage: dict, cfg: Config) -> dict[str, Any]:
