@@ -59,9 +59,9 @@ def test_documents_stream_through_many_flushes_unchanged(tmp_path, monkeypatch):
 
 
 def test_a_store_feeds_the_same_batches_as_the_text_corpus(stores, tiny_cfg):
-    from_text = pipeline.train_iterator(tiny_cfg, open_sources(tiny_cfg))
+    from_text = pipeline.TrainBatches(tiny_cfg, open_sources(tiny_cfg))
     cfg = load_config(TINY, [f"data.sources=[{{path: '{stores / 'byte'}'}}]"])
-    from_store = pipeline.train_iterator(cfg, open_sources(cfg))
+    from_store = pipeline.TrainBatches(cfg, open_sources(cfg))
     for _ in range(5):
         np.testing.assert_array_equal(next(from_store), next(from_text))
 
