@@ -1,5 +1,10 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere, and one
-compilation cache for the whole session.
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere, CPU code
+generation without LLVM's expensive passes, and one compilation cache for the session.
+
+The suite's programs are tiny, so compiling them costs far more than running them: LLVM
+optimization level 0 compiles the suite's steps about a third faster. It changes only the
+machine code of each fused kernel, not the HLO (whose collectives and memory the tests
+read) nor what it computes; benchmarks (`jaxtrain bench`) run with XLA's defaults.
 
 The suite compiles the same tiny train step in many tests and in every `jaxtrain`
 subprocess it starts; JAX's persistent compilation cache (keyed by the HLO, the compile
@@ -14,7 +19,9 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+FAST_CPU_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_CPU_CODEGEN,
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="jaxtrain-test-compile-cache-")
