@@ -66,6 +66,13 @@ def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
     return status, captured.out, captured.err
 
 
+def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`cli_in_process` with run_cli's result, for tests where a subprocess proves nothing
+    more (the one-line errors, exit statuses and outputs all come from `cli.main`)."""
+    status, out, err = cli_in_process(capsys, *args)
+    return subprocess.CompletedProcess(["jaxtrain", *args], status, out, err)
+
+
 def cli_env(devices: int) -> dict[str, str]:
     """This environment with `devices` simulated CPU devices instead of 8."""
     env = dict(os.environ)

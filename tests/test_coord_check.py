@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO, figure_panels, run_cli
+from conftest import REPO, figure_panels, run_in_process
 from jaxtrain.config_file import load_config
 from jaxtrain.tools.coord_check import coord_check
 
@@ -37,8 +37,8 @@ def test_sp_logits_grow_with_width_after_the_first_update():
     assert max(slopes[str(STEPS)][n] for n in slopes[str(STEPS)] if n.startswith("block")) > 0.5
 
 
-def test_cli_writes_json_and_plot(tmp_path):
-    proc = run_cli("coord-check", str(REPO / "configs" / "mup_sweep.yaml"), "--widths", "32,64",
+def test_cli_writes_json_and_plot(tmp_path, capsys):
+    proc = run_in_process(capsys, "coord-check", str(REPO / "configs" / "mup_sweep.yaml"), "--widths", "32,64",
                    "--depths", "1,2", "--steps", "1", "--out", str(tmp_path), *sum((["--set", s] for s in SETTINGS), []))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "coord_check.json").read_text())
@@ -49,5 +49,5 @@ def test_cli_writes_json_and_plot(tmp_path):
         recorded = next(r["rms"] for r in report["records"] if r["depth"] == depth)
         assert sorted(p["title"].split()[0] for p in panels) == sorted(recorded)
         assert all(p["curves"] == {"t=0": 2, "t=1": 2} for p in panels), panels
-    bad = run_cli("coord-check", str(REPO / "configs" / "mup_sweep.yaml"), "--widths", "64,x", "--out", str(tmp_path))
+    bad = run_in_process(capsys, "coord-check", str(REPO / "configs" / "mup_sweep.yaml"), "--widths", "64,x", "--out", str(tmp_path))
     assert bad.returncode == 2 and "--widths" in bad.stderr

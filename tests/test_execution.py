@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY, cli_in_process, run_cli
+from conftest import TINY, cli_in_process, run_in_process
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config_file import load_config
@@ -85,8 +85,8 @@ def test_microbatches_must_split_over_the_devices():
         train_losses("train.microbatches=8")  # 32 sequences / 8 slices = 4, not a multiple of 8 devices
 
 
-def test_bench_reports_throughput_mfu_and_memory():
-    result = run_cli("bench", str(TINY), "--steps", "2", "--warmup", "1", "--set", "mesh.fsdp=4", "--set", "mesh.tensor=2")
+def test_bench_reports_throughput_mfu_and_memory(capsys):
+    result = run_in_process(capsys, "bench", str(TINY), "--steps", "2", "--warmup", "1", "--set", "mesh.fsdp=4", "--set", "mesh.tensor=2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("tokens_per_s", "step_time_s", "model_flops_per_token", "compile_s", "peak_memory_bytes"):

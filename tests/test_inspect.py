@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, cli_in_process, figure_panels, logged_rows, run_cli
+from conftest import REPO, TINY, cli_in_process, figure_panels, logged_rows, run_in_process
 from jaxtrain.tools import inspection
 from jaxtrain import train_step as ts
 from jaxtrain.config import MeshConfig
@@ -57,9 +57,9 @@ def logged_val_loss(workdir, step):
     return logged_row(workdir, step)["val_loss"]
 
 
-def test_eval_cli_reproduces_the_logged_validation_loss(runs):
+def test_eval_cli_reproduces_the_logged_validation_loss(runs, capsys):
     workdir = runs["fsdp8"]
-    result = run_cli("eval", str(workdir), "--step", "20")
+    result = run_in_process(capsys, "eval", str(workdir), "--step", "20")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     logged = logged_val_loss(workdir, 20)
@@ -162,9 +162,9 @@ def test_attention_maps_reproduce_the_attention_output(runs):
     np.testing.assert_allclose(np.asarray(by_hand), np.asarray(block.attn(x, positions)[0]), atol=2e-5)
 
 
-def test_plot_overlays_runs_and_rejects_unknown_metrics(runs, tmp_path):
+def test_plot_overlays_runs_and_rejects_unknown_metrics(runs, tmp_path, capsys):
     out = tmp_path / "curves.png"
-    result = run_cli("plot", str(runs["fsdp8"]), str(runs["dp2_fsdp2_tp2"]), "--out", str(out),
+    result = run_in_process(capsys, "plot", str(runs["fsdp8"]), str(runs["dp2_fsdp2_tp2"]), "--out", str(out),
                      "--metric", "loss,val_loss,lr", "--x", "tokens")
     assert result.returncode == 0, result.stderr
     panels = figure_panels(out)  # a panel per metric over tokens, a curve per run with its logged points
@@ -172,7 +172,7 @@ def test_plot_overlays_runs_and_rejects_unknown_metrics(runs, tmp_path):
     for panel in panels:
         assert panel["curves"] == {runs[name].name: sum(panel["title"] in row for row in logged_rows(runs[name]))
                                    for name in ("fsdp8", "dp2_fsdp2_tp2")}
-    bad = run_cli("plot", str(runs["fsdp8"]), "--out", str(tmp_path / "x.png"), "--metric", "nope")
+    bad = run_in_process(capsys, "plot", str(runs["fsdp8"]), "--out", str(tmp_path / "x.png"), "--metric", "nope")
     assert bad.returncode == 2 and "--metric nope" in bad.stderr and not (tmp_path / "x.png").exists()
 
 

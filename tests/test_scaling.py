@@ -15,7 +15,7 @@ import math
 import jax
 import pytest
 
-from conftest import REPO, TINY, cli_in_process, run_cli
+from conftest import REPO, TINY, cli_in_process, run_in_process
 from jaxtrain import parametrization, sharding
 from jaxtrain.tools import communication, hlo_collectives
 from jaxtrain import train_step as ts
@@ -126,10 +126,10 @@ def test_roofline_is_the_slower_of_compute_and_communication():
     assert across_nodes["link_bytes_per_s"] == 50e9
 
 
-def test_a_checkpoint_of_the_per_layer_layout_is_refused_in_one_line(tmp_path):
+def test_a_checkpoint_of_the_per_layer_layout_is_refused_in_one_line(tmp_path, capsys):
     """Written before the blocks were stacked: its table names blocks.0.*, blocks.1.*, ..."""
     short = ("--set", "train.steps=2", "--set", "schedule.warmup_steps=1", "--set", "checkpoint.every_steps=2")
-    done = run_cli("train", str(TINY), "--workdir", str(tmp_path), *short)
+    done = run_in_process(capsys, "train", str(TINY), "--workdir", str(tmp_path), *short)
     assert done.returncode == 0, done.stderr
     meta_file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
@@ -140,7 +140,7 @@ def test_a_checkpoint_of_the_per_layer_layout_is_refused_in_one_line(tmp_path):
             rules[path.replace("blocks.", f"blocks.{layer}.", 1)] = {**rule, "layers": 0}
     meta_file.write_text(json.dumps(meta))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    again = run_cli("train", str(TINY), "--workdir", str(tmp_path), *short)
+    again = run_in_process(capsys, "train", str(TINY), "--workdir", str(tmp_path), *short)
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
     assert "one set of weights per layer" in again.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -34,6 +34,17 @@ def job_state(job: str) -> dict:
     return dict(re.findall(r"(\w+)=(\S+)", shown))
 
 
+def node_state() -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.5)
+
+
 def wait_until_done(job: str, timeout: float = 400) -> dict:
     deadline = time.time() + timeout
     while job_state(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
@@ -61,13 +72,15 @@ def test_a_slurm_job_joins_from_its_environment_stops_on_term_and_resumes_when_r
     assert stopped["ExitCode"] == "143:0" and len(steps) == 1, output  # both processes, the same step
     step = int(steps.pop())
     assert output.count(f"stopped by signal 15 after step {step}") == 2, output
+    wait_for(lambda: node_state() == "idle", "the node to finish the stopped job")  # epilog included
     subprocess.run(["scontrol", "requeue", job], check=True)
     # Slurm holds a requeued batch job for ~2 minutes before it is eligible again (so a
     # failing job does not thrash the cluster); an operator's StartTime=now releases it
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_for(lambda: job_state(job)["Restarts"] == "1", "the requeue to register")
     finished = wait_until_done(job)
     output = log.read_text()
-    assert finished["JobState"] == "COMPLETED" and finished["Restarts"] == "1", output
+    assert finished["JobState"] == "COMPLETED" and finished["Restarts"] == "1", (finished, output)
     assert f"resumed from checkpoint at step {step}" in output, output
     got, want = logged_rows(workdir), logged_rows(cli_reference)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 41))

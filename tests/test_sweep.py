@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import TINY, cli_in_process, figure_panels, run_cli
+from conftest import TINY, cli_in_process, figure_panels, run_in_process
 from jaxtrain.tools.sweep import analyse, fit_optimum
 
 pytestmark = pytest.mark.slow
@@ -37,11 +37,11 @@ def test_lr_sensitivity_caps_at_the_initial_loss_and_counts_diverged_runs_there(
     assert curve["lr_sensitivity"] == pytest.approx((3.0 + 2.0 + 5.5 + 5.5) / 4 - 2.0)
 
 
-def test_sweep_runs_the_grid_records_divergence_and_resumes(tmp_path):
+def test_sweep_runs_the_grid_records_divergence_and_resumes(tmp_path, capsys):
     args = ["sweep", str(TINY), "--grid", "model.d_model=32,64", "--grid", "optimizer.lr=0.003,0.03,3000",
             "--set", "train.steps=12", "--set", "train.eval_every=12", "--set", "schedule.warmup_steps=2",
             "--set", "optimizer.clip_norm=0", "--out", str(tmp_path)]
-    proc = run_cli(*args)
+    proc = run_in_process(capsys, *args)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["runs"]) == 6 and results["curve"] == "model.d_model"
@@ -57,7 +57,7 @@ def test_sweep_runs_the_grid_records_divergence_and_resumes(tmp_path):
     (panel,) = figure_panels(tmp_path / "sweep.png")  # a curve per width over its finite runs
     assert panel["curves"] == {"d_model=32": 2, "d_model=64": 2} and panel["x"] == "log2(lr)"
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}
-    again = run_cli(*args)  # every run is read back from its result.json, none retrained
+    again = run_in_process(capsys, *args)  # every run is read back from its result.json, none retrained
     assert again.returncode == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()} == finished
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_in_process
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.checkpoint import Checkpointer
@@ -85,20 +85,20 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_pat
 def test_resume_with_a_different_model_is_refused_and_harmless(uninterrupted, capsys):
     _, workdir, _ = uninterrupted
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
-    proc = run_cli("train", str(TINY), "--workdir", str(workdir), "--set", "model.d_model=128")
+    proc = run_in_process(capsys, "train", str(TINY), "--workdir", str(workdir), "--set", "model.d_model=128")
     assert proc.returncode == 2
     assert "'model.d_model'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
     assert after == before
 
 
-def test_resume_with_a_different_parametrization_table_names_the_difference(tmp_path):
+def test_resume_with_a_different_parametrization_table_names_the_difference(tmp_path, capsys):
     """Even with config.yaml gone, the table stored in the checkpoint guards the resume."""
     cfg = load_config(TINY, ["train.steps=10"])
     run(cfg, tmp_path)
     (tmp_path / "config.yaml").unlink()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
-    proc = run_cli("train", str(TINY), "--workdir", str(tmp_path), "--set", "train.steps=10",
+    proc = run_in_process(capsys, "train", str(TINY), "--workdir", str(tmp_path), "--set", "train.steps=10",
                    "--set", "parametrization.name=ntk")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "parametrization table differs" in proc.stderr and "name: checkpoint has 'sp'" in proc.stderr
