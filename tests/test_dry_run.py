@@ -37,6 +37,7 @@ def compiled_step(cfg):
     return steps.train.lower(state, batch, cfg.optimizer.lr).compile()
 
 
+@pytest.mark.slow
 def test_cluster_config_plan_from_the_cli(tmp_path):
     png = tmp_path / "lr.png"
     result = run_cli("dry-run", str(CLUSTER), "--devices", "64", "--backend", "gpu", "--schedule-png", str(png))
@@ -68,6 +69,7 @@ def test_parameter_counts_and_shards_match_the_model():
     assert hidden["weight_decay"] == [1.0] and hidden["lr"] == [1.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,overrides", [(TINY, []), (SMALL, []), (SMALL, ["model.n_kv_heads=2"])])
 def test_flops_formula_matches_xla_cost_analysis(config, overrides):
     # unrolled: XLA's cost analysis counts a while loop's body once, not once per layer
@@ -80,6 +82,7 @@ def test_flops_formula_matches_xla_cost_analysis(config, overrides):
 
 @pytest.mark.parametrize("overrides", [["train.batch_size=4"], ["train.batch_size=8"],
                                        ["train.batch_size=4", "model.n_layers=8"]])
+@pytest.mark.slow
 def test_memory_estimate_matches_compiled_memory(overrides):
     cfg = load_config(SMALL, ONE_DEVICE + overrides)
     m = compiled_step(cfg).memory_analysis()

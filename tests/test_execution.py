@@ -60,6 +60,7 @@ def assert_params_close(a, b, atol):
     ("train.microbatches=2",),
     ("train.microbatches=4", "model.remat=full"),
 ], ids=lambda o: "+".join(o))
+@pytest.mark.slow
 def test_execution_options_do_not_change_the_result(plain, overrides):
     losses, params = train_losses("model.dtype=float32", *overrides)
     plain_losses, plain_params = plain
@@ -69,6 +70,7 @@ def test_execution_options_do_not_change_the_result(plain, overrides):
     assert_params_close(params, plain_params, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_loss_tracks_float32(plain):
     """bf16 matmuls (params, optimizer and loss in fp32) stay within 0.02 nats of fp32 over
     the first steps, where the loss itself falls by more than 0.3."""
@@ -85,6 +87,7 @@ def test_microbatches_must_split_over_the_devices():
         train_losses("train.microbatches=8")  # 32 sequences / 8 slices = 4, not a multiple of 8 devices
 
 
+@pytest.mark.slow
 def test_bench_reports_throughput_mfu_and_memory(capsys):
     result = run_in_process(capsys, "bench", str(TINY), "--steps", "2", "--warmup", "1", "--set", "mesh.fsdp=4", "--set", "mesh.tensor=2")
     assert result.returncode == 0, result.stderr

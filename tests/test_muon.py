@@ -101,6 +101,7 @@ def _leaf(tree, path):
     return tree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", ["spectral", "rms_match", "none"])
 def test_two_muon_steps_of_the_chain_equal_the_reference_for_every_role(scale):
     cfg = config(width=64, depth=2, scale=scale)
@@ -184,6 +185,7 @@ def one_device():
 
 # Float32: the meshes change only the order of reductions; Newton-Schulz's five matmul
 # rounds amplify that a little, hence a looser bound than AdamW's in test_sharding.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (1, 2, 4), (2, 2, 2)])
 def test_sharded_muon_step_equals_the_one_device_step(mesh_shape, one_device):
     ref_loss, _, ref = one_device
@@ -197,6 +199,7 @@ def test_sharded_muon_step_equals_the_one_device_step(mesh_shape, one_device):
     assert all(m.sharding.spec == w_up.sharding.spec for m in momenta)
 
 
+@pytest.mark.slow
 def test_bfloat16_iterations_stay_close_to_float32(one_device):
     _, init, ref = one_device
     _, _, state = two_steps((1, 1, 1), dtype="bfloat16")
@@ -249,6 +252,7 @@ def test_dry_run_counts_one_momentum_for_muon_and_two_moments_for_adam():
         assert sum(r["params"] for r in plan["roles"].values()) * 8 > held or name == "adamw"
 
 
+@pytest.mark.slow
 def test_bench_times_muon_against_its_adamw_twin_in_one_run(capsys):
     status, out, err = cli_in_process(capsys, "bench", str(TINY), "--steps", "1", "--warmup", "0",
                                       "--set", "optimizer.name=muon", "--set", "optimizer.adam_lr=0.001")
@@ -258,6 +262,7 @@ def test_bench_times_muon_against_its_adamw_twin_in_one_run(capsys):
     assert report["step_time_ratio_vs_adamw"] == pytest.approx(report["muon_step_time_s"] / report["adamw_step_time_s"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers,mesh", [(8, ["mesh.fsdp=8"]), (2, ["mesh.fsdp=8"]), (4, ["mesh.fsdp=2", "mesh.tensor=4"])])
 def test_muon_moves_the_momentum_once_and_adds_no_all_reduce(layers, mesh):
     """From the compiled HLO: Muon adds to AdamW's collectives at most two moves of the

@@ -32,6 +32,7 @@ def _nll(logits, targets):
     return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
 
+@pytest.mark.slow
 def test_packed_rows_give_every_document_its_unpacked_loss(short_documents):
     cfg = load_config(TINY, [f"data.sources=[{{path: '{short_documents}'}}]", "data.packing=true",
                              "data.seq_len=256", "train.batch_size=4"])

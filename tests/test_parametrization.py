@@ -65,6 +65,7 @@ def first_update(cfg):
     return spec, params, update(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sp", "mup"])
 def test_init_std_and_learning_rates_follow_the_table_across_widths(name):
     lr = 1e-2
@@ -122,6 +123,7 @@ def test_depth_scaling_rules(alpha):
     assert table.rules["embed"].lr == 1.0
 
 
+@pytest.mark.slow
 def test_weight_decay_width_exponent_and_mode():
     cfg = config(256, "mup", gamma=0.5)
     table = ts.model_spec(cfg).table

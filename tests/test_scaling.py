@@ -41,6 +41,7 @@ def compiled():
     return out
 
 
+@pytest.mark.slow
 def test_fsdp_moves_weights_not_activations(compiled):
     cfg, kinds, _ = compiled["fsdp8", 32]
     total = sum(kinds.values())
@@ -49,12 +50,14 @@ def test_fsdp_moves_weights_not_activations(compiled):
     assert sum(compiled["fsdp8", 256][1].values()) <= 1.1 * total  # 8x the batch, the same bytes
 
 
+@pytest.mark.slow
 def test_data_parallel_all_reduces_the_gradients_once(compiled):
     cfg, kinds, _ = compiled["data8", 32]
     assert param_bytes(cfg) <= sum(kinds.values()) <= 1.5 * param_bytes(cfg), kinds
     assert kinds["all-gather"] == 0
 
 
+@pytest.mark.slow
 def test_tensor_parallel_adds_only_megatron_all_reduces(compiled):
     cfg, kinds, _ = compiled["fsdp2_tensor4", 32]
     mesh = sharding.make_mesh(cfg.mesh)
@@ -64,6 +67,7 @@ def test_tensor_parallel_adds_only_megatron_all_reduces(compiled):
     assert sum(kinds.values()) <= 1.5 * sum(communication.by_kind(model).values()), kinds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_the_analytic_model_is_within_25_percent_of_the_hlo(compiled, name):
     cfg, kinds, _ = compiled[name, 32]
@@ -73,11 +77,13 @@ def test_the_analytic_model_is_within_25_percent_of_the_hlo(compiled, name):
         assert model[kind] == pytest.approx(count, rel=0.25, abs=1e5), kind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [32, 256])
 def test_fsdp_temporary_memory_is_that_of_data_parallel(compiled, batch):
     assert compiled["fsdp8", batch][2] <= 1.3 * compiled["data8", batch][2]
 
 
+@pytest.mark.slow
 def test_the_compiled_step_does_not_grow_with_depth():
     """scan over stored-stacked blocks: one block is compiled whatever the depth (the
     compile-time counterpart, in seconds, is `jaxtrain bench`'s compile_s)."""
@@ -126,6 +132,7 @@ def test_roofline_is_the_slower_of_compute_and_communication():
     assert across_nodes["link_bytes_per_s"] == 50e9
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_per_layer_layout_is_refused_in_one_line(tmp_path, capsys):
     """Written before the blocks were stacked: its table names blocks.0.*, blocks.1.*, ..."""
     short = ("--set", "train.steps=2", "--set", "schedule.warmup_steps=1", "--set", "checkpoint.every_steps=2")

@@ -111,6 +111,7 @@ def test_a_length_given_twice_or_longer_than_the_run_is_refused():
         load_config(TINY, ["schedule.warmup_steps=0", "schedule.warmup_tokens=1000000000"])
 
 
+@pytest.mark.slow
 def test_resuming_mid_warmup_mid_stable_and_mid_decay_replays_the_same_lr(tmp_path):
     sets = ["schedule.name=wsd", "schedule.warmup_steps=10", "schedule.decay_fraction=0.25",
             "schedule.decay_shape=1-sqrt", "train.log_every=1", "train.eval_every=40"]
@@ -125,6 +126,7 @@ def test_resuming_mid_warmup_mid_stable_and_mid_decay_replays_the_same_lr(tmp_pa
     np.testing.assert_array_equal([lr for _, lr in lrs("whole")], expected)
 
 
+@pytest.mark.slow
 def test_doubling_the_batch_on_resume_keeps_the_lr_a_function_of_tokens(tmp_path):
     """20 steps of 16 x 64 tokens, then 10 of 32 x 64: the same 40,960-token budget as 40
     steps of 16. The LR of every step is the schedule at the tokens seen before it."""

@@ -49,6 +49,7 @@ def reference():
     return two_steps(MESHES["1x1"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [m for m in MESHES if m != "1x1"])
 def test_step_matches_single_device(name, reference):
     ref_losses, ref_state = reference

@@ -67,6 +67,7 @@ def assert_forward_telemetry(metrics, expected):
     assert metrics["log_z_std"] == pytest.approx(float(expected["log_z"].std()), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_telemetry_matches_direct_computation_and_leaves_the_update_alone():
     cfg = load_config(TINY, ["model.qk_norm=true"])
     spec, steps = telemetry_steps(cfg)
@@ -94,6 +95,7 @@ def test_telemetry_matches_direct_computation_and_leaves_the_update_alone():
     assert np.sqrt(np.sum(role_norms**2)) == pytest.approx(float(metrics["grad_norm"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_telemetry_and_coord_check_of_a_packed_batch_see_its_document_mask(monkeypatch):
     """Under data.packing the telemetry step and the coordinate check read the forward pass
     that is trained: each document sees only itself. The batch is such that ignoring the
@@ -127,6 +129,7 @@ def test_telemetry_and_coord_check_of_a_packed_batch_see_its_document_mask(monke
     assert far_apart(unmasked["log_z"].std(), masked["log_z"].std())
 
 
+@pytest.mark.slow
 def test_attention_maps_of_a_packed_row_are_those_of_its_documents_alone():
     cfg = load_config(TINY)
     spec = ts.model_spec(cfg)
