@@ -43,6 +43,18 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
+# The files that take longest (processes, a SLURM job, many runs) are collected first, so
+# that under `make test` (one file per worker) they start at once and the short files fill
+# in around them instead of one long file finishing alone at the end.
+LONGEST_FIRST = ("test_multihost.py", "test_slurm.py", "test_recovery.py", "test_muon.py", "test_huggingface.py",
+                 "test_cooldown.py", "test_coord_check.py", "test_inspect.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture
 def tiny_cfg():
     from jaxtrain.config_file import load_config
