@@ -23,6 +23,9 @@ FAST_CPU_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expens
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_CPU_CODEGEN,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+from jaxtrain import xla_flags  # noqa: E402 - imports no jax
+
+xla_flags.tune_cpu_xla()  # as the CLI does: in-process runs compile what `jaxtrain` subprocesses compile
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="jaxtrain-test-compile-cache-")
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
@@ -142,9 +145,13 @@ REFERENCE_SETTINGS = ("--set", "train.log_every=1")
 
 @pytest.fixture(scope="session")
 def cli_reference(tmp_path_factory) -> Path:
+    """The single-process 8-device run the multi-process and recovery tests must reproduce
+    (trained in this process: the reference needs no process of its own)."""
+    from jaxtrain.config_file import load_config
+    from jaxtrain.train import run
+
     workdir = tmp_path_factory.mktemp("cli_reference")
-    done = run_cli("train", str(TINY), "--workdir", str(workdir), *REFERENCE_SETTINGS)
-    assert done.returncode == 0, done.stderr
+    run(load_config(TINY, [s for s in REFERENCE_SETTINGS if s != "--set"]), workdir, console=False)
     return workdir
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REFERENCE_SETTINGS, REPO, TINY, assert_same_params, final_params, logged_rows
+from conftest import FAST_CPU_CODEGEN, REFERENCE_SETTINGS, REPO, TINY, assert_same_params, final_params, logged_rows
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,8 @@ def wait_until_done(job: str, timeout: float = 400) -> dict:
 def test_a_slurm_job_joins_from_its_environment_stops_on_term_and_resumes_when_requeued(
         slurm, cli_reference, tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "job.out"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{FAST_CPU_CODEGEN} --xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
     job = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-task=0", f"--output={log}",
                           "launch/slurm.sbatch", str(TINY), str(workdir), *REFERENCE_SETTINGS,
                           "--set", "train.grace_period_sec=30"],
