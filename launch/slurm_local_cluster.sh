@@ -2,6 +2,7 @@
 # A real one-node SLURM cluster on 127.0.0.1, for testing launch/slurm.sbatch (as root):
 #   launch/slurm_local_cluster.sh start   install slurm-wlm + munge if missing, write a
 #                                         one-node slurm.conf, start munged, slurmctld, slurmd
+#                                         with no state from an earlier start (no old jobs)
 #   launch/slurm_local_cluster.sh stop    stop the daemons
 # Exit status 2: not root; 3: the packages cannot be installed; 1: the node did not come up.
 # tests/test_slurm.py starts it, and skips (saying why) only on statuses 2 and 3.
@@ -11,9 +12,10 @@ conf_dir=/etc/slurm
 cpus="$(nproc)"
 
 stop() {
-  pkill -x slurmd 2>/dev/null || true
-  pkill -x slurmctld 2>/dev/null || true
-  pkill -x munged 2>/dev/null || true
+  for daemon in slurmd slurmctld munged; do
+    pkill -x "$daemon" 2>/dev/null || true
+    for _ in $(seq 100); do pgrep -x "$daemon" >/dev/null || break; sleep 0.1; done
+  done
 }
 
 if [ "$action" = stop ]; then
@@ -30,6 +32,9 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   fi
 fi
 stop
+# A test cluster starts empty: a job saved by an earlier start (still running when it was
+# stopped, or requeued) would otherwise be recovered, rerun and hold the node's CPUs.
+rm -rf /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 mkdir -p "$conf_dir" /var/spool/slurmctld /var/spool/slurmd /run/munge /var/log/slurm
 chown munge:munge /run/munge
 [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom of=/etc/munge/munge.key bs=128 count=1 2>/dev/null;

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,19 +39,33 @@ def node_state() -> str:
     return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def wait_for(condition, what: str, timeout: float = 120) -> None:
+def wait_for(condition, what: str, timeout: float = 120, details=lambda: "") -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert time.time() < deadline, f"waited {timeout} s for {what}"
+        assert time.time() < deadline, f"waited {timeout} s for {what}\n{details()}"
         time.sleep(0.5)
 
 
-def wait_until_done(job: str, timeout: float = 400) -> dict:
+def wait_until_done(job: str, log: Path, timeout: float = 400) -> dict:
     deadline = time.time() + timeout
     while job_state(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
-        assert time.time() < deadline, job_state(job)
+        assert time.time() < deadline, story(job, log)
         time.sleep(1)
     return job_state(job)
+
+
+def story(job: str, log: Path) -> str:
+    """What a failure message needs: the job's state, the end of its output and what the
+    controller logged about it (one line each, so nothing is folded away)."""
+    controller = Path("/var/log/slurm/slurmctld.log")
+    said = [line for line in controller.read_text().splitlines() if f"JobId={job} " in f"{line} "] \
+        if controller.exists() else []
+    output = [line for line in (log.read_text().splitlines() if log.exists() else [])
+              if not line.startswith("[Gloo]")]
+    state = job_state(job)
+    summary = " ".join(f"{key}={state.get(key)}" for key in ("JobState", "Reason", "ExitCode", "Restarts"))
+    return "\n".join([f"job {job}: {summary}", "-- the job's output, last 30 lines:", *output[-30:],
+                      "-- slurmctld on the job:", *said[-20:]])
 
 
 def test_a_slurm_job_joins_from_its_environment_stops_on_term_and_resumes_when_requeued(
@@ -64,25 +79,30 @@ def test_a_slurm_job_joins_from_its_environment_stops_on_term_and_resumes_when_r
                          capture_output=True, text=True, cwd=REPO, env=env, check=True).stdout.strip()
     deadline = time.time() + 300
     while len(logged_rows(workdir)) < 10:
-        assert time.time() < deadline and job_state(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()
+        assert time.time() < deadline and job_state(job)["JobState"] in ("PENDING", "RUNNING"), story(job, log)
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
-    stopped = wait_until_done(job)
+    stopped = wait_until_done(job, log)
     output = log.read_text()
     steps = set(re.findall(r"stopped by signal 15 after step (\d+)", output))
-    assert stopped["ExitCode"] == "143:0" and len(steps) == 1, output  # both processes, the same step
+    assert stopped["ExitCode"] == "143:0" and len(steps) == 1, story(job, log)  # both processes, the same step
     step = int(steps.pop())
-    assert output.count(f"stopped by signal 15 after step {step}") == 2, output
-    wait_for(lambda: node_state() == "idle", "the node to finish the stopped job")  # epilog included
+    assert output.count(f"stopped by signal 15 after step {step}") == 2, story(job, log)
+    wait_for(lambda: node_state() == "idle", "the node to finish the stopped job",  # epilog included
+             details=lambda: story(job, log))
     subprocess.run(["scontrol", "requeue", job], check=True)
     # Slurm holds a requeued batch job for ~2 minutes before it is eligible again (so a
     # failing job does not thrash the cluster); an operator's StartTime=now releases it
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    wait_for(lambda: job_state(job)["Restarts"] == "1", "the requeue to register")
-    finished = wait_until_done(job)
+    # the rerun has begun once the job runs again or writes to its output: only then can
+    # its end state be told from the stopped run's
+    stopped_output = len(output)
+    wait_for(lambda: job_state(job)["JobState"] == "RUNNING" or len(log.read_text()) > stopped_output,
+             "the requeued job to start again", details=lambda: story(job, log))
+    finished = wait_until_done(job, log)
     output = log.read_text()
-    assert finished["JobState"] == "COMPLETED" and finished["Restarts"] == "1", (finished, output)
-    assert f"resumed from checkpoint at step {step}" in output, output
+    assert finished["JobState"] == "COMPLETED" and finished["Restarts"] == "1", story(job, log)
+    assert f"resumed from checkpoint at step {step}" in output, story(job, log)
     got, want = logged_rows(workdir), logged_rows(cli_reference)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 41))
     for a, b in zip(got, want):  # 2 processes x 4 devices vs 1 x 8: gloo sums in another order
