@@ -145,6 +145,10 @@ class OptimizerConfig(_Section):
     muon_ns_steps: int = Field(5, ge=1)  # Newton-Schulz iterations
     muon_ns_dtype: Literal["float32", "bfloat16"] = "float32"  # precision of the iterations
     adam_lr: float | None = Field(None, gt=0)  # Muon: peak LR of the AdamW roles; None = lr
+    # name fixes the state a checkpoint holds, muon_scale the table; the rest may change on resume
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset({
+        "lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "adam_lr", "weight_decay_mode",
+        "muon_momentum", "muon_ns_steps", "muon_ns_dtype"})
 
     @model_validator(mode="after")
     def _muon_only(self) -> "OptimizerConfig":
@@ -354,19 +358,23 @@ class Config(_Section):
 # The sections whose keys fix what a checkpoint holds (minus each section's RESUMABLE);
 # everything else (steps, schedule, logging, mesh, checkpointing) may change on resume.
 IDENTITY_SECTIONS: dict[str, type[_Section]] = {"model": ModelConfig, "parametrization": ParametrizationConfig,
-                                                 "data": DataConfig}
+                                                 "optimizer": OptimizerConfig, "data": DataConfig}
+# What a run started from another run's parameters (train.init_from) must share with it:
+# the parameters' shapes and meaning. Its data and optimizer may be new.
+INIT_FROM_SECTIONS = ("model", "parametrization")
 
 
 def identity_difference(new: dict[str, Any], old: dict[str, Any],
                         sections: tuple[str, ...] = tuple(IDENTITY_SECTIONS)) -> tuple[str, Any, Any] | None:
     """(dotted key, old value, new value) of the first identity key on which two configs in
     `to_dict()` form differ, or None. A key the old config lacks (written before the key
-    existed) counts as unchanged."""
+    existed) had the key's default value."""
     for section in sections:
-        resumable = IDENTITY_SECTIONS[section].RESUMABLE
+        schema = IDENTITY_SECTIONS[section]
+        defaults = schema().model_dump(mode="json")
         for key, value in new[section].items():
-            old_value = old.get(section, {}).get(key, value)
-            if key not in resumable and old_value != value:
+            old_value = old.get(section, {}).get(key, defaults.get(key, value))
+            if key not in schema.RESUMABLE and old_value != value:
                 return f"{section}.{key}", old_value, value
     return None
 

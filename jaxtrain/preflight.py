@@ -83,17 +83,20 @@ def check_writable(workdir: Path) -> None:
 
 def check_resumable(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer) -> None:
     """Refuse to resume a run whose identity fields (config.IDENTITY_SECTIONS) or
-    parametrization table differ, before anything is written; `record_run` writes once
-    every check has passed."""
+    parametrization table differ from what its newest checkpoint was trained with (its
+    meta; the workdir's config.yaml for checkpoints written before the meta held the
+    config), before anything is written; `record_run` writes once every check has passed."""
     meta = ckpt.newest_meta()
+    if meta is None:
+        return
     path = workdir / "config.yaml"
-    if meta is not None and path.exists():
-        difference = identity_difference(cfg.to_dict(), read_yaml_mapping(path, "the run's config"))
-        if difference:
-            key, old, value = difference
-            raise ConfigError(key, f"workdir {workdir} holds a run with {old!r}, "
-                                   f"this config says {value!r}; use a new --workdir")
-    if meta is not None:
-        saved_table = meta.get("parametrization")
-        if saved_table is not None:
-            parametrization.check_matches(saved_table, table)
+    recorded = read_yaml_mapping(path, "the run's config") if path.exists() else None  # a corrupt one is named
+    trained = meta.get("config") or recorded
+    difference = identity_difference(cfg.to_dict(), trained) if trained else None
+    if difference:
+        key, old, value = difference
+        raise ConfigError(key, f"workdir {workdir} holds a run with {old!r}, "
+                               f"this config says {value!r}; use a new --workdir")
+    saved_table = meta.get("parametrization")
+    if saved_table is not None:
+        parametrization.check_matches(saved_table, table)

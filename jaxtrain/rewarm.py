@@ -27,13 +27,13 @@ from typing import Any, Callable
 from jaxtrain import parametrization
 from jaxtrain import config_file
 from jaxtrain.checkpoint import Checkpointer, quiet_absl
-from jaxtrain.config import Config, identity_difference
+from jaxtrain.config import INIT_FROM_SECTIONS, Config, identity_difference
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.huggingface import importer
 
 def check_parent(cfg: Config, parent: Config, parent_dir: Path, table: parametrization.Table) -> None:
-    """The parent's model and parametrization must be this run's."""
-    difference = identity_difference(cfg.to_dict(), parent.to_dict(), sections=("model", "parametrization"))
+    """The parent's model and parametrization (config.INIT_FROM_SECTIONS) must be this run's."""
+    difference = identity_difference(cfg.to_dict(), parent.to_dict(), sections=INIT_FROM_SECTIONS)
     if difference:
         key, theirs, mine = difference
         raise ConfigError(key, f"is {mine!r}, but train.init_from.workdir {parent_dir} was trained with {theirs!r}")

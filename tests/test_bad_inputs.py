@@ -67,6 +67,8 @@ CASES = {  # name: (argv with {saved} / {tmp} / {tiny}, exit status, word the on
                                     2, "--x optimizer.lr (the default)"),
     "resume with another model": (["train", "{tiny}", "--workdir", "{saved}", "--set", "model.d_model=32"],
                                   2, "model.d_model"),
+    "resume with another optimizer": (["train", "{tiny}", "--workdir", "{saved}", "--set", "optimizer.name=muon"],
+                                      2, "optimizer.name"),
     "eval of a missing step": (["eval", "{saved}", "--step", "7"], 2, "--step 7"),
     # the README's earlier promises, in the same table
     "unknown key": (["train", "{tiny}", "--workdir", "{tmp}/new", "--set", "model.width=3"], 2, "model.width"),
@@ -140,6 +142,22 @@ def test_a_resume_that_fails_after_the_config_checks_rewrites_nothing(saved, tmp
     status, _, err = cli_in_process(capsys, "train", str(TINY), "--workdir", str(workdir), "--set", "train.steps=50")
     assert status == 2 and "metrics.jsonl line 4" in err and len(err.strip().splitlines()) == 1, err
     assert snapshot(workdir) == before  # config.yaml still says 40 steps
+
+
+def test_resume_is_checked_against_what_the_checkpoint_was_trained_with(saved, tmp_path, capsys):
+    """A config.yaml that no longer says what the checkpoints hold (edited, or written by
+    another tool) does not let an identity key change: the checkpoint's meta decides."""
+    import yaml
+
+    workdir = tmp_path / "run"
+    shutil.copytree(saved, workdir)
+    recorded = yaml.safe_load((workdir / "config.yaml").read_text())
+    recorded["data"]["seq_len"] = 32
+    (workdir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    before = snapshot(workdir)
+    status, _, err = cli_in_process(capsys, "train", str(workdir / "config.yaml"), "--workdir", str(workdir))
+    assert status == 2 and "'data.seq_len'" in err and "holds a run with 64" in err, err
+    assert snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("content, word", [("model: [\n", "invalid YAML at line 2"),

@@ -84,13 +84,20 @@ def test_identity_keys_are_marked_once_and_a_new_key_is_identity_by_default():
     changed = {**saved, "data": {**saved["data"], "val_batches": 3, "read_threads": 0}}
     assert identity_difference(changed, saved) is None  # listed as resumable
     changed["model"] = {**saved["model"], "remat": "full", "dtype": "bfloat16"}
+    changed["optimizer"] = {**saved["optimizer"], "lr": 1e-4, "muon_momentum": 0.9}
     assert identity_difference(changed, saved) is None
     changed["data"] = {**changed["data"], "seq_len": 128}
     assert identity_difference(changed, saved) == ("data.seq_len", 256, 128)
+    muon = {**saved, "optimizer": {**saved["optimizer"], "name": "muon"}}  # another optimizer state
+    assert identity_difference(muon, saved) == ("optimizer.name", "adamw", "muon")
     future = {**saved, "data": {**saved["data"], "new_field": 1}}
     assert identity_difference(future, {**saved, "data": {**saved["data"], "new_field": 2}}) == \
         ("data.new_field", 2, 1)
-    assert identity_difference(future, saved) is None  # a config saved before the key existed
+    # a config saved before a key existed had the key's default: the default resumes, no other value
+    before_packing = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "packing"}}
+    assert identity_difference(saved, before_packing) is None
+    packed = {**saved, "data": {**saved["data"], "packing": True}}
+    assert identity_difference(packed, before_packing) == ("data.packing", False, True)
     assert identity_difference({**saved, "train": {**saved["train"], "steps": 9}}, saved) is None
     qk = {**saved, "model": {**saved["model"], "qk_norm": True}}
     assert identity_difference(qk, saved, sections=("parametrization",)) is None

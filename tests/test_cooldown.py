@@ -70,6 +70,9 @@ def test_two_processes_branch_once_and_train_the_branch_together(wsd_parent, tmp
     (("--step", "40", "--decay", "5"), "the parent already decays from step 32"),
     (("--step", "25", "--decay", "5"), "--step 25: no checkpoint at that step"),
     (("--step", "20", "--decay", "1.5"), "--decay '1.5'"),
+    # the branch continues the parent's checkpoint: its identity keys (config.py) stay
+    (("--step", "20", "--decay", "5", "--set", "data.seq_len=32"), "config key 'data.seq_len': is 32"),
+    (("--step", "20", "--decay", "5", "--set", "optimizer.name=muon"), "config key 'optimizer.name'"),
 ])
 def test_bad_branches_are_one_line_and_write_nothing(wsd_parent, tmp_path, capsys, args, culprit):
     status, _, err = cli_in_process(capsys, "cooldown", str(wsd_parent), *args, "--workdir", str(tmp_path / "b"))

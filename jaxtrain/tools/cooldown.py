@@ -27,9 +27,9 @@ import yaml
 
 from jaxtrain import config_file
 from jaxtrain.checkpoint import Checkpointer, quiet_absl
-from jaxtrain.config import Config
+from jaxtrain.config import Config, identity_difference
 from jaxtrain.distributed import barrier
-from jaxtrain.errors import UserError
+from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import truncate_after
 from jaxtrain.schedules import resolve
 
@@ -91,6 +91,11 @@ def create_branch(parent_dir: str | Path, step: int | None, decay: str, new_dir:
         raise UserError(f"--step {step}: no checkpoint at that step in {parent_dir} (saved: {saved})")
     n_decay = decay_steps(decay, step)
     cfg = branch_config(parent, step, n_decay, shape, final_fraction, overrides or [])
+    difference = identity_difference(cfg.to_dict(), parent.to_dict())
+    if difference:  # the branch continues the parent's checkpoint: what it holds stays
+        key, theirs, mine = difference
+        raise ConfigError(key, f"is {mine!r}, but the parent {parent_dir} was trained with {theirs!r}; "
+                               f"a cooldown continues its checkpoint")
     lineage = {"parent": str(parent_dir), "step": step, "decay_steps": n_decay, "decay_shape": shape,
                "final_lr_fraction": cfg.schedule.final_lr_fraction}
     # Every process makes the same checks; process 0 alone writes, and all meet at the
