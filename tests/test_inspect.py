@@ -24,7 +24,7 @@ from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.tokenizer import ByteTokenizer, encode_text
-from jaxtrain.data.sources import open_sources
+from jaxtrain.data.sources import open_sources, run_tokenizer
 from jaxtrain.tools.evaluate_checkpoint import evaluate_run
 from jaxtrain.tools.generate import generate
 from reference_decoding import generate_by_recompute
@@ -38,10 +38,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{'fsdp8': workdir, 'dp2_fsdp2_tp2': workdir}, each a finished tiny run: the first on
-    byte tokens, the second on a BPE store (what the notebook reads must not assume bytes)."""
+    byte tokens, the second on a BPE store with documents packed (what the notebook reads
+    must assume neither bytes nor one document per window)."""
     store = tmp_path_factory.mktemp("bpe") / "store"
     prepare(["{stdlib}/json/*.py", "{stdlib}/asyncio/*.py"], str(store), "bpe:512", val_fraction=0.1)
-    bpe = [f"data.sources=[{{path: '{store}'}}]", "model.vocab_size=512"]
+    bpe = [f"data.sources=[{{path: '{store}'}}]", "model.vocab_size=512", "data.packing=true"]
     workdirs = {}
     for name, overrides in [("fsdp8", []), ("dp2_fsdp2_tp2", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *bpe])]:
         workdirs[name] = tmp_path_factory.mktemp(name)
@@ -148,7 +149,7 @@ def test_kv_cache_logits_equal_full_forward_with_qk_norm_and_mup():
 def test_attention_maps_reproduce_the_attention_output(runs):
     loaded = load_run(runs["fsdp8"])
     model = loaded.model()
-    tokens = jnp.asarray(inspection.sample_tokens(loaded, 2)[:, :32])
+    tokens = jnp.asarray(inspection.sample_batch(loaded, 2)[:, :32])
     maps = inspection.attention_maps(model, tokens)
     assert len(maps) == loaded.cfg.model.n_layers and maps[0].shape == (2, 4, 32, 32)
     np.testing.assert_allclose(np.asarray(maps[0].sum(-1)), 1.0, atol=1e-5)
@@ -160,6 +161,19 @@ def test_attention_maps_reproduce_the_attention_output(runs):
     v = jnp.repeat(v, 2, axis=2)  # 4 query heads share 2 kv heads
     by_hand = jnp.einsum("bnts,bsnh,nhd->btd", maps[0], v, block.attn.wo[...])
     np.testing.assert_allclose(np.asarray(by_hand), np.asarray(block.attn(x, positions)[0]), atol=2e-5)
+
+
+def test_attention_maps_of_a_packed_run_stay_inside_each_document(runs):
+    loaded = load_run(runs["dp2_fsdp2_tp2"])
+    tokens, segment_ids = ts.model_inputs(inspection.sample_batch(loaded, 16))
+    assert tokens.shape == segment_ids.shape == (16, 64)
+    segments = jnp.asarray(segment_ids)
+    maps = inspection.attention_maps(loaded.model(), jnp.asarray(tokens), segments)
+    other_document = segments[:, None, :, None] != segments[:, None, None, :]  # (B, 1, query, key)
+    assert bool(other_document.any())  # the sample does cross a document boundary
+    for layer in maps:
+        assert float(jnp.where(other_document, layer, 0.0).max()) == 0.0
+        np.testing.assert_allclose(np.asarray(layer.sum(-1)), 1.0, atol=1e-5)
 
 
 def test_plot_overlays_runs_and_rejects_unknown_metrics(runs, tmp_path, capsys):
@@ -198,3 +212,6 @@ def test_notebook_runs_headless_on_one_device(runs, monkeypatch):
     assert text.count("--- seed") == 2
     samples = text[text.index("--- seed 0"):]
     assert "\ufffd" not in samples  # BPE ids read as bytes would decode to U+FFFD
+    prompt_ids = encode_text(run_tokenizer(load_config(runs[name] / "config.yaml")), "def ").tolist()
+    assert prompt_ids != list(b"def ")  # the run's BPE, not bytes, encodes the prompt
+    assert f"prompt 'def ': token ids {prompt_ids}" in text

@@ -4,7 +4,8 @@
                                   table's init std and multipliers, top singular value
     activation_stats(run, batch)  RMS of embeddings, each block's attention/MLP output, logits
     attention_maps(model, tokens) softmax attention probabilities, one (B, N, T, T) per layer
-    sample_tokens(run, n)         the first n validation windows of the run's corpus
+    sample_batch(run, n)          the first n validation windows of the run's data, packed
+                                  ones with their segment ids
 
 Everything runs on the devices the run was loaded onto (`saved_run.load_run`), and what
 the model computes inside is what its own forward pass sows (`model.forward_sown`).
@@ -26,7 +27,6 @@ from jaxtrain.model import Transformer, forward_sown
 from jaxtrain.parametrization import path_str
 from jaxtrain.tools.coord_check import activation_rms
 from jaxtrain.tools.saved_run import SavedRun
-from jaxtrain.train_step import batch_tokens
 
 SV_ITERATIONS = 30  # power iterations per top singular value: a value to read, cheap for any run
 
@@ -56,15 +56,17 @@ def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
     return rows
 
 
-def sample_tokens(run: SavedRun, n: int = 1) -> np.ndarray:
-    """(n, seq_len + 1) tokens: the first validation windows of the run's own (first) data source."""
+def sample_batch(run: SavedRun, n: int = 1) -> np.ndarray | dict[str, np.ndarray]:
+    """The first n validation windows of the run's own (first) data source, as the step
+    reads them: (n, seq_len + 1) tokens, or under data.packing {"tokens", "segment_ids"}
+    (`train_step.batch_tokens` takes either apart)."""
     batch = pipeline.validation_batches(run.cfg, open_sources(run.cfg)[0])[0]
-    return batch_tokens(batch)[0][:n]
+    return jax.tree.map(lambda rows: rows[:n], batch)
 
 
 def activation_stats(run: SavedRun, batch: Any) -> dict[str, float]:
     """RMS of the embeddings, every block's attention/MLP outputs and the logits, on a batch
-    (B, T + 1) of tokens (or a packed {"tokens", "segment_ids"} one) such as `sample_tokens`'."""
+    (B, T + 1) of tokens (or a packed {"tokens", "segment_ids"} one) such as `sample_batch`'."""
     rms = jax.jit(lambda params, batch: activation_rms(params, batch, spec=run.spec))
     return {k: float(v) for k, v in rms(run.params, jax.tree.map(jnp.asarray, batch)).items()}
 
