@@ -1,15 +1,18 @@
 """The documentation stays a front door plus pages that hold together.
 
     README.md              at most README_MAX_LINES lines
-    README.md, docs/*.md   every relative link and image target resolves to a file or
-                           directory of the repository
-    docs/ARCHITECTURE.md   exists, and every `jaxtrain/...` path it names in code exists
+    every *.md of the repository (README.md, docs/, launch/, data/)
+                           every relative link and image target resolves to a file or
+                           directory of the repository, and a `#anchor` to a heading of
+                           the markdown file it names (or of the page itself)
+    docs/ARCHITECTURE.md   exists, every `jaxtrain/...` path it names in code exists, and
+                           it names every module of the package
 
 Links are markdown's `[text](target)`, `![alt](target)` and `[label]: target`, outside
-code blocks and code spans; http(s) and mailto targets and pure `#anchor` links are not
-checked, a `#anchor` suffix is dropped, and a target is resolved against the directory of
-the file that holds it (a leading `/` against the repository root). Plain text only: no
-JAX, nothing imported from jaxtrain.
+code blocks and code spans; http(s) and mailto targets are not checked, and a target is
+resolved against the directory of the file that holds it (a leading `/` against the
+repository root). Anchors are GitHub's heading slugs. Plain text only: no JAX, nothing
+imported from jaxtrain.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 150
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
-MARKDOWN = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+MARKDOWN = [REPO / "README.md", *(sorted((REPO / d).glob("*.md")) for d in ("docs", "launch", "data"))]
+MARKDOWN = [MARKDOWN[0], *(page for pages in MARKDOWN[1:] for page in pages)]
 
 _FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
 _CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.S)
@@ -69,19 +73,37 @@ def links(text: str) -> list[tuple[int, str]]:
     return [(prose.count("\n", 0, start) + 1, target) for start, target in sorted(found)]
 
 
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown text's headings: lower case, punctuation but '-' and
+    '_' dropped, spaces to '-', a repeated slug numbered -1, -2, ..."""
+    prose, _ = _split_code(re.sub(r"`([^`]*)`", r"\1", text))  # a heading's code span keeps its text
+    slugs: dict[str, int] = {}
+    for heading in re.findall(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", prose, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        slugs[slug if slug not in slugs else f"{slug}-{slugs[slug]}"] = 0
+        slugs[slug] = slugs.get(slug, 0) + 1
+    return set(slugs)
+
+
 def broken_links(text: str, where: Path) -> list[str]:
     """`FILE:LINE: broken link 'TARGET'` for every relative link of `text` (the content of
-    the markdown file `where`) that names nothing in the repository."""
+    the markdown file `where`) that names nothing in the repository, or a heading that
+    the markdown file it names does not have."""
     bad = []
     for line, target in links(text):
-        if not target or target.startswith("#") or target.lower().startswith(_UNCHECKED):
+        if not target or target.lower().startswith(_UNCHECKED):
             continue
-        path = unquote(target.split("#", 1)[0])
+        path, _, anchor = unquote(target).partition("#")
         resolved = ((REPO / path.lstrip("/")) if path.startswith("/") else (where.parent / path)).resolve()
         inside = resolved == REPO or REPO in resolved.parents
         if not (inside and resolved.exists()):
             why = "outside the repository" if not inside else f"no such file or directory {resolved.relative_to(REPO)}"
             bad.append(f"{where.relative_to(REPO)}:{line}: broken link {target!r} ({why})")
+        elif anchor and resolved.suffix == ".md":
+            headings = anchors(text if resolved == where.resolve() else resolved.read_text())
+            if anchor not in headings:
+                bad.append(f"{where.relative_to(REPO)}:{line}: broken link {target!r} "
+                           f"(no heading #{anchor} in {resolved.relative_to(REPO)})")
     return bad
 
 
@@ -98,19 +120,21 @@ def test_every_relative_link_resolves(page):
 
 
 def test_the_link_checker_sees_a_broken_link():
-    """Not vacuous: planted broken links and images are reported with file, line and target,
-    while good, external, anchor and in-code links are not."""
+    """Not vacuous: planted broken links, images and anchors are reported with file, line
+    and target, while good, external, anchor and in-code links are not."""
     page = REPO / "docs" / "planted.md"
-    text = ("# Planted\n"
-            "[good](usage.md#tests) [up](../README.md) [web](https://example.com/x) [anchor](#planted)\n"
+    text = ("# Planted `here`, twice\n"
+            "[good](usage.md#tests) [up](../README.md) [web](https://example.com/x) [anchor](#planted-here-twice)\n"
             "see [gone](no_such_page.md#part) and ![missing](img/none.png)\n"
             "`[in code](not_checked.md)`\n"
             "```\n[in a block](also_not_checked.md)\n```\n"
-            "[ref]: ../nowhere/\n")
+            "[ref]: ../nowhere/\n"
+            "[no heading](usage.md#no-such-heading) [nor here](#tests)\n")
     assert broken_links(text, page) == [
         "docs/planted.md:3: broken link 'no_such_page.md#part' (no such file or directory docs/no_such_page.md)",
         "docs/planted.md:3: broken link 'img/none.png' (no such file or directory docs/img/none.png)",
         "docs/planted.md:8: broken link '../nowhere/' (no such file or directory nowhere)",
+        "docs/planted.md:9: broken link 'usage.md#no-such-heading' (no heading #no-such-heading in docs/usage.md)",
     ]
 
 
@@ -123,3 +147,12 @@ def test_architecture_names_only_files_that_exist():
     missing = [f"docs/ARCHITECTURE.md:{line}: names {path!r}, which does not exist"
                for line, path in checked if not (REPO / path).exists()]
     assert not missing, "\n".join(missing)
+
+
+def test_architecture_names_every_module():
+    """A module added to the package is placed on the map (its path in a code block or span)."""
+    _, code = _split_code(ARCHITECTURE.read_text())
+    named = {path.rstrip(".,;:") for _, text in code for path in _PACKAGE_PATH.findall(text)}
+    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "jaxtrain").rglob("*.py") if p.name != "__init__.py")
+    missing = [m for m in modules if m not in named]
+    assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"

@@ -56,7 +56,7 @@ def add_parsers(commands) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from jaxtrain.huggingface.export import export_run
+    from jaxtrain.tools.huggingface_export import export_run
 
     record = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
     folded = ", ".join(f"{path} x{factor:.6g}" for path, factor in record["folded_factors"].items()) or "none"

@@ -3,7 +3,7 @@
     architecture.py   jaxtrain's model section <-> a config.json of those families
     weights.py        parameters <-> tensors, with every parametrization factor folded in
     files.py          safetensors (numpy API, sharded + index) and tokenizer files
-    export.py         `jaxtrain export WORKDIR --out DIR`
     importer.py       `train.init_from.huggingface` and `jaxtrain import`
-(the two CLI commands, export and import, are in jaxtrain/commands/huggingface.py)
+`jaxtrain export` (a tool: it reads a saved run) is jaxtrain/tools/huggingface_export.py;
+the two CLI commands, export and import, are in jaxtrain/commands/huggingface.py.
 """
