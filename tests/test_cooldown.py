@@ -69,7 +69,8 @@ def test_two_processes_branch_once_and_train_the_branch_together(wsd_parent, tmp
 @pytest.mark.parametrize("args, culprit", [
     (("--step", "40", "--decay", "5"), "the parent already decays from step 32"),
     (("--step", "25", "--decay", "5"), "--step 25: no checkpoint at that step"),
-    (("--step", "20", "--decay", "1.5"), "--decay '1.5'"),
+    (("--step", "20", "--decay", "1.5"), "--decay 1.5: expected a number of steps"),
+    (("--step", "20", "--decay", "5", "--final-lr-fraction", "2"), "--final-lr-fraction 2: must be a number in [0, 1]"),
     # the branch continues the parent's checkpoint: its identity keys (config.py) stay
     (("--step", "20", "--decay", "5", "--set", "data.seq_len=32"), "config key 'data.seq_len': is 32"),
     (("--step", "20", "--decay", "5", "--set", "optimizer.name=muon"), "config key 'optimizer.name'"),

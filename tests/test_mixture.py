@@ -53,7 +53,7 @@ def test_counts_follow_the_proportions_at_every_prefix():
     assert [mixture[k] for k in (100, 101)] == [(1, 50), (1, 51)]
 
 
-def test_a_tiny_weight_still_owns_slots_and_never_divides_by_zero():
+def test_every_weight_keeps_its_proportion_and_none_divides_by_zero():
     # 0.0004 is below 1/2000, so at denominators <= 1000 it rounded to 0: never read
     assert integer_proportions([1.0, 0.0004]) == (2500, 1)
     mixture = Mixture([0], [[1.0, 0.0004]])
@@ -64,6 +64,11 @@ def test_a_tiny_weight_still_owns_slots_and_never_divides_by_zero():
     assert integer_proportions([0.0, 1e-6, 1.0]) == (0, 1, 10**6)
     # weights written with three decimals keep their proportions exactly
     assert integer_proportions([0.7, 0.3]) == (7, 3) and integer_proportions([3, 1]) == (3, 1)
+    # just above 1/2000 a denominator of 1000 gave 0.0005 and 0.0006 each 1/1000 (2x, 1.7x)
+    assert integer_proportions([0.0005, 1.0]) == (1, 2000) and integer_proportions([0.0006, 1.0]) == (3, 5000)
+    for weight in (1e-7, 3.3e-5, 0.00049, 0.00051, 0.000777, 0.0123, 0.3333, 0.9999, 2.5, 123.456):
+        small, one = integer_proportions([weight, 1.0])
+        assert small / one == pytest.approx(weight, rel=5e-4), weight
     with pytest.raises(ValueError, match="not all 0"):
         integer_proportions([0.0, 0.0])
 

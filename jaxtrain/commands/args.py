@@ -8,16 +8,17 @@ other bad input.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
-def _number(text: str, kind: type, low: float, what: str):
+def _number(text: str, kind: type, low: float, what: str, high: float = math.inf, open_low: bool = False):
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text}: expected {what}") from None
-    if not value >= low:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text}: must be {what}")
+    if not (low < value if open_low else low <= value) or not value <= high or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: must be {what}")  # nan and inf included
     return value
 
 
@@ -30,7 +31,56 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    return _number(text, float, float.fromhex("0x1p-1074"), "a positive number")
+    return _number(text, float, 0.0, "a positive number", open_low=True)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, 0.0, "a finite number >= 0")
+
+
+def fraction_in_unit_interval(text: str) -> float:
+    """[0, 1], e.g. a learning rate as a fraction of the peak."""
+    return _number(text, float, 0.0, "a number in [0, 1]", high=1.0)
+
+
+def open_fraction(text: str) -> float:
+    """(0, 1), e.g. the share of documents held out."""
+    return _number(text, float, 0.0, "a number strictly between 0 and 1", high=math.nextafter(1.0, 0.0),
+                   open_low=True)
+
+
+def int_up_to(high: int):
+    """A type for an integer in [1, high]."""
+    def bounded(text: str) -> int:
+        return _number(text, int, 1, f"an integer from 1 to {high:,}", high=high)
+    return bounded
+
+
+def steps_or_fraction(text: str) -> int | float:
+    """A length as steps (an integer >= 1, e.g. 200) or as a fraction in (0, 1) (e.g. 0.2)."""
+    what = "a number of steps (e.g. 200) or a fraction in (0, 1)"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected {what}") from None
+    if value >= 1 and value == int(value):
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text}: expected {what}")
+
+
+def utf8_text(text: str) -> str:
+    """Non-empty text that encodes as UTF-8 (a terminal in another locale can pass bytes
+    Python holds as lone surrogates)."""
+    if not text:
+        raise argparse.ArgumentTypeError("'': must contain at least one character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 (character {err.start}); jaxtrain reads it as "
+                                         f"UTF-8 text") from None
+    return text
 
 
 def positive_int_list(text: str) -> list[int]:

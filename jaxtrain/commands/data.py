@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxtrain.commands.args import add_set, positive_float
+from jaxtrain.commands.args import add_set, open_fraction, positive_float
 
 
 def add_parsers(commands) -> None:
@@ -22,9 +22,10 @@ def add_parsers(commands) -> None:
     prep.add_argument("--out", required=True, help="dataset directory to create (must not exist)")
     prep.add_argument("--tokenizer", default="byte", metavar="byte|bpe:VOCAB|FILE.json",
                       help="raw bytes, a byte-level BPE of VOCAB ids trained here, or a tokenizers JSON file")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
+    prep.add_argument("--val-fraction", type=open_fraction, default=0.05, help="fraction of documents held out")
     prep.add_argument("--name", default=None, help="dataset name (default: the --out directory's name)")
-    prep.add_argument("--token-dtype", default="auto", help="auto (smallest that fits), uint8, uint16, uint32")
+    prep.add_argument("--token-dtype", default="auto", choices=("auto", "uint8", "uint16", "uint32"),
+                      help="auto: the smallest that fits the vocabulary")
     bench = sub.add_parser("bench", help="pipeline tokens/s and memory, next to the train step's tokens/s")
     bench.add_argument("dataset", metavar="DIR", help="a prepared dataset")
     bench.add_argument("--config", required=True, help="the run's config (seq_len, batch size, model)")

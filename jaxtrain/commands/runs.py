@@ -11,7 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxtrain.commands.args import file_to_write, non_negative_int
+from jaxtrain.commands.args import file_to_write, int_up_to, non_negative_float, non_negative_int, utf8_text
+
+# The most tokens one `jaxtrain generate` samples: its KV cache holds every position at
+# once and the loop is one compiled scan, so a bound far above any model's context stops a
+# typo (1000000000) from exhausting memory first.
+MAX_NEW_TOKENS = 100_000
 from jaxtrain.errors import UserError
 
 
@@ -26,10 +31,11 @@ def add_parsers(commands) -> None:
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (KV-cached)")
     generate.add_argument("workdir")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=200,
-                          help="1 to 100,000 (generate.MAX_NEW_TOKENS; default 200)")
-    generate.add_argument("--temperature", type=float, default=0.8, help="finite, >= 0; 0 = greedy (default 0.8)")
+    generate.add_argument("--prompt", required=True, type=utf8_text)
+    generate.add_argument("--max-new-tokens", type=int_up_to(MAX_NEW_TOKENS), default=200,
+                          help=f"1 to {MAX_NEW_TOKENS:,} (default 200)")
+    generate.add_argument("--temperature", type=non_negative_float, default=0.8,
+                          help="finite, >= 0; 0 = greedy (default 0.8)")
     generate.add_argument("--top-k", type=non_negative_int, default=0,
                           help="sample among the k most likely (0 = all)")
     generate.add_argument("--seed", type=int, default=0)
@@ -56,10 +62,9 @@ def eval_command(args: argparse.Namespace) -> int:
 def generate_command(args: argparse.Namespace) -> int:
     from jaxtrain.data.sources import run_tokenizer
     from jaxtrain.data.tokenizer import encode_text
-    from jaxtrain.tools.generate import check_sampling, generate
+    from jaxtrain.tools.generate import generate
     from jaxtrain.tools.saved_run import load_run
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.prompt)
     run = load_run(args.workdir, args.step)
     tokenizer = run_tokenizer(run.cfg)
     prompt = encode_text(tokenizer, args.prompt)

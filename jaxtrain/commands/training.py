@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxtrain.commands.args import add_process_group, add_set, join_process_group, non_negative_int
+from jaxtrain.commands.args import (add_process_group, add_set, fraction_in_unit_interval, join_process_group,
+                                    non_negative_int, steps_or_fraction)
 
 
 def add_parsers(commands) -> None:
@@ -29,11 +30,11 @@ def add_parsers(commands) -> None:
     cool.add_argument("parent", metavar="WORKDIR", help="the stable-phase run (only read)")
     cool.add_argument("--step", type=non_negative_int, default=None,
                       help="checkpoint to branch from (default: newest)")
-    cool.add_argument("--decay", required=True, metavar="STEPS|FRACTION",
+    cool.add_argument("--decay", required=True, type=steps_or_fraction, metavar="STEPS|FRACTION",
                       help="decay length: steps (e.g. 200) or the branch's fraction in decay (e.g. 0.2)")
     cool.add_argument("--workdir", required=True, help="new workdir for the branch (rerunning resumes it)")
     cool.add_argument("--shape", choices=("linear", "cosine", "1-sqrt", "exponential"), default="linear")
-    cool.add_argument("--final-lr-fraction", type=float, default=None,
+    cool.add_argument("--final-lr-fraction", type=fraction_in_unit_interval, default=None,
                       help="lr_min as a fraction of the peak (default: the parent's)")
     add_set(cool)
     add_process_group(cool)

@@ -2,8 +2,8 @@
 
 The stream is a sequence of slots (global window positions, `train.batch_size` per step).
 A phase covers the slots from its first step on and mixes with integer proportions
-p_1..p_S (the weights as fractions with denominators <= 1000, finer for a weight below
-1/2000 so that no positive weight rounds to 0; `integer_proportions`). Inside a phase the
+p_1..p_S (each weight as the nearest fraction with a denominator <= 1000 / weight, so
+within 0.05% of itself and never 0; `integer_proportions`). Inside a phase the
 first n slots hold exactly
 
     c_1(n) = n - floor(n (R - p_1) / R),  R = p_1 + ... + p_S,
@@ -28,8 +28,9 @@ from typing import Sequence
 from jaxtrain.config import Config, phase_start_steps
 
 
-# Weights are read as fractions with denominators <= 1000: exact for any weight written
-# with three decimals (0.7, 0.125), and a small period R = sum of proportions.
+# Weights are read as fractions with denominators <= 1000 / weight (1000 from weight 1 up):
+# exact for any weight written with three significant digits (0.7, 0.125, 0.0005), and
+# the nearest fraction otherwise.
 WEIGHT_DENOMINATOR = 1000
 
 # grain wants a finite length; 2**62 slots never run out and stay below int64's 2**63.
@@ -37,15 +38,14 @@ STREAM_SLOTS = 2**62
 
 
 def _weight_fraction(weight: float) -> fractions.Fraction:
-    """`weight` as a fraction with denominator <= WEIGHT_DENOMINATOR. Below 1/2000 that
-    rounds to 0, and the source would never be read; such a weight keeps three significant
-    digits instead (denominator <= WEIGHT_DENOMINATOR / weight, so the smallest positive
-    fraction available, weight / 1000, is far below the weight itself)."""
+    """`weight` as the nearest fraction with denominator <= D = WEIGHT_DENOMINATOR / min(weight, 1).
+    Some fraction k/D lies within 1/(2D) of the weight, so the error is at most
+    weight / (2 WEIGHT_DENOMINATOR): 0.05% of the weight whatever its size (a fixed D = 1000
+    rounded 0.0006 to 1/1000, 1.7x, and anything below 1/2000 to 0)."""
     exact = fractions.Fraction(weight)
-    coarse = exact.limit_denominator(WEIGHT_DENOMINATOR)
-    if coarse > 0 or exact == 0:
-        return coarse
-    return exact.limit_denominator(math.ceil(WEIGHT_DENOMINATOR / exact))
+    if exact == 0:
+        return exact
+    return exact.limit_denominator(max(WEIGHT_DENOMINATOR, math.ceil(WEIGHT_DENOMINATOR / exact)))
 
 
 def integer_proportions(weights: Sequence[float]) -> tuple[int, ...]:

@@ -36,17 +36,13 @@ from jaxtrain.schedules import resolve
 LINEAGE_FILE = "lineage.json"
 
 
-def decay_steps(decay: str, step: int) -> int:
-    """D from `--decay`: a step count ("200") or the branch's fraction in decay ("0.2":
+def decay_steps(decay: int | float, step: int) -> int:
+    """D from `--decay`: a step count (200) or the branch's fraction in decay (0.2:
     D / (k + D) = 0.2)."""
-    try:
-        value = float(decay)
-    except ValueError:
-        value = -1.0
-    if value >= 1 and value == int(value):
-        return int(value)
-    if 0 < value < 1:
-        return max(round(value * step / (1 - value)), 1)
+    if isinstance(decay, int) and decay >= 1:
+        return decay
+    if 0 < decay < 1:
+        return max(round(decay * step / (1 - decay)), 1)
     raise UserError(f"--decay {decay!r}: expected a number of steps (e.g. 200) or a fraction in (0, 1)")
 
 
@@ -72,7 +68,7 @@ def branch_config(parent: Config, step: int, steps: int, shape: str, final_fract
     return config_file.from_dict(config_file.apply_overrides(raw, overrides))
 
 
-def create_branch(parent_dir: str | Path, step: int | None, decay: str, new_dir: str | Path, shape: str = "linear",
+def create_branch(parent_dir: str | Path, step: int | None, decay: int | float, new_dir: str | Path, shape: str = "linear",
                   final_fraction: float | None = None, overrides: list[str] | None = None) -> tuple[Config, dict]:
     """Write the branch workdir (or, if it exists from an earlier call with the same lineage,
     reuse it) and return its config and lineage."""

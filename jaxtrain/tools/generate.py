@@ -16,35 +16,11 @@ restricted to the `top_k` most likely tokens when top_k > 0.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.errors import UserError
 from jaxtrain.model import Transformer
-
-
-# The KV cache holds every position at once and the loop is one compiled scan: a bound far
-# above any model's context, which stops a typo (1000000000) from exhausting memory first.
-MAX_NEW_TOKENS = 100_000
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, prompt: str) -> None:
-    """The sampling request, before a checkpoint is read (one-line errors)."""
-    if not prompt:
-        raise UserError("--prompt: must contain at least one character")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:  # bytes the terminal's locale could not decode
-        raise UserError(f"--prompt: not valid UTF-8 (character {err.start}); jaxtrain reads prompts as "
-                        f"UTF-8 text") from None
-    if not 0 < max_new_tokens <= MAX_NEW_TOKENS:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be between 1 and {MAX_NEW_TOKENS:,}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"--temperature {temperature}: must be a finite number >= 0 (0 = greedy)")
-    if top_k < 0:
-        raise UserError(f"--top-k {top_k}: must be >= 0 (0 = no limit)")
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
