@@ -9,16 +9,23 @@ WORKDIR ?= runs/small
 CONFIG ?= configs/small.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: train test check venv clean data train-bpe data-bench
 
 venv: $(STAMP)
 
+# jaxtrain with the figures' matplotlib: what train and every other command need
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[plot]'
 	touch $(STAMP)
+
+# and what only the tests use (pytest, the notebook kernel, transformers + a CPU PyTorch)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
 
 train: $(STAMP)
 	$(BIN)/jaxtrain train $(CONFIG) --workdir $(WORKDIR)
@@ -44,10 +51,10 @@ data-bench: $(CACHE)/stdlib/metadata.json
 
 # one pytest worker per core (a third worker on 2 cores measured slower: 11m57s vs 11m05s);
 # a test file stays on one worker, so module fixtures are shared
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
-check: $(STAMP)
+check: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 clean:

@@ -270,7 +270,8 @@ def test_export_refuses_an_existing_or_unplaceable_out_and_writes_nothing_there(
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no staging directory left behind
     export(capsys, trained("sp"), tmp_path / "new" / "dirs" / "hf")  # missing parents are made
-    assert (tmp_path / "new" / "dirs" / "hf" / "config.json").is_file()
+    assert json.loads((tmp_path / "new" / "dirs" / "hf" / "config.json").read_text())["architectures"] == \
+        ["LlamaForCausalLM"]
     status, _, err = cli_in_process(capsys, "export", str(trained("sp")), "--out", str(tmp_path / "hf"),
                                     "--step", "7")
     assert status == 2 and "--step 7" in err and not (tmp_path / "hf").exists()

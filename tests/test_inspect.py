@@ -5,7 +5,9 @@ data=2 x fsdp=2 x tensor=2 mesh. Both are read back on other meshes (the noteboo
 kernel has a single CPU device).
 """
 
+import base64
 import dataclasses
+import io
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO, TINY, cli_in_process, figure_panels, logged_rows, run_in_process
 from jaxtrain.tools import inspection
@@ -209,6 +212,8 @@ def test_notebook_runs_headless_on_one_device(runs, monkeypatch):
     assert "step 30 of 40" in text and "loaded on {'data': 1, 'fsdp': 1, 'tensor': 1} (1 cpu devices)" in text
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 4  # curves, singular values, activations, attention maps
+    sizes = [Image.open(io.BytesIO(base64.b64decode(o["data"]["image/png"]))).size for o in images]
+    assert sizes[0][0] > 3 * sizes[0][1] and sizes[3][0] > 1.5 * sizes[3][1], sizes  # 4 panels wide; 2 maps
     assert text.count("--- seed") == 2
     samples = text[text.index("--- seed 0"):]
     assert "\ufffd" not in samples  # BPE ids read as bytes would decode to U+FFFD

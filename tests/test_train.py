@@ -30,6 +30,25 @@ def final_state(cfg, workdir):
         ckpt.close()
 
 
+def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the event files in `directory` (TFRecords: a little-endian
+    uint64 length, its masked CRC, the Event proto, the proto's CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
 def without_timing(rows):
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
@@ -58,8 +77,10 @@ def test_metrics_rows_and_tensorboard(uninterrupted):
         assert row["tokens"] == row["step"] * cfg.train.batch_size * cfg.data.seq_len
         assert np.isfinite(row["loss"]) and row["tokens_per_sec"] > 0
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
-    assert list((workdir / "tb").glob("events.out.tfevents.*"))
-    assert (workdir / "config.yaml").exists()
+    scalars = tensorboard_scalars(workdir / "tb")  # TensorBoard holds the same numbers
+    assert scalars["loss"] == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in rows}
+    assert scalars["val_loss"] == {r["step"]: pytest.approx(r["val_loss"], rel=1e-6) for r in rows if "val_loss" in r}
+    assert load_config(workdir / "config.yaml") == cfg  # the run's record reads back as its config
     ckpt = Checkpointer(workdir, cfg.checkpoint)  # every 10 steps, newest 3 kept
     assert ckpt.all_steps() == [20, 30, 40]
     ckpt.close()
@@ -92,16 +113,28 @@ def test_resume_with_a_different_model_is_refused_and_harmless(uninterrupted, ca
     assert after == before
 
 
-def test_resume_with_a_different_parametrization_table_names_the_difference(tmp_path, capsys):
-    """Even with config.yaml gone, the table stored in the checkpoint guards the resume."""
+def test_resume_with_a_different_parametrization_table_names_the_difference(tmp_path, capsys, monkeypatch):
+    """With config.yaml gone, the config in the checkpoint's meta guards the resume; and the
+    table stored there refuses a table computed otherwise for the same config (another
+    version's rule), naming the parameter."""
+    import dataclasses
+
+    from jaxtrain import parametrization
+
     cfg = load_config(TINY, ["train.steps=10"])
     run(cfg, tmp_path)
     (tmp_path / "config.yaml").unlink()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
     proc = run_in_process(capsys, "train", str(TINY), "--workdir", str(tmp_path), "--set", "train.steps=10",
-                   "--set", "parametrization.name=ntk")
+                          "--set", "parametrization.name=ntk")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "parametrization table differs" in proc.stderr and "name: checkpoint has 'sp'" in proc.stderr
+    assert "'parametrization.name'" in proc.stderr and "holds a run with 'sp'" in proc.stderr, proc.stderr
+    rule = parametrization._rule  # the same config, the hidden matrices' init std computed twice as large
+    monkeypatch.setattr(parametrization, "_rule", lambda cfg, role, *a: (lambda r: dataclasses.replace(
+        r, init_std=2 * r.init_std) if role == "hidden" else r)(rule(cfg, role, *a)))
+    proc = run_in_process(capsys, "train", str(TINY), "--workdir", str(tmp_path), "--set", "train.steps=20")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "parametrization table differs" in proc.stderr and ".init_std: checkpoint has" in proc.stderr, proc.stderr
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
     assert after == before
     table = json.loads((tmp_path / "parametrization.json").read_text())

@@ -86,6 +86,10 @@ def coord_check(cfg: Config, widths: list[int], depths: list[int] | None, steps:
                 out: Path | None = None) -> dict[str, Any]:
     depths = depths or [cfg.model.n_layers]
     shapes = {(depth, width): _shape_config(cfg, width, depth, steps) for depth in depths for width in widths}
+    if out is not None:
+        from jaxtrain.tools.plotting import check_available
+
+        check_available()  # before any width trains
     iterator = pipeline.TrainBatches(cfg, open_sources(cfg), 0, 1)  # every shape is valid: now compute
     batches = [next(iterator) for _ in range(steps)]
     probe = batches[0]  # tokens, and segment ids when packed

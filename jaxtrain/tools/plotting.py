@@ -35,6 +35,12 @@ def _pyplot():
     return matplotlib.pyplot
 
 
+def check_available() -> None:
+    """For commands that train before they draw (sweep, coord-check): refuse at the start,
+    not after the runs, when matplotlib is missing."""
+    _pyplot()
+
+
 def _short(key: str) -> str:
     return key.split(".")[-1]
 

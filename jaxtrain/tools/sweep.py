@@ -195,8 +195,11 @@ def write_table(out: Path, runs: list[dict]) -> None:
 
 def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = (), x_key: str = "optimizer.lr",
           curve_key: str | None = None, log=print) -> dict[str, Any]:
+    from jaxtrain.tools import plotting
+
     curve_key, panel_keys = choose_keys(grid, x_key, curve_key)
     points = plan(config, list(overrides), grid)
+    plotting.check_available()
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for i, (assignment, cfg) in enumerate(points, 1):
@@ -210,7 +213,5 @@ def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = ()
                "panels": panel_keys, "runs": runs, **analysis}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_table(out, runs)
-    from jaxtrain.tools.plotting import plot_sweep
-
-    plot_sweep(results, out / "sweep.png")
+    plotting.plot_sweep(results, out / "sweep.png")
     return results
