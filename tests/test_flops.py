@@ -10,7 +10,7 @@ from jaxtrain.tools import flops
 
 @pytest.mark.parametrize("device_kind, key", [
     ("NVIDIA H100 80GB HBM3", "H100"),
-    ("NVIDIA H100 PCIe", "H100"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"),  # not the SXM card's row: the most specific key wins
     ("NVIDIA H200", "H200"),
     ("NVIDIA A100-SXM4-80GB", "A100"),
     ("NVIDIA A100 80GB PCIe", "A100"),

@@ -32,7 +32,8 @@ from jaxtrain.config import ModelConfig
 # float32 on NVIDIA is the TF32 tensor-core rate, which XLA uses for f32 matmuls by default.
 PEAK_FLOPS = {
     "H200": (989e12, 495e12),  # same tensor cores as H100 SXM
-    "H100": (989e12, 495e12),  # SXM5; the PCIe card is about 0.76x
+    "H100": (989e12, 495e12),  # SXM5
+    "H100 PCIe": (756e12, 378e12),
     "A100": (312e12, 156e12),
     "L4": (121e12, 60e12),
     "TPU v6 lite": (918e12, 918e12),  # v6e; TPU matmuls run f32 as bf16 passes by default
@@ -53,16 +54,19 @@ def table_entry(device_kind: str) -> str | None:
     v4i, which is not a v4), so it must equal a key. An NVIDIA kind is the model followed by
     variant words ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB'), so the key must be one
     of its words: 'L4' is not a word of 'NVIDIA L40S', nor 'H200' of 'NVIDIA GH200 480GB'.
+    Where several keys' words all occur ('H100' and 'H100 PCIe' in 'NVIDIA H100 PCIe'),
+    the one with the most words is the card's.
     """
     words = _words(device_kind)
+    matches = []
     for key in PEAK_FLOPS:
         key_words = _words(key)
         if key_words[0] == "tpu":
             if words == key_words:
                 return key
-        elif key_words[0] in words:
-            return key
-    return None
+        elif set(key_words) <= set(words):
+            matches.append(key)
+    return max(matches, key=lambda key: len(_words(key)), default=None)
 
 
 def matmul_params(cfg: ModelConfig) -> int:
