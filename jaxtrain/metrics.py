@@ -19,12 +19,29 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jaxtrain.errors import ConfigError, UserError
 
 TIMING_KEYS = ("tokens_per_sec", "eta_sec")
+
+
+def _summary_writer(logdir: Path, purge_step: int):
+    """tensorboardX's SummaryWriter, imported by the process that logs (process 0) when it
+    starts logging. tensorboardX imports PyTorch at module level whenever it is installed,
+    only to accept torch tensors, which jaxtrain never passes: 1.3 s and a few hundred MB
+    per process on a machine with PyTorch. The import is made with torch marked absent
+    (tensorboardX's own `except ImportError` path), unless torch is already loaded; the mark
+    is removed at once, so later `import torch` works as usual."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(str(logdir), purge_step=purge_step)
 
 
 def read_metrics(path: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
@@ -101,7 +118,7 @@ class MetricsLogger:
             return
         truncate_after(self.path, start_step, warn)
         self._file = self.path.open("a")
-        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1)
+        self._tb = _summary_writer(workdir / "tb", start_step + 1)
         self._wandb = _wandb_run(workdir, wandb_project, run_config or {}) if wandb_project else None
         if self._tty:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
