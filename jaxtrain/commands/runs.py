@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 
 from jaxtrain.commands.args import file_to_write, int_up_to, non_negative_float, non_negative_int, utf8_text
+from jaxtrain.errors import UserError
 
 # The most tokens one `jaxtrain generate` samples: its KV cache holds every position at
 # once and the loop is one compiled scan, so a bound far above any model's context stops a
 # typo (1000000000) from exhausting memory first.
 MAX_NEW_TOKENS = 100_000
-from jaxtrain.errors import UserError
 
 
 def add_parsers(commands) -> None:
