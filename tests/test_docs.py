@@ -18,6 +18,7 @@ imported from jaxtrain.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -26,8 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 150
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
-MARKDOWN = [REPO / "README.md", *(sorted((REPO / d).glob("*.md")) for d in ("docs", "launch", "data"))]
-MARKDOWN = [MARKDOWN[0], *(page for pages in MARKDOWN[1:] for page in pages)]
+MARKDOWN = [REPO / "README.md", *(page for d in ("docs", "launch", "data") for page in sorted((REPO / d).glob("*.md")))]
 
 _FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
 _CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.S)
@@ -77,12 +77,12 @@ def anchors(text: str) -> set[str]:
     """GitHub's anchors of a markdown text's headings: lower case, punctuation but '-' and
     '_' dropped, spaces to '-', a repeated slug numbered -1, -2, ..."""
     prose, _ = _split_code(re.sub(r"`([^`]*)`", r"\1", text))  # a heading's code span keeps its text
-    slugs: dict[str, int] = {}
+    found, seen = set(), Counter()
     for heading in re.findall(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", prose, re.M):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-        slugs[slug if slug not in slugs else f"{slug}-{slugs[slug]}"] = 0
-        slugs[slug] = slugs.get(slug, 0) + 1
-    return set(slugs)
+        found.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+        seen[slug] += 1
+    return found
 
 
 def broken_links(text: str, where: Path) -> list[str]:
@@ -138,11 +138,15 @@ def test_the_link_checker_sees_a_broken_link():
     ]
 
 
+def _architecture_paths() -> list[tuple[int, str]]:
+    """(line, path) of every `jaxtrain/...` path docs/ARCHITECTURE.md names in code."""
+    _, code = _split_code(ARCHITECTURE.read_text())
+    return [(line, path.rstrip(".,;:")) for line, text in code for path in _PACKAGE_PATH.findall(text)]
+
+
 def test_architecture_names_only_files_that_exist():
     assert ARCHITECTURE.is_file(), "docs/ARCHITECTURE.md is missing (README.md links it)"
-    _, code = _split_code(ARCHITECTURE.read_text())
-    named = [(line, path.rstrip(".,;:")) for line, text in code for path in _PACKAGE_PATH.findall(text)]
-    checked = [(line, path) for line, path in named if "*" not in path and (path.endswith((".py", "/")))]
+    checked = [(line, path) for line, path in _architecture_paths() if "*" not in path and path.endswith((".py", "/"))]
     assert any(path.endswith(".py") for _, path in checked), "docs/ARCHITECTURE.md names no jaxtrain/...py file"
     missing = [f"docs/ARCHITECTURE.md:{line}: names {path!r}, which does not exist"
                for line, path in checked if not (REPO / path).exists()]
@@ -151,8 +155,7 @@ def test_architecture_names_only_files_that_exist():
 
 def test_architecture_names_every_module():
     """A module added to the package is placed on the map (its path in a code block or span)."""
-    _, code = _split_code(ARCHITECTURE.read_text())
-    named = {path.rstrip(".,;:") for _, text in code for path in _PACKAGE_PATH.findall(text)}
+    named = {path for _, path in _architecture_paths()}
     modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "jaxtrain").rglob("*.py") if p.name != "__init__.py")
     missing = [m for m in modules if m not in named]
     assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"

@@ -129,9 +129,13 @@ def test_resume_with_a_different_parametrization_table_names_the_difference(tmp_
                           "--set", "parametrization.name=ntk")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "'parametrization.name'" in proc.stderr and "holds a run with 'sp'" in proc.stderr, proc.stderr
-    rule = parametrization._rule  # the same config, the hidden matrices' init std computed twice as large
-    monkeypatch.setattr(parametrization, "_rule", lambda cfg, role, *a: (lambda r: dataclasses.replace(
-        r, init_std=2 * r.init_std) if role == "hidden" else r)(rule(cfg, role, *a)))
+    rule = parametrization._rule
+
+    def doubled_hidden_init(cfg, role, *args):  # the same config, the hidden init std computed twice as large
+        computed = rule(cfg, role, *args)
+        return dataclasses.replace(computed, init_std=2 * computed.init_std) if role == "hidden" else computed
+
+    monkeypatch.setattr(parametrization, "_rule", doubled_hidden_init)
     proc = run_in_process(capsys, "train", str(TINY), "--workdir", str(tmp_path), "--set", "train.steps=20")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "parametrization table differs" in proc.stderr and ".init_std: checkpoint has" in proc.stderr, proc.stderr
