@@ -39,6 +39,19 @@ def node_state() -> str:
     return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def slurmd_runs_a_step_of(job: str) -> bool:
+    """slurmd's own state: `scontrol listpids` asks every step daemon on this node, and
+    fails once none of the job's steps (batch, extern, the srun step) is left."""
+    return subprocess.run(["scontrol", "listpids", job], capture_output=True).returncode == 0
+
+
+def after_revocation() -> None:
+    """Wait into the next whole second. Tearing a job down revokes its credential at a time
+    in whole seconds, and slurmd refuses a launch whose credential was made at or before
+    that second: a requeue in the same second as the revocation would be refused."""
+    time.sleep(1.05 - time.time() % 1)
+
+
 def wait_for(condition, what: str, timeout: float = 120, details=lambda: "") -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -88,8 +101,12 @@ def test_a_slurm_job_joins_from_its_environment_stops_on_term_and_resumes_when_r
     assert stopped["ExitCode"] == "143:0" and len(steps) == 1, story(job, log)  # both processes, the same step
     step = int(steps.pop())
     assert output.count(f"stopped by signal 15 after step {step}") == 2, story(job, log)
-    wait_for(lambda: node_state() == "idle", "the node to finish the stopped job",  # epilog included
-             details=lambda: story(job, log))
+    # The node shows idle before slurmd has torn down every step of the job; a requeue sent
+    # then has its launch refused ("Job N already killed, do not launch batch job") and the
+    # job ends FAILED. Wait for slurmd's own word that no step of the job is left.
+    wait_for(lambda: node_state() == "idle" and not slurmd_runs_a_step_of(job),
+             "slurmd to finish every step of the stopped job", details=lambda: story(job, log))
+    after_revocation()
     subprocess.run(["scontrol", "requeue", job], check=True)
     # Slurm holds a requeued batch job for ~2 minutes before it is eligible again (so a
     # failing job does not thrash the cluster); an operator's StartTime=now releases it
