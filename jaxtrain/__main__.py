@@ -1,6 +1,5 @@
 """`python -m jaxtrain ...` is the same as the `jaxtrain` console script."""
-import sys
 
-from jaxtrain.cli import main
+from jaxtrain.cli import program
 
-sys.exit(main())
+program()

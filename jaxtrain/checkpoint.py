@@ -1,6 +1,6 @@
 """orbax checkpoints of everything a run needs to continue exactly.
 
-One checkpoint (`WORKDIR/checkpoints/<step>/`) holds three items:
+One checkpoint (`<directory>/<step>/`, WORKDIR/checkpoints in a workdir) holds three items:
   state  params, optimizer state, step and RNG key (sharded arrays, OCDBT/tensorstore)
   data   the grain iterator state (JSON): where the next batch comes from
   meta   tokens seen, the resolved config and parametrization table (JSON)
@@ -15,9 +15,12 @@ current run uses (another device count or axis sizes: orbax reads each device's 
 What can go wrong on disk, and what happens:
   killed mid-save       the temporary directory is ignored (and removed at the next start)
   corrupted checkpoint  (truncated or missing files) `restore_newest` warns, moves it to
-                        WORKDIR/checkpoints.unreadable/<step>, and uses the previous one
-  failed save           (disk full, permissions) `CheckpointSaveError` names the step and the
-                        checkpoints still intact; earlier checkpoints are never touched
+                        <directory>.unreadable/<step>, and uses the previous one
+  failed save           (disk full, permissions) `CheckpointSaveError`, one line: the step, the
+                        cause (for a file-system error: its reason and the free space there),
+                        the checkpoints still intact, what to do; the failed save's temporary
+                        directory is removed (it would hold space the next save needs), earlier
+                        checkpoints are never touched, and orbax's own reports of it are dropped
 With several processes every call here is collective: all processes make it together.
 """
 
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import shutil
 import sys
 import time
@@ -37,19 +42,17 @@ from absl import logging as absl_logging
 
 from jaxtrain.config import CheckpointConfig
 from jaxtrain.distributed import barrier
-from jaxtrain.errors import UserError
-
-UNREADABLE_DIR = "checkpoints.unreadable"
+from jaxtrain.errors import RERUN, UserError, WriteError, explain_os_error
 
 
-class CheckpointSaveError(UserError):
+class CheckpointSaveError(WriteError):
     """Writing a checkpoint failed; the earlier ones are intact."""
-
-    exit_code = 1
 
 
 class Checkpointer:
-    def __init__(self, workdir: Path, cfg: CheckpointConfig, read_only: bool = False):
+    def __init__(self, directory: Path, cfg: CheckpointConfig, read_only: bool = False):
+        """`directory`: where the step directories go (workdir.Layout.checkpoints); a
+        checkpoint that does not read back is moved to `<directory>.unreadable/`."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
@@ -57,11 +60,13 @@ class Checkpointer:
             read_only=read_only,
             cleanup_tmp_directories=not read_only,  # left by a save killed mid-write
         )
-        self._directory = Path(workdir).absolute() / "checkpoints"
+        self._directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(self._directory, options=options,
                                               item_names=("state", "data", "meta"))
         self._every = cfg.every_steps
         self._saving: int | None = None  # step of the save that may still be in flight
+        if not read_only:
+            _silence_failed_saves(self._directory)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -95,10 +100,18 @@ class Checkpointer:
             yield
         except Exception as err:
             intact = [s for s in self.all_steps() if s != step]
-            raise CheckpointSaveError(
-                f"checkpoint save at step {step} in {self._directory} failed "
-                f"({_first_line(err)}); intact checkpoints: steps {intact or 'none'}"
-            ) from err
+            self._remove_partial(step)
+            code = _os_error_code(err)
+            reason, advice = explain_os_error(self._directory, OSError(code, os.strerror(code))) if code \
+                else (_first_line(err), RERUN)
+            raise CheckpointSaveError(f"checkpoint save at step {step} in {self._directory} failed: {reason}; "
+                                      f"intact checkpoints: steps {intact or 'none'}", advice) from None
+
+    def _remove_partial(self, step: int) -> None:
+        """The failed save's temporary directory (process 0: the directory is shared)."""
+        if jax.process_index() == 0 and self._directory.is_dir():
+            for partial in self._directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """abstract_state: ShapeDtypeStructs carrying the target shardings."""
@@ -155,7 +168,7 @@ class Checkpointer:
         return None
 
     def _move_aside(self, step: int) -> Path:
-        target = self._directory.parent / UNREADABLE_DIR / f"{step}.{int(time.time())}"
+        target = self._directory.with_name(self._directory.name + ".unreadable") / f"{step}.{int(time.time())}"
         if jax.process_index() == 0:
             target.parent.mkdir(exist_ok=True)
             shutil.move(str(self._directory / str(step)), str(target))
@@ -166,6 +179,15 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         """Only the metadata item of a checkpoint (no arrays are read)."""
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def settle(self) -> list[int]:
+        """The complete checkpoints once the in-flight save has ended, whether or not it
+        succeeded (for the report of a run that is failing anyway)."""
+        try:
+            self.wait()
+        except CheckpointSaveError:
+            pass
+        return sorted(self.all_steps())
 
     def wait(self) -> None:
         """Block until the in-flight save is on disk (raises CheckpointSaveError if it failed)."""
@@ -206,6 +228,41 @@ def _silence_abandoned_reads(directory: Path) -> None:
         _drop_abandoned_reads.previous = sys.unraisablehook
         sys.unraisablehook = _drop_abandoned_reads
     _QUIET_DIRECTORIES.add(str(directory))
+
+
+def _os_error_code(err: BaseException) -> int | None:
+    """The errno of a file-system failure anywhere in the chain: an OSError, or tensorstore's
+    `[os_error_code='28']` inside the error orbax raises."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        found = re.search(r"os_error_code='?(\d+)", str(err))
+        if found:
+            return int(found.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _DropFailedSaves(logging.Filter):
+    """orbax logs a failed background save at ERROR, with tracebacks, from each of its
+    threads; `Checkpointer.wait` raises it as one line, so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        return not (any(phrase in message for phrase in _FAILED_SAVE_PHRASES)
+                    or any(d in message for d in _SAVING_DIRECTORIES))
+
+
+_SAVING_DIRECTORIES: set[str] = set()
+_FAILED_SAVE_PHRASES = ("Save Finalize thread", "_SignalingThread.run() raised")  # orbax's, not always with a path
+
+
+def _silence_failed_saves(directory: Path) -> None:
+    if not _SAVING_DIRECTORIES:
+        logging.getLogger("absl").addFilter(_DropFailedSaves())
+    _SAVING_DIRECTORIES.add(str(directory))
 
 
 def _first_line(err: BaseException) -> str:

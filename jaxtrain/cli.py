@@ -10,7 +10,10 @@ module assembles them and turns every bad input into one line.
     (`jaxtrain COMMAND --help` for each; docs/usage.md for all of them)
 
 Bad input (config, data, paths, flags) prints one line `jaxtrain: error: ...` and exits 2;
-`JAXTRAIN_DEBUG=1` shows the traceback instead.
+`JAXTRAIN_DEBUG=1` shows the traceback instead. A file the run could not write (a full
+disk, lost permissions) is one such line too, after which the program exits at once:
+orbax's and tensorboardX's background writers may still be blocked on the file system,
+and waiting for them at shutdown would hang the job (or bury the line in their reports).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import re
 import sys
 
 from jaxtrain import commands, xla_flags
-from jaxtrain.errors import UserError
+from jaxtrain.errors import UserError, WriteError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,17 +46,40 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
+def _dispatch(argv: list[str] | None) -> int:
     xla_flags.tune_cpu_xla()
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+def _report(err: UserError) -> int:
+    if os.environ.get("JAXTRAIN_DEBUG"):
+        raise err
+    print(f"jaxtrain: error: {err}", file=sys.stderr, flush=True)
+    return err.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (for callers in Python, e.g. the tests)."""
     try:
-        args = parser().parse_args(argv)
-        return args.func(args)
+        return _dispatch(argv)
     except UserError as err:
-        if os.environ.get("JAXTRAIN_DEBUG"):
-            raise
-        print(f"jaxtrain: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _report(err)
+
+
+def program() -> None:
+    """The console script and `python -m jaxtrain`: `main`, and after a failed write an
+    immediate exit that abandons the background writer threads."""
+    try:
+        status = _dispatch(None)
+    except WriteError as err:
+        status = _report(err)
+        sys.stdout.flush()
+        os._exit(status)
+    except UserError as err:
+        status = _report(err)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -1,5 +1,6 @@
-"""The one config reader: YAML experiment files, `--set a.b=c` overrides, and the resolved
-config a run recorded in its workdir, all validated into a `Config`.
+"""The one config reader: YAML experiment files and `--set a.b=c` overrides, validated into
+a `Config` (the resolved config a run recorded in its workdir is read through it by
+`workdir.read_run_config`).
 
 A problem is one line naming the file or the dotted key (`ConfigError`, `UserError`):
 unreadable file, invalid YAML with its line, a key given twice, an unknown key, a value of
@@ -98,10 +99,3 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML experiment file, apply `--set` overrides, validate."""
     return from_dict(apply_overrides(read_yaml_mapping(path), list(overrides)))
 
-
-def read_run_config(workdir: str | Path) -> Config:
-    """The resolved config a run recorded in `WORKDIR/config.yaml`."""
-    path = Path(workdir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{workdir}: not a jaxtrain workdir (no config.yaml)")
-    return from_dict(read_yaml_mapping(path, "the run's config"))

@@ -8,6 +8,11 @@ TensorBoard events go to `WORKDIR/tb` (tensorboardX, no TensorFlow needed); a re
 writer purges events after the restored step. With `train.wandb_project` set, rows also go
 to Weights & Biases (optional: never imported otherwise), one W&B run per workdir,
 resumed with it.
+
+Every file written here turns an OSError (a full disk, lost permissions, a directory where
+the file should be) into one line naming the path, the free space and what to do
+(errors.writing). TensorBoard events are written by tensorboardX's own thread: its failure
+is kept and raised the same way at the next row.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import hashlib
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
-from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.errors import ConfigError, UserError, WriteError, writing
+from jaxtrain.workdir import Layout
 
 TIMING_KEYS = ("tokens_per_sec", "eta_sec")
 
@@ -41,7 +48,37 @@ def _summary_writer(logdir: Path, purge_step: int):
     finally:
         if hide:
             del sys.modules["torch"]
+    _keep_tensorboard_failures()
     return SummaryWriter(str(logdir), purge_step=purge_step)
+
+
+_TENSORBOARD_FAILURES: list[OSError] = []  # raised in tensorboardX's writer thread, not yet reported
+
+
+def _keep_tensorboard_failures() -> None:
+    """An OSError in tensorboardX's writer thread would print a traceback from the thread;
+    it is kept for `MetricsLogger.write` to raise as one line instead (hook installed once)."""
+    _TENSORBOARD_FAILURES.clear()
+    if getattr(threading.excepthook, "keeps_tensorboard_failures", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboardX"):
+            _TENSORBOARD_FAILURES.append(args.exc_value)
+        else:
+            previous(args)
+
+    hook.keeps_tensorboard_failures = True
+    threading.excepthook = hook
+
+
+def _abandon(writer) -> None:
+    """Mark a failed tensorboardX writer closed, so that its exit hook does not try (and
+    fail, with a traceback) to flush again."""
+    event_writer = getattr(getattr(writer, "file_writer", None), "event_writer", None)
+    if event_writer is not None:
+        event_writer._closed = True
 
 
 def read_metrics(path: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
@@ -110,15 +147,17 @@ class MetricsLogger:
                  console: bool = True, wandb_project: str | None = None, run_config: dict | None = None,
                  warn: Callable[[str], None] | None = None):
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.path, self._tb_dir = Layout(workdir).metrics, Layout(workdir).tensorboard
         self._tty = console and sys.stderr.isatty()
         self._bar = None
         self._muted = not console  # set when the terminal went away, or asked to be quiet
         if not enabled:
             return
-        truncate_after(self.path, start_step, warn)
-        self._file = self.path.open("a")
-        self._tb = _summary_writer(workdir / "tb", start_step + 1)
+        with writing("metrics file", self.path):
+            truncate_after(self.path, start_step, warn)
+            self._file = self.path.open("a")
+        with writing("TensorBoard directory", self._tb_dir):
+            self._tb = _summary_writer(self._tb_dir, start_step + 1)
         self._wandb = _wandb_run(workdir, wandb_project, run_config or {}) if wandb_project else None
         if self._tty:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -126,11 +165,16 @@ class MetricsLogger:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(key, value, row["step"])
+        with writing("metrics file", self.path):
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        with writing("TensorBoard events in", self._tb_dir):
+            if _TENSORBOARD_FAILURES:
+                _abandon(self._tb)
+                raise _TENSORBOARD_FAILURES[0]
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, row["step"])
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         self._display(self._show, row)
@@ -167,11 +211,24 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Flush and close everything. A write that fails here is one line, unless the run
+        is already ending on an error (that one is reported, not this consequence of it)."""
         if not self.enabled:
             return
+        ending_on_error = sys.exc_info()[0] is not None
         if self._bar is not None:
             self._display(self._bar.close)
-        self._tb.close()
-        self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        try:
+            with writing("TensorBoard events in", self._tb_dir):
+                try:
+                    self._tb.close()
+                finally:
+                    _abandon(self._tb)
+            with writing("metrics file", self.path):
+                self._file.close()
+        except WriteError:
+            if not ending_on_error:
+                raise
+        finally:
+            if self._wandb is not None:
+                self._wandb.finish()

@@ -31,6 +31,7 @@ from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import check_wandb
 from jaxtrain.model import check_compute
 from jaxtrain.parametrization import Table
+from jaxtrain.workdir import Layout
 
 BOTH_SPLITS = ("train", "validation")
 
@@ -66,7 +67,7 @@ def check_writable(workdir: Path) -> None:
     workdir and its checkpoints if they exist, else the nearest directory above that does
     (probed by creating a file: permission bits alone do not say what root, ACLs or a
     read-only mount allow)."""
-    existing = [d for d in (workdir / "checkpoints", workdir) if d.is_dir()]
+    existing = [d for d in (Layout(workdir).checkpoints, workdir) if d.is_dir()]
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir}: exists and is not a directory")
     if not existing:
@@ -89,7 +90,7 @@ def check_resumable(workdir: Path, cfg: Config, table: Table, ckpt: Checkpointer
     meta = ckpt.newest_meta()
     if meta is None:
         return
-    path = workdir / "config.yaml"
+    path = Layout(workdir).config
     recorded = read_yaml_mapping(path, "the run's config") if path.exists() else None  # a corrupt one is named
     trained = meta.get("config") or recorded
     difference = identity_difference(cfg.to_dict(), trained) if trained else None

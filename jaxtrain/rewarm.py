@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jaxtrain import parametrization
-from jaxtrain import config_file
-from jaxtrain.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.config import INIT_FROM_SECTIONS, Config, identity_difference
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.huggingface import importer
+from jaxtrain.workdir import Layout, open_at_step
 
 def check_parent(cfg: Config, parent: Config, parent_dir: Path, table: parametrization.Table) -> None:
     """The parent's model and parametrization (config.INIT_FROM_SECTIONS) must be this run's."""
@@ -37,19 +36,30 @@ def check_parent(cfg: Config, parent: Config, parent_dir: Path, table: parametri
     if difference:
         key, theirs, mine = difference
         raise ConfigError(key, f"is {mine!r}, but train.init_from.workdir {parent_dir} was trained with {theirs!r}")
-    saved_table = parent_dir / "parametrization.json"
+    saved_table = Layout(parent_dir).table
     if saved_table.is_file():
         parametrization.check_matches(json.loads(saved_table.read_text()), table)
 
 
 def check_before_start(cfg: Config, table: parametrization.Table, workdir: Path) -> None:
-    """A Hugging Face source is checked before the workdir is created (a workdir parent
-    is checked when it is read); nothing to check once the workdir has checkpoints."""
+    """The source is checked before the workdir is created: a Hugging Face model's files and
+    fit, or the parent run's config, its checkpoint `step` and its model. Nothing to check
+    once the workdir has checkpoints of its own (init_from is not read again)."""
     source = cfg.train.init_from
-    checkpoints = workdir / "checkpoints"
-    if source is None or source.huggingface is None or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    if source is None or Layout(workdir).has_checkpoints():
         return
-    importer.check_source(cfg, table, source.huggingface)
+    if source.huggingface is not None:
+        importer.check_source(cfg, table, source.huggingface)
+        return
+    with _parent_at_step(source.workdir, source.step) as parent:
+        check_parent(cfg, parent.cfg, parent.workdir, table)
+
+
+def _parent_at_step(workdir: str, step: int | None):
+    """The parent run opened at its checkpoint `step` (a refusal names the config keys)."""
+    if not Path(workdir).is_dir():
+        raise ConfigError("train.init_from.workdir", f"{workdir}: no such directory")
+    return open_at_step(workdir, step, step_name="train.init_from.step")
 
 
 def initial_state(cfg: Config, table: parametrization.Table, fresh: Any, abstract: Any,
@@ -62,17 +72,9 @@ def initial_state(cfg: Config, table: parametrization.Table, fresh: Any, abstrac
         message(f"initialized from the Hugging Face model {Path(source.huggingface).absolute()} (params); "
                 f"step and tokens start at 0")
         return fresh.replace(params=importer.place(params, abstract.params))
-    parent_dir = Path(source.workdir).absolute()
-    parent = config_file.read_run_config(parent_dir)
-    check_parent(cfg, parent, parent_dir, table)
-    with quiet_absl():
-        ckpt = Checkpointer(parent_dir, parent.checkpoint, read_only=True)
-    try:
-        saved = sorted(ckpt.all_steps())
-        step = source.step if source.step is not None else (saved[-1] if saved else None)
-        if step is None or step not in saved:
-            raise ConfigError("train.init_from.step", f"{source.step} is not a checkpoint of {parent_dir} "
-                                                      f"(saved: {saved})")
+    with _parent_at_step(source.workdir, source.step) as parent:
+        check_parent(cfg, parent.cfg, parent.workdir, table)
+        ckpt, step, parent_dir = parent.checkpointer, parent.step, parent.workdir
         if source.optimizer:
             try:
                 state, _, _ = ckpt.restore(step, abstract)
@@ -82,8 +84,6 @@ def initial_state(cfg: Config, table: parametrization.Table, fresh: Any, abstrac
             fresh = fresh.replace(params=state.params, opt_state=state.opt_state)
         else:
             fresh = fresh.replace(params=ckpt.restore_params(step, abstract.params))
-    finally:
-        ckpt.close()
     loaded = "params and optimizer state" if source.optimizer else "params"
     message(f"initialized from {parent_dir} checkpoint at step {step} ({loaded}); step and tokens start at 0")
     return fresh

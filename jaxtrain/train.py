@@ -11,7 +11,6 @@ step N+1 has been dispatched. Evaluation runs every `train.eval_every` steps.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,13 +18,12 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import yaml
 
 from jaxtrain import rewarm, sharding, telemetry
 from jaxtrain import train_step as ts
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.checkpoint import Checkpointer, CheckpointSaveError
 from jaxtrain.config import Config
-from jaxtrain.parametrization import Table
+from jaxtrain.errors import WriteError
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource, open_sources
 from jaxtrain.evaluate import Evaluator
@@ -34,6 +32,7 @@ from jaxtrain.nonfinite import NonFiniteGuard
 from jaxtrain.preemption import StopRequest, StopVote, stop_on_signal
 from jaxtrain.preflight import check_resumable, preflight_training
 from jaxtrain.schedules import make_schedule
+from jaxtrain.workdir import Layout, owned, record_run
 
 
 @dataclasses.dataclass
@@ -46,19 +45,6 @@ class RunResult:
     unigram_entropy: float  # nats/token of the training data (weighted over sources)
     resumed_from: int | None
     stop_signal: int | None  # set when a signal stopped the run early
-
-
-def record_run(workdir: Path, cfg: Config, table: Table) -> None:
-    """The resolved config and table in the workdir, each replaced atomically."""
-    if jax.process_index() == 0:
-        _write_atomic(workdir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _write_atomic(workdir / "parametrization.json", json.dumps(table.to_json(), indent=1))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _warn(text: str) -> None:
@@ -80,24 +66,29 @@ class _Throughput:
 
 
 def run(cfg: Config, workdir: str | Path, *, stop_after: int | None = None, console: bool = True,
-        check_memory: bool = True) -> RunResult:
+        check_memory: bool = True, command: str = "train") -> RunResult:
     """Train in `workdir`, resuming from its newest checkpoint. `stop_after` ends this
     invocation after that step (with a checkpoint), as a preemption would. `console=False`
     keeps the terminal quiet (metrics.jsonl and TensorBoard are still written).
-    `check_memory=False` skips the memory preflight (`memory.check_fits`)."""
+    `check_memory=False` skips the memory preflight (`memory.check_fits`). The workdir is
+    owned (`workdir.owned`, in `command`'s name) from after the preflight to the end."""
     workdir = Path(workdir)
     mesh = sharding.make_mesh(cfg.mesh)
     sources = open_sources(cfg)
     spec = preflight_training(cfg, mesh, sources, workdir, check_memory=check_memory)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir, cfg.checkpoint)
-    try:
-        check_resumable(workdir, cfg, spec.table, ckpt)
-        parts = _build(cfg, spec, mesh, sources)
-        with stop_on_signal(cfg.train.grace_period_sec) as stop:
-            return TrainingRun(cfg, parts, ckpt, stop, stop_after).train(workdir, console)
-    finally:
-        ckpt.close()
+    with owned(workdir, command):
+        ckpt = Checkpointer(Layout(workdir).checkpoints, cfg.checkpoint)
+        try:
+            check_resumable(workdir, cfg, spec.table, ckpt)
+            parts = _build(cfg, spec, mesh, sources)
+            with stop_on_signal(cfg.train.grace_period_sec) as stop:
+                return TrainingRun(cfg, parts, ckpt, stop, stop_after).train(workdir, console)
+        except WriteError as err:  # a log or record failed to write: say what the run can resume from
+            if isinstance(err, CheckpointSaveError):
+                raise
+            raise err.with_intact(ckpt.settle()) from None
+        finally:
+            ckpt.close()
 
 
 @dataclasses.dataclass

@@ -174,3 +174,27 @@ def figure_panels(path: Path) -> list[dict]:
     with Image.open(path) as image:
         assert image.format == "PNG", path
         return json.loads(image.text["Description"])["panels"]
+
+
+@pytest.fixture
+def workdir_holder(tmp_path):
+    """Start a process that owns a workdir (`workdir.owned`) and does nothing else:
+    `workdir_holder(copy_of=RUN)` -> (workdir, the holder's pid); the workdir holds a copy
+    of RUN's files, or nothing but the lock file."""
+    started = []
+
+    def hold(copy_of: Path | None = None) -> tuple[Path, int]:
+        workdir = tmp_path / f"held{len(started)}"
+        if copy_of is not None:
+            shutil.copytree(copy_of, workdir)
+        code = ("import sys, time; from jaxtrain.workdir import owned\n"
+                "with owned(sys.argv[1], 'train'):\n    print('owned', flush=True); time.sleep(600)")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "owned"
+        return workdir, proc.pid
+
+    yield hold
+    for proc in started:
+        proc.kill()
+        proc.wait()

@@ -66,6 +66,42 @@ def test_two_processes_branch_once_and_train_the_branch_together(wsd_parent, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cooldown"]  # no temporary directory left
 
 
+def test_a_cooldown_into_an_owned_workdir_is_one_line_naming_the_holder(wsd_parent, workdir_holder, capsys):
+    branch, pid = workdir_holder()
+    before = snapshot(branch)
+    status, _, err = cli_in_process(capsys, "cooldown", str(wsd_parent), "--step", "20", "--decay", "10",
+                                    "--workdir", str(branch))
+    assert status == 2 and err.count("\n") == 1 and f"pid {pid}," in err, err
+    assert snapshot(branch) == before
+
+
+def test_two_cooldowns_into_one_new_directory_train_it_once(wsd_parent, tmp_path):
+    branch = tmp_path / "cooldown"
+    args = ("cooldown", str(wsd_parent), "--step", "20", "--decay", "10", "--workdir", str(branch))
+    procs = [start_cli(*args) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], outputs
+    refused = next(err for p, (_, err) in zip(procs, outputs) if p.returncode == 2)
+    assert refused.count("\n") == 1 and "held by `jaxtrain cooldown`" in refused, refused
+    assert [r["step"] for r in read_metrics(branch / "metrics.jsonl")] == list(range(1, 31))
+
+
+def test_a_preempted_branch_resumes_by_rerunning_its_command_after_the_parent_dropped_its_step(
+        wsd_parent, tmp_path, capsys):
+    import shutil
+
+    from jaxtrain.tools.cooldown import create_branch
+
+    parent, branch = tmp_path / "parent", tmp_path / "cooldown"
+    shutil.copytree(wsd_parent, parent)
+    cfg, _ = create_branch(parent, 20, 10, branch)
+    run(cfg, branch, stop_after=25, console=False)  # preempted after step 25
+    shutil.rmtree(parent / "checkpoints" / "20")  # the parent trains on and keep=3 drops step 20
+    status, out, err = cli_in_process(capsys, "cooldown", str(parent), "--step", "20", "--decay", "10",
+                                      "--workdir", str(branch))
+    assert status == 0 and "resumed from checkpoint at step 25" in out, err
+
+
 @pytest.mark.parametrize("args, culprit", [
     (("--step", "40", "--decay", "5"), "the parent already decays from step 32"),
     (("--step", "25", "--decay", "5"), "--step 25: no checkpoint at that step"),
@@ -78,6 +114,7 @@ def test_two_processes_branch_once_and_train_the_branch_together(wsd_parent, tmp
 def test_bad_branches_are_one_line_and_write_nothing(wsd_parent, tmp_path, capsys, args, culprit):
     status, _, err = cli_in_process(capsys, "cooldown", str(wsd_parent), *args, "--workdir", str(tmp_path / "b"))
     assert status == 2 and err.count("\n") == 1 and culprit in err, err
+    assert not (tmp_path / "b").exists()
     assert not (tmp_path / "b").exists()
 
 
@@ -111,7 +148,7 @@ def test_rewarm_starts_from_the_parents_params_and_optionally_its_optimizer_stat
     fresh, target = steps.init(cfg, spec), ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
     notes = []
     state = rewarm.initial_state(cfg, spec.table, fresh, target, notes.append)
-    ckpt = Checkpointer(wsd_parent, cfg.checkpoint, read_only=True)
+    ckpt = Checkpointer(wsd_parent / "checkpoints", cfg.checkpoint, read_only=True)
     parent_state = ckpt.restore(30, target)[0]
     ckpt.close()
     assert_same_params(jax.device_get(state.params), jax.device_get(parent_state.params))

@@ -58,7 +58,7 @@ def test_halt_exits_naming_the_step_and_leaves_the_last_good_checkpoint(good_unt
                                     "--set", "optimizer.lr=1e30")
     assert status == 3, err
     assert err.count("\n") == 1 and err.startswith("jaxtrain: error: step 22: grad_norm is nan"), err
-    ckpt = Checkpointer(workdir, load_config(TINY).checkpoint, read_only=True)
+    ckpt = Checkpointer(workdir / "checkpoints", load_config(TINY).checkpoint, read_only=True)
     assert ckpt.all_steps() == [10, 20]
     ckpt.close()
     assert all_finite(final_params(workdir))

@@ -147,7 +147,7 @@ def test_only_unreadable_checkpoints_are_moved_and_never_all_of_them(tmp_path):
     from jaxtrain.errors import UserError
 
     cfg = CheckpointConfig(every_steps=1, keep=5, async_save=False)
-    ckpt = Checkpointer(tmp_path, cfg)
+    ckpt = Checkpointer(tmp_path / "checkpoints", cfg)
     saved = {step: jax.random.normal(jax.random.PRNGKey(step), (256, 256)) for step in (1, 2)}  # incompressible
     for step, w in saved.items():
         ckpt.save(step, {"w": w}, {"next_index": step}, {"tokens": step})
@@ -155,7 +155,7 @@ def test_only_unreadable_checkpoints_are_moved_and_never_all_of_them(tmp_path):
     biggest = max(files_of(tmp_path / "checkpoints" / "2"), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:100])
     wrong = {"w": jax.ShapeDtypeStruct((3, 3), jnp.float32)}
-    ckpt = Checkpointer(tmp_path, cfg)
+    ckpt = Checkpointer(tmp_path / "checkpoints", cfg)
     with pytest.raises(UserError, match="no checkpoint reads back into this run's state"):
         ckpt.restore_newest(wrong, warn=pytest.fail)
     assert complete_checkpoints(tmp_path) == [1, 2] and not (tmp_path / UNREADABLE_DIR).exists()
@@ -185,7 +185,7 @@ def test_a_failed_save_is_reported_and_earlier_checkpoints_stay_intact(cli_refer
     # EFBIG instead of killing the process
     limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 50; exec "$@"', "bash", sys.executable, "-m", "jaxtrain"]
     rerun = subprocess.run([*limited, *train_args(workdir)], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert rerun.returncode == 1, rerun.stderr
+    assert rerun.returncode == 2, rerun.stderr
     last = rerun.stderr.strip().splitlines()[-1]
     assert last.startswith("jaxtrain: error: checkpoint save at step 30") and "intact checkpoints: steps [20]" in last
     assert complete_checkpoints(workdir) == [20]

@@ -76,12 +76,13 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def plot_command(args: argparse.Namespace) -> int:
     from jaxtrain.metrics import read_metrics
+    from jaxtrain.workdir import Layout
     from jaxtrain.tools.plotting import plot_runs
 
     metrics = [m for m in args.metric.split(",") if m]
     runs = {}
     for workdir in args.workdirs:
-        rows = read_metrics(Path(workdir) / "metrics.jsonl")
+        rows = read_metrics(Layout(Path(workdir)).metrics)
         if not rows:
             raise UserError(f"{workdir}: no metrics.jsonl rows (not a jaxtrain workdir, or no step logged yet)")
         runs[Path(workdir).name if Path(workdir).name not in runs else workdir] = rows

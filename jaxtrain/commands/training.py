@@ -57,14 +57,14 @@ def cooldown_command(args: argparse.Namespace) -> int:
                                  args.final_lr_fraction, args.overrides)
     print(f"cooldown branch of {lineage['parent']} at step {lineage['step']}: {lineage['decay_steps']} "
           f"{lineage['decay_shape']} decay steps to {lineage['final_lr_fraction']:g} x peak, in {args.workdir}")
-    return run_and_report(cfg, args.workdir)
+    return run_and_report(cfg, args.workdir, command="cooldown")
 
 
-def run_and_report(cfg, workdir: str, check_memory: bool = True) -> int:
+def run_and_report(cfg, workdir: str, check_memory: bool = True, command: str = "train") -> int:
     """Train; a signal stop exits 128 + signal (rerun resumes), else print the final figures."""
     from jaxtrain.train import run
 
-    result = run(cfg, workdir, check_memory=check_memory)
+    result = run(cfg, workdir, check_memory=check_memory, command=command)
     if result.stop_signal is not None:
         print(f"jaxtrain: stopped by signal {result.stop_signal} after step {result.step}; "
               f"rerun the same command to resume", file=sys.stderr)

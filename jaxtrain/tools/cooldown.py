@@ -10,8 +10,12 @@ Power parent) run of k + D steps whose decay starts at step k, so it is written 
 with the parent's warmup (in tokens) and peak, so its LR equals the parent's up to step k. The branch
 is a new workdir holding a copy of checkpoint k (params, optimizer, RNG, data position),
 the parent's logged rows up to k, the resolved config and `lineage.json` (parent workdir,
-step, decay). The parent is only read. The new workdir is assembled in a temporary
-directory and renamed when complete; rerunning the same command resumes the branch.
+step, decay). The parent is only read. The branch workdir is owned (workdir.owned) from
+before anything is written in it until its training ends; its files are assembled in a
+staging directory inside it and moved into place, lineage.json last, so a branch whose
+lineage exists is complete, and a staging directory found by the owner is a dead writer's
+(it is removed and the branch written again). Rerunning the same command resumes the
+branch from its own checkpoints, whatever the parent kept since.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ import jax
 import yaml
 
 from jaxtrain import config_file
-from jaxtrain.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.config import Config, identity_difference
 from jaxtrain.distributed import barrier
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import truncate_after
 from jaxtrain.schedules import resolve
+from jaxtrain.workdir import Layout, open_at_step, owned, read_run_config
 
-LINEAGE_FILE = "lineage.json"
+STAGING = ".cooldown-staging"  # inside the branch workdir, while it is assembled
 
 
 def decay_steps(decay: int | float, step: int) -> int:
@@ -70,23 +74,34 @@ def branch_config(parent: Config, step: int, steps: int, shape: str, final_fract
 
 def create_branch(parent_dir: str | Path, step: int | None, decay: int | float, new_dir: str | Path, shape: str = "linear",
                   final_fraction: float | None = None, overrides: list[str] | None = None) -> tuple[Config, dict]:
-    """Write the branch workdir (or, if it exists from an earlier call with the same lineage,
-    reuse it) and return its config and lineage."""
+    """Write the branch workdir (or, if it holds a branch with the same lineage, reuse it)
+    and return its config and lineage. An existing branch is recognized before the parent's
+    checkpoints are consulted: it holds its own copy of the branch step, which the parent
+    may have deleted since (keep=N)."""
     parent_dir, new_dir = Path(parent_dir).absolute(), Path(new_dir).absolute()
-    parent = config_file.read_run_config(parent_dir)
-    with quiet_absl():  # orbax notes that a read-only manager will not write
-        ckpt = Checkpointer(parent_dir, parent.checkpoint, read_only=True)
-    try:
-        saved = sorted(ckpt.all_steps())
-    finally:
-        ckpt.close()
-    if not saved:
-        raise UserError(f"{parent_dir}: has no complete checkpoint to branch from")
-    step = saved[-1] if step is None else step
-    if step not in saved:
-        raise UserError(f"--step {step}: no checkpoint at that step in {parent_dir} (saved: {saved})")
+    if new_dir == parent_dir or parent_dir in new_dir.parents:
+        raise UserError(f"--workdir {new_dir}: must be outside the parent workdir")
+    parent = read_run_config(parent_dir)
+    branch = lambda at: _branch(parent, parent_dir, at, decay, shape, final_fraction, overrides or [])
+    recorded = _recorded_lineage(new_dir)
+    if recorded is not None:
+        return _matching(new_dir, recorded, *branch(recorded["step"] if step is None else step))
+    with open_at_step(parent_dir, step) as at:
+        step = at.step
+    cfg, lineage = branch(step)
+    with owned(new_dir, "cooldown"):  # every process checks; process 0 writes, all meet at the barrier
+        if jax.process_index() == 0 and _recorded_lineage(new_dir) is None:
+            _clear_for_branch(new_dir)
+            _write_branch(parent_dir, step, new_dir, cfg, lineage)
+        barrier("jaxtrain: cooldown branch written")
+        return _matching(new_dir, _recorded_lineage(new_dir), cfg, lineage)
+
+
+def _branch(parent: Config, parent_dir: Path, step: int, decay: int | float, shape: str,
+            final_fraction: float | None, overrides: list[str]) -> tuple[Config, dict]:
+    """The branch's config and lineage; refused if an override changes what the checkpoint holds."""
     n_decay = decay_steps(decay, step)
-    cfg = branch_config(parent, step, n_decay, shape, final_fraction, overrides or [])
+    cfg = branch_config(parent, step, n_decay, shape, final_fraction, overrides)
     difference = identity_difference(cfg.to_dict(), parent.to_dict())
     if difference:  # the branch continues the parent's checkpoint: what it holds stays
         key, theirs, mine = difference
@@ -94,41 +109,57 @@ def create_branch(parent_dir: str | Path, step: int | None, decay: int | float, 
                                f"a cooldown continues its checkpoint")
     lineage = {"parent": str(parent_dir), "step": step, "decay_steps": n_decay, "decay_shape": shape,
                "final_lr_fraction": cfg.schedule.final_lr_fraction}
-    # Every process makes the same checks; process 0 alone writes, and all meet at the
-    # barrier (a process may see the branch process 0 has just written: it is reused).
-    if new_dir.exists():
-        lineage = _existing_branch(new_dir, lineage, cfg)
-    elif new_dir == parent_dir or parent_dir in new_dir.parents:
-        raise UserError(f"--workdir {new_dir}: must be outside the parent workdir")
-    elif jax.process_index() == 0:
-        _write_branch(parent_dir, step, new_dir, cfg, lineage)
-    barrier("jaxtrain: cooldown branch written")
     return cfg, lineage
 
 
-def _write_branch(parent_dir: Path, step: int, new_dir: Path, cfg: Config, lineage: dict) -> None:
-    """The branch workdir, made in a temporary directory and renamed into place whole."""
-    tmp = new_dir.with_name(f".{new_dir.name}.tmp-{int(time.time())}")
-    try:
-        (tmp / "checkpoints").mkdir(parents=True)
-        shutil.copytree(parent_dir / "checkpoints" / str(step), tmp / "checkpoints" / str(step))
-        if (parent_dir / "metrics.jsonl").exists():
-            shutil.copy2(parent_dir / "metrics.jsonl", tmp / "metrics.jsonl")
-            truncate_after(tmp / "metrics.jsonl", step)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (tmp / LINEAGE_FILE).write_text(json.dumps({**lineage, "created": time.time()}, indent=1))
-        tmp.rename(new_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _existing_branch(new_dir: Path, lineage: dict, cfg: Config) -> dict[str, Any]:
-    path = new_dir / LINEAGE_FILE
+def _recorded_lineage(new_dir: Path) -> dict | None:
+    """The lineage of the complete branch in `new_dir` (None: no branch there yet)."""
+    path = Layout(new_dir).lineage
     if not path.is_file():
-        raise UserError(f"--workdir {new_dir}: exists and is not a cooldown branch; choose a new directory")
-    recorded = json.loads(path.read_text())
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({err}); the branch's lineage is needed to resume it") from None
+
+
+def _clear_for_branch(new_dir: Path) -> None:
+    """Under the lock, with no lineage: a staging directory is a dead writer's, removed
+    with what it had moved into place; anything else is not ours to overwrite."""
+    layout, staging = Layout(new_dir), new_dir / STAGING
+    if staging.exists():
+        for leftover in (layout.metrics, layout.config):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(layout.checkpoints, ignore_errors=True)
+        shutil.rmtree(staging)
+    foreign = sorted(p.name for p in new_dir.iterdir() if p != layout.owner)
+    if foreign:
+        raise UserError(f"--workdir {new_dir}: exists and is not a cooldown branch (holds {foreign[0]}); "
+                        f"choose a new directory")
+
+
+def _write_branch(parent_dir: Path, step: int, new_dir: Path, cfg: Config, lineage: dict) -> None:
+    """The branch's files, assembled in the staging directory and moved into place with
+    lineage.json last: a branch whose lineage exists is complete."""
+    parent, branch, staging = Layout(parent_dir), Layout(new_dir), Layout(new_dir / STAGING)
+    staging.checkpoints.mkdir(parents=True)
+    shutil.copytree(parent.checkpoints / str(step), staging.checkpoints / str(step))
+    if parent.metrics.exists():
+        shutil.copy2(parent.metrics, staging.metrics)
+        truncate_after(staging.metrics, step)
+        staging.metrics.rename(branch.metrics)
+    staging.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    staging.checkpoints.rename(branch.checkpoints)
+    staging.config.rename(branch.config)
+    staging.lineage.write_text(json.dumps({**lineage, "created": time.time()}, indent=1))
+    staging.lineage.rename(branch.lineage)
+    staging.root.rmdir()
+
+
+def _matching(new_dir: Path, recorded: dict, cfg: Config, lineage: dict) -> tuple[Config, dict[str, Any]]:
+    """The branch's config and recorded lineage, if it is the branch this command asks for."""
     different = {k: (recorded.get(k), v) for k, v in lineage.items() if recorded.get(k) != v}
     if different:
         key, (old, new) = next(iter(different.items()))
         raise UserError(f"--workdir {new_dir}: holds a branch with {key}={old!r}, this command asks for {new!r}")
-    return recorded
+    return cfg, recorded

@@ -22,12 +22,11 @@ from jax.sharding import Mesh
 
 from jaxtrain import sharding
 from jaxtrain import train_step as ts
-from jaxtrain.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.config import Config, MeshConfig
-from jaxtrain.config_file import read_run_config
-from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.errors import ConfigError
 from jaxtrain.metrics import read_metrics
 from jaxtrain.model import Transformer
+from jaxtrain.workdir import Layout, open_at_step
 
 SINGLE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
 
@@ -49,7 +48,7 @@ class SavedRun:
 
     def metrics(self) -> list[dict]:
         """Rows of metrics.jsonl (one per logged step)."""
-        return read_metrics(self.workdir / "metrics.jsonl")
+        return read_metrics(Layout(self.workdir).metrics)
 
     def model(self) -> Transformer:
         """The NNX module with the checkpoint's weights (parametrization multipliers applied)."""
@@ -70,26 +69,12 @@ def loading_mesh(cfg: Config, mesh_cfg: MeshConfig | None = None) -> Mesh:
 
 def load_run(workdir: str | Path, step: int | None = None, mesh_cfg: MeshConfig | None = None) -> SavedRun:
     """Read a run's config and the parameters of checkpoint `step` (default: newest)."""
-    workdir = Path(workdir)
-    cfg = read_run_config(workdir)
-    if not (workdir / "checkpoints").is_dir():
-        raise UserError(f"{workdir}: has no checkpoints yet")
-    with quiet_absl():  # orbax warns that a read-only manager will not save or delete
-        ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-    try:
-        saved = tuple(sorted(ckpt.all_steps()))
-        if not saved:
-            raise UserError(f"{workdir}: has no complete checkpoint yet")
-        step = saved[-1] if step is None else step
-        if step not in saved:
-            raise UserError(f"--step {step}: no checkpoint at that step in {workdir} (saved: {list(saved)})")
-        spec = ts.model_spec(cfg)
-        mesh = loading_mesh(cfg, mesh_cfg)
+    with open_at_step(workdir, step) as run:
+        spec = ts.model_spec(run.cfg)
+        mesh = loading_mesh(run.cfg, mesh_cfg)
         shardings = sharding.param_shardings(spec.logical_axes, spec.abstract_params, mesh)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               spec.abstract_params, shardings)
-        params = ckpt.restore_params(step, target)
-        meta = ckpt.read_meta(step)
-    finally:
-        ckpt.close()
-    return SavedRun(workdir, cfg, spec, mesh, step, saved, meta, params)
+        params = run.checkpointer.restore_params(run.step, target)
+        meta = run.checkpointer.read_meta(run.step)
+    return SavedRun(Path(workdir), run.cfg, spec, mesh, run.step, run.steps_saved, meta, params)

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.config_file import load_config, read_run_config
+from jaxtrain.config_file import load_config
 from jaxtrain.errors import UserError
 from jaxtrain.metrics import read_metrics
 from jaxtrain.schedules import lr_per_step, resolve
+from jaxtrain.workdir import Layout, read_run_config
 
 MOMENTUM = 0.999  # lambda of the annealing area
 
@@ -68,7 +69,7 @@ def load_curve(path: str | Path) -> Curve:
     """A workdir (config.yaml, metrics.jsonl if it ran) or a config file (prediction only)."""
     path = Path(path)
     if path.is_dir():
-        cfg, rows = read_run_config(path), read_metrics(path / "metrics.jsonl")
+        cfg, rows = read_run_config(path), read_metrics(Layout(path).metrics)
     elif path.is_file():
         cfg, rows = load_config(path), []
     else:
