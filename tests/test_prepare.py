@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from jaxtrain.data import pipeline, token_store
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources
+from jaxtrain.data.staging import claim
+from jaxtrain.data.store_writer import StoreWriter
 from jaxtrain.data.tokenizer import load_tokenizer_file
 from jaxtrain.errors import DataError
 
@@ -204,3 +207,29 @@ def test_data_bench_reports_pipeline_throughput_and_memory(stores, capsys):
     status, _, err = cli_in_process(capsys, "data", "bench", str(stores / "byte"), "--config", str(TINY),
                                     "--seconds", "0")
     assert status == 2 and "--seconds" in err
+
+
+def test_a_second_prepare_of_one_output_refuses_while_the_first_writes(tmp_path, capsys):
+    out = tmp_path / "ds"
+    with StoreWriter(out) as first:
+        status, _, err = cli_in_process(capsys, "data", "prepare", "--input", *TINY_INPUTS, "--out", str(out))
+        assert status == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"another `jaxtrain data prepare` (pid {os.getpid()} on {socket.gethostname()})" in err
+        assert f"--out {out}" in err
+        with pytest.raises(DataError, match="another `jaxtrain data prepare`"):
+            claim(out)  # two prepares past the first check at once: the claim decides
+        assert [p.name for p in tmp_path.iterdir()] == [first.staging.name]  # untouched, nothing leaked
+        assert (first.staging / token_store.MARKER).read_text().startswith(f"pid {os.getpid()} ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_dead_writers_staging_is_cleared_by_the_next_prepare(tmp_path, capsys):
+    out = tmp_path / "ds"
+    subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; "
+                    "from jaxtrain.data.store_writer import StoreWriter; "
+                    "StoreWriter(Path(sys.argv[1])).__enter__(); os._exit(0)", str(out)], cwd=REPO, check=True)
+    assert [p.name for p in tmp_path.iterdir()] == [".ds.tmp-staging"]  # its writer is gone
+    status, _, err = cli_in_process(capsys, "data", "prepare", "--input", *TINY_INPUTS, "--out", str(out))
+    assert status == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    token_store.open_store(out)

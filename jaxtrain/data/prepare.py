@@ -24,7 +24,8 @@ import numpy as np
 
 from jaxtrain.data.corpus import check_split, entropy_of_counts, expand_paths, iter_documents
 from jaxtrain.data.store_writer import StoreWriter
-from jaxtrain.data.token_store import SPLITS, prepare_target
+from jaxtrain.data.staging import prepare_target
+from jaxtrain.data.token_store import SPLITS
 from jaxtrain.data.tokenizer import Tokenizer, describe, token_dtype, tokenizer_from_flag
 from jaxtrain.errors import DataError
 
@@ -63,7 +64,7 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     out_path = Path(out).expanduser()
-    prepare_target(out_path.absolute())  # an existing dataset is refused before any work
+    prepare_target(out_path.absolute())  # an existing dataset, or a live prepare of it, is refused before any work
     files = expand_paths(tuple(inputs), key="--input")
     training = (data for split, data in iter_documents(files, val_fraction) if split == "train")
     tokenizer = tokenizer_from_flag(tokenizer_flag, training)
