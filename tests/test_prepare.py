@@ -2,11 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,6 +210,26 @@ def test_data_bench_reports_pipeline_throughput_and_memory(stores, capsys):
     status, _, err = cli_in_process(capsys, "data", "bench", str(stores / "byte"), "--config", str(TINY),
                                     "--seconds", "0")
     assert status == 2 and "--seconds" in err
+
+
+def test_a_directory_link_loop_and_a_file_link_are_read_once(tmp_path, capsys):
+    """`ln -s . c/loop` once listed every file 41 times (loop/, loop/loop/, ...), at paths
+    that hash into both splits; a file link to a listed file was read twice."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py")):
+        shutil.copy(path, corpus)
+    (corpus / "loop").symlink_to(".")
+    (corpus / "again.py").symlink_to("decoder.py")
+    status, out, err = cli_in_process(capsys, "data", "prepare", "--input", str(corpus), str(corpus / "*.py"),
+                                      "--out", str(tmp_path / "ds"), "--val-fraction", "0.5")
+    assert status == 0, err
+    assert "skipped: 1 directory link not followed, 1 path to a file already listed" in out
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta["files"] == 5 and meta["skipped"] == {"directory_links": 1, "duplicate_paths": 1}
+    reference = prepare(["{stdlib}/json/*.py"], str(tmp_path / "reference"), val_fraction=0.5)
+    assert meta["splits"] == reference["splits"] and meta["content_sha256"] == reference["content_sha256"]
+    assert reference["splits"]["train"]["documents"] and reference["splits"]["val"]["documents"]
 
 
 def test_a_second_prepare_of_one_output_refuses_while_the_first_writes(tmp_path, capsys):
