@@ -1,11 +1,15 @@
 """Default corpus and grain pipeline: deterministic split, exact iterator resume, disjoint shards."""
 
+import glob
+import os
+
 import numpy as np
 import pytest
 
 from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import _is_val, expand_paths, load_corpus
+from jaxtrain.data.files import list_files
 from jaxtrain.data.tokenizer import ByteTokenizer
 
 DOC_SEPARATOR = ByteTokenizer.eos_id  # byte 0 ends every document
@@ -117,3 +121,33 @@ def test_missing_paths_are_a_clear_error(tmp_path):
     cfg = load_config(TINY, [f"data.paths=['{tmp_path}/*.txt']"])
     with pytest.raises(DataError, match=r"no files match .*\*\.txt"):
         open_sources(cfg)
+
+
+GLOBS = ["**/*.py", "*.py", "q?.py", "[qx]*.py", "**", ".*.py", "b/**/*", "*/*/*.txt", "*/c/*", ""]
+
+
+def test_inputs_match_as_glob_does_but_read_each_file_once_through_links(tmp_path):
+    """Without links, inputs list exactly what glob.glob(recursive=True) lists; a directory
+    link loop (`ln -s .. b/loop`) and a file link add nothing, for data.paths runs too."""
+    for name in ("x.py", "q1.py", "q2.py", ".dot.py", "b/y.py", "b/c/z.txt", "b/c/w.py", ".hidden/h.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n" * 20)
+    patterns = [str(tmp_path / g) for g in GLOBS]
+    for pattern in patterns:
+        globbed = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        assert [path for _, path in expand_paths((pattern,))] == (globbed or _all_files(pattern)), pattern
+    listed = {pattern: expand_paths((pattern,)) for pattern in patterns}
+    corpus = load_corpus((str(tmp_path),), 0.5)
+    (tmp_path / "b" / "loop").symlink_to("..")
+    (tmp_path / "b" / "again.py").symlink_to("y.py")
+    assert {pattern: expand_paths((pattern,)) for pattern in patterns} == listed
+    assert list_files((str(tmp_path),)).skipped() == {"directory_links": 1, "duplicate_paths": 1}
+    load_corpus.cache_clear()
+    again = load_corpus((str(tmp_path),), 0.5)
+    np.testing.assert_array_equal(again.train, corpus.train)
+    np.testing.assert_array_equal(again.val, corpus.val)
+
+
+def _all_files(directory):
+    """A directory input: every file below it, hidden ones left out (as DIR/**/* globs them)."""
+    return sorted(p for p in glob.glob(os.path.join(directory, "**", "*"), recursive=True) if os.path.isfile(p))

@@ -2,10 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ from jaxtrain.data import pipeline, token_store
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources
+from jaxtrain.data.staging import claim
+from jaxtrain.data.store_writer import StoreWriter
 from jaxtrain.data.tokenizer import load_tokenizer_file
 from jaxtrain.errors import DataError
 
@@ -204,3 +210,49 @@ def test_data_bench_reports_pipeline_throughput_and_memory(stores, capsys):
     status, _, err = cli_in_process(capsys, "data", "bench", str(stores / "byte"), "--config", str(TINY),
                                     "--seconds", "0")
     assert status == 2 and "--seconds" in err
+
+
+def test_a_directory_link_loop_and_a_file_link_are_read_once(tmp_path, capsys):
+    """`ln -s . c/loop` once listed every file 41 times (loop/, loop/loop/, ...), at paths
+    that hash into both splits; a file link to a listed file was read twice."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py")):
+        shutil.copy(path, corpus)
+    (corpus / "loop").symlink_to(".")
+    (corpus / "again.py").symlink_to("decoder.py")
+    status, out, err = cli_in_process(capsys, "data", "prepare", "--input", str(corpus), str(corpus / "*.py"),
+                                      "--out", str(tmp_path / "ds"), "--val-fraction", "0.5")
+    assert status == 0, err
+    assert "skipped: 1 directory link not followed, 1 path to a file already listed" in out
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta["files"] == 5 and meta["skipped"] == {"directory_links": 1, "duplicate_paths": 1}
+    reference = prepare(["{stdlib}/json/*.py"], str(tmp_path / "reference"), val_fraction=0.5)
+    assert meta["splits"] == reference["splits"] and meta["content_sha256"] == reference["content_sha256"]
+    assert reference["splits"]["train"]["documents"] and reference["splits"]["val"]["documents"]
+
+
+def test_a_second_prepare_of_one_output_refuses_while_the_first_writes(tmp_path, capsys):
+    out = tmp_path / "ds"
+    with StoreWriter(out) as first:
+        status, _, err = cli_in_process(capsys, "data", "prepare", "--input", *TINY_INPUTS, "--out", str(out))
+        assert status == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"another `jaxtrain data prepare` (pid {os.getpid()} on {socket.gethostname()})" in err
+        assert f"--out {out}" in err
+        with pytest.raises(DataError, match="another `jaxtrain data prepare`"):
+            claim(out)  # two prepares past the first check at once: the claim decides
+        assert [p.name for p in tmp_path.iterdir()] == [first.staging.name]  # untouched, nothing leaked
+        assert (first.staging / token_store.MARKER).read_text().startswith(f"pid {os.getpid()} ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_dead_writers_staging_is_cleared_by_the_next_prepare(tmp_path, capsys):
+    out = tmp_path / "ds"
+    subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; "
+                    "from jaxtrain.data.store_writer import StoreWriter; "
+                    "StoreWriter(Path(sys.argv[1])).__enter__(); os._exit(0)", str(out)], cwd=REPO, check=True)
+    assert [p.name for p in tmp_path.iterdir()] == [".ds.tmp-staging"]  # its writer is gone
+    status, _, err = cli_in_process(capsys, "data", "prepare", "--input", *TINY_INPUTS, "--out", str(out))
+    assert status == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    token_store.open_store(out)

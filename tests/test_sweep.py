@@ -3,12 +3,13 @@
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
-from conftest import TINY, cli_in_process, figure_panels, run_in_process
-from jaxtrain.tools.sweep import analyse, fit_optimum
+from conftest import TINY, cli_in_process, figure_panels, logged_rows, run_in_process
+from jaxtrain.tools.sweep import analyse, fit_optimum, parse_grid, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +69,83 @@ def test_bad_grid_key_fails_before_any_run(tmp_path, capsys):
                                     "--grid", "optimizer.lr=0.01,0.1", "--out", str(tmp_path / "s"))
     assert status == 2 and "model.widht" in err
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_grid_values_are_numbers_wherever_python_reads_numbers():
+    """YAML 1.1 reads `1e-3` as a string: the documented grid form once trained every run
+    and then failed in the analysis's log2."""
+    lr, name, flag = parse_grid(["optimizer.lr=1e-3,3E-4,1_000,2.5", "parametrization.name=sp,mup",
+                                 "model.qk_norm=true,false"])
+    assert lr.values == (0.001, 0.0003, 1000, 2.5) and type(lr.values[2]) is int
+    assert name.values == ("sp", "mup") and flag.values == (True, False)
+
+
+def test_a_non_numeric_x_axis_is_refused_before_anything_trains(tmp_path, capsys):
+    status, _, err = cli_in_process(capsys, "sweep", str(TINY), "--grid", "parametrization.name=sp,mup",
+                                    "--grid", "optimizer.lr=1e-3,3e-3", "--x", "parametrization.name",
+                                    *SMALL, "--out", str(tmp_path / "s"))
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--grid parametrization.name=sp: the sweep's x axis takes positive numbers" in err
+    assert not (tmp_path / "s" / "runs").exists()
+
+
+# The smallest sweep: 2 runs of 3 steps.
+SMALL = ["--set", "train.steps=3", "--set", "train.eval_every=3", "--set", "train.log_every=1",
+         "--set", "schedule.warmup_steps=1", "--set", "checkpoint.every_steps=3"]
+GRID = ["--grid", "optimizer.lr=0.01,0.03", "--grid", "model.d_model=32"]
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+    """A finished 2-run sweep (train.steps=3); tests work on copies."""
+    out = tmp_path_factory.mktemp("sweep")
+    sweep(str(TINY), parse_grid(GRID[1::2]), out, overrides=SMALL[1::2], log=lambda _: None)
+    return out
+
+
+def _copy(small_sweep, tmp_path):
+    shutil.copytree(small_sweep, tmp_path / "s")
+    return tmp_path / "s"
+
+
+def _files(directory):
+    return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def test_a_rerun_with_changed_settings_trains_again_and_keeps_the_old_runs(small_sweep, tmp_path, capsys):
+    out = _copy(small_sweep, tmp_path)
+    before = json.loads((out / "results.json").read_text())["runs"]
+    args = ["sweep", str(TINY), *GRID, *SMALL, "--set", "train.steps=5", "--set", "train.eval_every=5",
+            "--out", str(out)]
+    status, stdout, err = cli_in_process(capsys, *args)
+    assert status == 0, err
+    assert stdout.count("trained with another config, train.steps (3 -> 5)") == 2
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    for run, old in zip(runs, before, strict=True):
+        workdir = out / "runs" / f"lr={run['optimizer.lr']},d_model=32"
+        assert logged_rows(workdir)[-1]["step"] == 5 and run["val_loss"] != old["val_loss"]
+        assert json.loads((workdir / "result.json").read_text())["config"]["train"]["steps"] == 5
+    replaced = sorted((out / "replaced").iterdir())
+    assert [p.name.split("@")[0] for p in replaced] == ["lr=0.01,d_model=32", "lr=0.03,d_model=32"]
+    assert all(logged_rows(p)[-1]["step"] == 3 for p in replaced)  # moved aside, not deleted
+    trained = _files(out / "runs")
+    status, stdout, _ = cli_in_process(capsys, *args)  # the same config again: every run reused
+    assert status == 0 and "another config" not in stdout
+    assert _files(out / "runs") == trained and len(list((out / "replaced").iterdir())) == 2
+
+
+def test_an_empty_result_file_means_the_run_is_not_done(small_sweep, tmp_path, capsys):
+    """A sweep cut off while writing result.json left it empty: the run resumes from its
+    final checkpoint and its result is the same."""
+    out = _copy(small_sweep, tmp_path)
+    before = json.loads((out / "results.json").read_text())["runs"]
+    torn = out / "runs" / "lr=0.03,d_model=32" / "result.json"
+    torn.write_text("")
+    status, stdout, err = cli_in_process(capsys, "sweep", str(TINY), *GRID, *SMALL, "--out", str(out))
+    assert status == 0, err
+    assert f"{torn}: unreadable, the run is not done; resuming it" in stdout
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in runs] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in before]
+    assert json.loads(torn.read_text())["val_loss"] == before[1]["val_loss"]
+    assert not list(out.rglob("*.tmp"))

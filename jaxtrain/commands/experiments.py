@@ -24,7 +24,8 @@ def add_parsers(commands) -> None:
     sweep.add_argument("config")
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                        help="a swept config key and its values (repeatable; the product is run)")
-    sweep.add_argument("--out", required=True, help="sweep directory (rerunning resumes it)")
+    sweep.add_argument("--out", required=True, help="sweep directory, a cache keyed by each run's config "
+                                                    "(rerunning resumes it; docs/usage.md)")
     sweep.add_argument("--x", default="optimizer.lr", help="the grid key on the x axis (log2)")
     sweep.add_argument("--curves", default=None, help="the grid key drawn as separate curves "
                                                       "(default: the first other --grid key)")

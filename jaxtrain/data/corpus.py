@@ -2,7 +2,8 @@
 
 Default corpus: the Python standard-library sources of the running interpreter
 (`sysconfig.get_paths()["stdlib"]`, `**/*.py`, site-packages excluded), present on every
-machine, so nothing is downloaded.
+machine, so nothing is downloaded. Which files the inputs name (each once, directory links
+not followed): files.py.
 
 * A document is one file. Split: a document goes to validation iff
   sha1(relative path) mod 10^6 < val_fraction * 10^6, so the split is deterministic,
@@ -20,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import os
-import sysconfig
 from typing import Iterator
 
 import numpy as np
 
+from jaxtrain.data.files import expand_paths
 from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer
 from jaxtrain.errors import DataError
 
@@ -36,25 +36,6 @@ from jaxtrain.errors import DataError
 class Documents:
     train: list[bytes]
     val: list[bytes]
-
-
-def expand_paths(patterns: tuple[str, ...], key: str = "data.paths") -> list[tuple[str, str]]:
-    """(root, file) pairs for every file matched; root makes paths relative for the split.
-    A directory stands for every file below it."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files: dict[str, str] = {}
-    for pattern in patterns:
-        expanded = os.path.expanduser(pattern.replace("{stdlib}", stdlib))
-        if os.path.isdir(expanded):
-            expanded = os.path.join(expanded, "**", "*")
-        root = expanded.split("*", 1)[0].rsplit(os.sep, 1)[0] if "*" in expanded else os.path.dirname(expanded)
-        matches = sorted(glob.glob(expanded, recursive=True))
-        if not matches:
-            raise DataError(f"{key}: no files match '{expanded}'")
-        for path in matches:
-            if os.path.isfile(path) and "site-packages" not in path.split(os.sep):
-                files.setdefault(path, root)
-    return [(root, path) for path, root in sorted(files.items())]
 
 
 def _is_val(relative_path: str, val_fraction: float) -> bool:

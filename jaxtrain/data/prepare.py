@@ -22,9 +22,11 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxtrain.data.corpus import check_split, entropy_of_counts, expand_paths, iter_documents
+from jaxtrain.data.corpus import check_split, entropy_of_counts, iter_documents
+from jaxtrain.data.files import describe_skipped, list_files
 from jaxtrain.data.store_writer import StoreWriter
-from jaxtrain.data.token_store import SPLITS, prepare_target
+from jaxtrain.data.staging import prepare_target
+from jaxtrain.data.token_store import SPLITS
 from jaxtrain.data.tokenizer import Tokenizer, describe, token_dtype, tokenizer_from_flag
 from jaxtrain.errors import DataError
 
@@ -63,8 +65,9 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     out_path = Path(out).expanduser()
-    prepare_target(out_path.absolute())  # an existing dataset is refused before any work
-    files = expand_paths(tuple(inputs), key="--input")
+    prepare_target(out_path.absolute())  # an existing dataset, or a live prepare of it, is refused before any work
+    listed = list_files(tuple(inputs), key="--input")
+    files = listed.files
     training = (data for split, data in iter_documents(files, val_fraction) if split == "train")
     tokenizer = tokenizer_from_flag(tokenizer_flag, training)
     dtype = token_dtype(tokenizer.vocab_size, dtype_flag)
@@ -74,8 +77,10 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
         check_split("--input", len(files), splits["train"]["documents"], splits["val"]["documents"], val_fraction)
         digest = hashlib.sha256(b"".join(writers[n].digest.digest() for n in SPLITS)).hexdigest()
         return store.commit({
-            "name": name or out_path.name, "tokenizer": describe(tokenizer, tokenizer_flag), "token_dtype": dtype, "val_fraction": val_fraction,
-            "inputs": list(inputs), "files": len(files), "splits": splits, "content_sha256": digest,
+            "name": name or out_path.name, "tokenizer": describe(tokenizer, tokenizer_flag), "token_dtype": dtype,
+            "val_fraction": val_fraction,
+            "inputs": list(inputs), "files": len(files), "skipped": listed.skipped(), "splits": splits,
+            "content_sha256": digest,
             "unigram_entropy": entropy_of_counts(writers["train"].counts),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }, tokenizer)
@@ -83,7 +88,9 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
 
 def summary(metadata: dict, out: str) -> str:
     s, t = metadata["splits"], metadata["tokenizer"]
+    skipped = describe_skipped(metadata.get("skipped", {}))
     return (f"prepared {out}: {t['spec']} tokens (vocab {t['vocab_size']}, {metadata['token_dtype']}); "
             f"train {s['train']['tokens']:,} tokens / {s['train']['documents']} documents, "
             f"val {s['val']['tokens']:,} / {s['val']['documents']}; "
-            f"{s['train']['tokens'] / max(s['train']['bytes'], 1):.3f} tokens per byte")
+            f"{s['train']['tokens'] / max(s['train']['bytes'], 1):.3f} tokens per byte"
+            + (f"; skipped: {skipped}" if skipped else ""))

@@ -9,25 +9,25 @@ Memory stays bounded by one shard: a split's tokens are buffered until a whole s
 (2^22 tokens) is full and then written once, so each shard file is written exactly once;
 the array is created with room for 2^40 tokens and resized to its length at the end.
 
-Atomicity: everything goes into a hidden sibling `.OUT.tmp-*` that `commit` renames to
-OUT; metadata.json, written last (tmp-then-rename), marks the dataset complete. Leaving
-the `with` block by an exception removes the sibling; a killed process leaves it for the
-next `data prepare` of the same OUT to clear (token_store.prepare_target).
+Atomicity: everything goes into a hidden sibling `.OUT.tmp-staging` that `commit` renames
+to OUT; metadata.json, written last (tmp-then-rename), marks the dataset complete. The
+sibling names and locks its writer (staging.py), so a second prepare of the same OUT
+refuses while this one runs. Leaving the `with` block by an exception removes the
+sibling; a killed process leaves it for the next `data prepare` of the same OUT to clear.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import uuid
 from array import array
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
 
-from jaxtrain.data.token_store import FORMAT, MARKER, SHARD_TOKENS, VERSION, array_spec, prepare_target
+from jaxtrain.data.staging import claim, prepare_target, release
+from jaxtrain.data.token_store import FORMAT, SHARD_TOKENS, VERSION, array_spec
 from jaxtrain.errors import DataError
 
 _CAPACITY = 1 << 40  # tokens a split may hold; only written chunks take space
@@ -80,11 +80,11 @@ class StoreWriter:
     def __init__(self, out: Path):
         self.out = out.absolute()
         prepare_target(self.out)
-        self.staging = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.staging: Path | None = None
+        self._lock = -1
 
     def __enter__(self) -> "StoreWriter":
-        self.staging.mkdir(parents=True)
-        (self.staging / MARKER).write_text("written by jaxtrain data prepare\n")
+        self.staging, self._lock = claim(self.out)
         return self
 
     def split(self, name: str, dtype: str, vocab_size: int) -> SplitWriter:
@@ -96,14 +96,15 @@ class StoreWriter:
             tokenizer.save(str(self.staging / "tokenizer.json"))
         metadata = {"format": FORMAT, "version": VERSION, **metadata}
         self.staging.rename(self.out)
+        self.staging = None  # committed: nothing to remove on exit
         tmp = self.out / "metadata.json.tmp"
         tmp.write_text(json.dumps(metadata, indent=1))
         tmp.replace(self.out / "metadata.json")  # the dataset is complete from here on
         return metadata
 
     def __exit__(self, kind, err, traceback) -> None:
+        release(self.staging, self._lock)  # uncommitted staging removed; the writer's lock ends here
         if err is None:
             return
-        shutil.rmtree(self.staging, ignore_errors=True)
         if isinstance(err, (OSError, ValueError)) and not isinstance(err, DataError):
             raise DataError(f"--out {self.out}: cannot write the dataset ({str(err).splitlines()[0][:200]})") from None

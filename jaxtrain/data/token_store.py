@@ -12,7 +12,8 @@ hundred files, not millions. Reads are issued asynchronously and gathered, a bat
 Writing (store_writer.py) is atomic: everything goes into a hidden sibling directory that
 is renamed into place; metadata.json, written last (itself tmp-then-rename), is what marks
 a dataset as complete. A crash at any point leaves either nothing under DIR or a DIR
-without metadata.json, which `open_store` refuses and the next `data prepare` replaces.
+without metadata.json, which `open_store` refuses and the next `data prepare` replaces
+(staging.py: who owns a staging directory, and when it may be cleared).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,19 +49,6 @@ def array_spec(path: Path, shape: int | None = None, dtype: str | None = None) -
                 "chunk_shape": [chunk], "codecs": inner,
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}}]}
     return spec
-
-
-def prepare_target(out: Path) -> None:
-    """Refuse to overwrite a dataset or anything else; clear what an interrupted prepare left."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        if (stale / MARKER).exists():
-            shutil.rmtree(stale, ignore_errors=True)
-    if not out.exists():
-        return
-    if (out / MARKER).exists() and not (out / "metadata.json").exists():
-        shutil.rmtree(out)  # renamed into place, metadata never written: incomplete
-        return
-    raise DataError(f"--out {out}: already exists; remove it or choose another --out")
 
 
 class TokenSplit:

@@ -4,10 +4,22 @@ curve from a fit in log learning rate.
     jaxtrain sweep CONFIG --grid model.d_model=64,128 --grid optimizer.lr=1e-3,2e-3,4e-3 \
         [--grid parametrization.name=sp,mup] --out DIR
 
-Every combination is an ordinary run in DIR/runs/<key=value,...>/ (so an interrupted sweep
-resumes: finished runs are read back from their result.json, a half-done one resumes from
-its checkpoint). The x axis (default optimizer.lr) is swept inside each CURVE (default: the
-first other grid key); every remaining key makes a PANEL.
+Every combination is an ordinary run in DIR/runs/<key=value,...>/, and DIR is a cache keyed
+by each run's resolved config: rerunning a sweep reads a finished run back from its
+result.json (written atomically, with the resolved config it was trained with) and resumes
+a half-done one from its checkpoint, but only when that recorded config equals the one the
+rerun would train (a key a run lacks, written by an older jaxtrain, counts as its default).
+A run recorded with another config (say `--set train.steps=30` after 10) is trained again
+from scratch; its old directory is moved to DIR/replaced/<run>@<time>/, not deleted,
+since it may be hours of work trained with the settings the user meant. A result.json
+that cannot be read (a sweep cut off while writing it by an older jaxtrain) means the run
+is not done: it resumes from its last checkpoint, which costs one evaluation.
+
+Grid values are numbers wherever Python reads them as numbers (1e-3, 3E-4, 1_000; YAML 1.1
+would keep `1e-3` a string), else YAML scalars (sp, true). The x axis (default
+optimizer.lr, fitted in log2) must hold positive numbers, checked before anything trains;
+it is swept inside each CURVE (default: the first other grid key); every remaining key
+makes a PANEL.
 
 Outputs: DIR/results.json (runs, per-curve optima, drift of the optimum per panel),
 DIR/results.csv (one row per run) and DIR/sweep.png (loss vs log2(x), one curve per value
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -57,12 +70,28 @@ class Axis:
     values: tuple
 
 
+def grid_value(text: str) -> Any:
+    """A number when Python reads `text` as a finite one, else its YAML scalar."""
+    text = text.strip()
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def parse_grid(items: list[str]) -> list[Axis]:
-    """`key=v1,v2,...` -> Axis; values are YAML scalars (numbers stay numbers)."""
+    """`key=v1,v2,...` -> Axis (values: `grid_value`)."""
     axes = []
     for item in items:
         key, sep, text = item.partition("=")
-        values = tuple(yaml.safe_load(v) for v in text.split(",") if v.strip())
+        values = tuple(grid_value(v) for v in text.split(",") if v.strip())
         if not sep or not key or not values:
             raise ConfigError(item, "a grid must look like key.path=v1,v2,...")
         if key in [a.key for a in axes]:
@@ -99,10 +128,85 @@ def summarize(cfg: Config, workdir: Path, seconds: float, halted: bool = False) 
     return {"train_loss": train_loss, "val_loss": val_loss, "diverged": diverged, "seconds": seconds}
 
 
-def run_point(assignment: dict, cfg: Config, workdir: Path) -> dict[str, Any]:
-    done = workdir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a reader never sees it half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _read_result(path: Path) -> dict | None:
+    """A finished run's result.json, or None when it is missing or unreadable (not done)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and {"val_loss", "train_loss", "diverged"} <= set(result) else None
+
+
+def _changed_key(new: dict, old: dict, prefix: str = "") -> str | None:
+    """`key (old -> new)` of the first dotted key on which two configs differ, or None."""
+    for key in [*new, *(k for k in old if k not in new)]:
+        a, b = new.get(key), old.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if found := _changed_key(a, b, f"{prefix}{key}."):
+                return found
+        elif a != b:
+            return f"{prefix}{key} ({b!r} -> {a!r})"
+    return None
+
+
+def _with_defaults(recorded: dict, defaults: dict) -> dict:
+    """`recorded` with the keys it lacks (added to jaxtrain after it was written) at their defaults."""
+    filled = {k: v for k, v in recorded.items() if k not in defaults}
+    for key, default in defaults.items():
+        value = recorded.get(key, default)
+        nested = isinstance(default, dict) and isinstance(value, dict)
+        filled[key] = _with_defaults(value, default) if nested else value
+    return filled
+
+
+def recorded_config(workdir: Path, result: dict | None) -> dict | None:
+    """The resolved config a run directory was trained with (its result.json's, else the
+    config.yaml training recorded), keys it lacks filled with their defaults; None if none."""
+    recorded = result.get("config") if result else None
+    if recorded is None and (workdir / "config.yaml").is_file():
+        try:
+            recorded = yaml.safe_load((workdir / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None  # training's own resume check reads it and says what is wrong
+    return _with_defaults(recorded, Config().to_dict()) if isinstance(recorded, dict) else None
+
+
+def _move_aside(workdir: Path, replaced: Path) -> Path:
+    replaced.mkdir(parents=True, exist_ok=True)
+    target = replaced / f"{workdir.name}@{time.strftime('%Y%m%dT%H%M%S')}"
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    workdir.rename(target)
+    return target
+
+
+def reusable_result(cfg: Config, workdir: Path, replaced: Path, log=print) -> dict | None:
+    """The stored result of `workdir` if it was trained with `cfg`; a run trained with
+    another config is moved to `replaced` (None: train it)."""
+    result = _read_result(workdir / "result.json")
+    recorded = recorded_config(workdir, result)
+    changed = recorded is not None and _changed_key(json.loads(json.dumps(cfg.to_dict())), recorded)
+    if changed:
+        log(f"{workdir.name}: trained with another config, {changed}; moved to "
+            f"{_move_aside(workdir, replaced)}, training again")
+        return None
+    if result is None and (workdir / "result.json").exists():
+        log(f"{workdir / 'result.json'}: unreadable, the run is not done; resuming it")
+    return result
+
+
+def run_point(assignment: dict, cfg: Config, workdir: Path, replaced: Path, log=print) -> dict[str, Any]:
+    """The run's result (without its config), read back when `workdir` holds it for `cfg`."""
+    result = reusable_result(cfg, workdir, replaced, log)
+    if result is not None:
+        return {**{k: v for k, v in result.items() if k != "config"}, **assignment}
     from jaxtrain.nonfinite import NonFiniteError
     from jaxtrain.train import run  # imports jax
 
@@ -113,7 +217,7 @@ def run_point(assignment: dict, cfg: Config, workdir: Path) -> dict[str, Any]:
     except NonFiniteError:
         halted = True  # on_nonfinite=halt stopped it: diverged, recorded like any other run
     result = {**assignment, **summarize(cfg, workdir, time.perf_counter() - started, halted)}
-    done.write_text(json.dumps(result, indent=1))
+    _write_atomic(workdir / "result.json", json.dumps({**result, "config": cfg.to_dict()}, indent=1))
     return result
 
 
@@ -176,10 +280,15 @@ def _group(runs: list[dict], keys: list[str]):
 
 
 def choose_keys(grid: list[Axis], x_key: str, curve_key: str | None) -> tuple[str, list[str]]:
+    """(curve key, panel keys); the x axis must be a grid key of positive numbers (log2)."""
     keys = [a.key for a in grid]
     if x_key not in keys:
         raise UserError(f"--x {x_key}{' (the default)' if x_key == 'optimizer.lr' else ''}: the sweep's x "
                         f"axis must be one of the --grid keys ({', '.join(keys)})")
+    for value in grid[keys.index(x_key)].values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise UserError(f"--grid {x_key}={value}: the sweep's x axis takes positive numbers "
+                            f"(it is fitted and plotted in log2)")
     curve_key = curve_key or next((k for k in keys if k != x_key), None)
     if curve_key is None or curve_key not in keys or curve_key == x_key:
         raise ConfigError(str(curve_key), "the curve key must be another --grid key")
@@ -187,10 +296,11 @@ def choose_keys(grid: list[Axis], x_key: str, curve_key: str | None) -> tuple[st
 
 
 def write_table(out: Path, runs: list[dict]) -> None:
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
-        writer.writeheader()
-        writer.writerows(runs)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(runs[0]))
+    writer.writeheader()
+    writer.writerows(runs)
+    _write_atomic(out / "results.csv", table.getvalue())
 
 
 def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = (), x_key: str = "optimizer.lr",
@@ -203,7 +313,7 @@ def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = ()
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for i, (assignment, cfg) in enumerate(points, 1):
-        result = run_point(assignment, cfg, out / "runs" / run_name(assignment))
+        result = run_point(assignment, cfg, out / "runs" / run_name(assignment), out / "replaced", log)
         runs.append(result)
         state = "diverged" if result["diverged"] else f"val {result['val_loss']:.4f} train {result['train_loss']:.4f}"
         log(f"[{i}/{len(points)}] {run_name(assignment)}: {state} ({result['seconds']:.0f}s)")
@@ -211,7 +321,7 @@ def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = ()
     results = {"config": str(config), "overrides": list(overrides),
                "grid": {a.key: list(a.values) for a in grid}, "x": x_key, "curve": curve_key,
                "panels": panel_keys, "runs": runs, **analysis}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_table(out, runs)
     plotting.plot_sweep(results, out / "sweep.png")
     return results

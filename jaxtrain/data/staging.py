@@ -1,0 +1,121 @@
+"""Who is writing a dataset: `jaxtrain data prepare`'s staging directories, each owned by
+one live process, and the check every prepare of the same OUT makes before writing.
+
+    .OUT.tmp-<random>    a writer's private directory while it starts
+    .OUT.tmp-staging     the claimed staging directory of OUT, renamed to OUT at commit
+
+Every directory a prepare writes holds MARKER, whose text names its writer ("pid 123 on
+host"), and the writer holds an exclusive flock(2) on it for as long as it runs. The
+kernel drops the lock when the process ends however it ends (SIGKILL included), so a free
+lock means exactly "its writer is gone": no pid guessing, no reused pids, no timeouts. A
+later prepare therefore clears a dead writer's leftovers, and refuses, in one line naming
+the writer, to touch a live one's. A directory holding metadata.json is a finished
+dataset and is never cleared.
+
+Claiming is a rename: a writer builds its private directory (the marker locked before it
+appears under its name) and renames it to `.OUT.tmp-staging`; rename(2) onto an existing
+non-empty directory fails, so of two prepares started at the same moment exactly one
+holds the claim and the other refuses.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+from jaxtrain.data.token_store import MARKER
+from jaxtrain.errors import DataError
+
+_CLAIM = "staging"
+
+
+def _identity() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _busy(out: Path, writer: str) -> DataError:
+    return DataError(f"--out {out}: another `jaxtrain data prepare` ({writer}) is writing this output; "
+                     f"wait for it to finish or stop it")
+
+
+def live_writer(directory: Path) -> str | None:
+    """The live writer of `directory` ("pid N on HOST"), or None when none is: then a dead
+    writer's unfinished directory has been removed."""
+    marker = directory / MARKER
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except OSError:
+        return None  # no marker (not a prepare's, or already gone): nothing to judge
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "a process"
+        try:
+            same = os.stat(marker).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return None  # committed or cleared meanwhile
+        if not same:  # replaced between open and lock: judge the new one
+            return live_writer(directory)
+        if not (directory / "metadata.json").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # removed under the lock: no writer can claim it meanwhile
+        return None
+    finally:
+        os.close(fd)
+
+
+def prepare_target(out: Path) -> None:
+    """Refuse to overwrite a dataset or anything else, or to race a live prepare of OUT;
+    clear what a dead one left (its staging, or an OUT renamed into place without metadata)."""
+    for staging in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        if (writer := live_writer(staging)) is not None:
+            raise _busy(out, writer)
+    if (out / MARKER).exists() and not (out / "metadata.json").exists():
+        if (writer := live_writer(out)) is not None:
+            raise _busy(out, writer)
+    if out.exists():
+        raise DataError(f"--out {out}: already exists; remove it or choose another --out")
+
+
+def _locked_marker(directory: Path) -> int:
+    """Write MARKER naming this process, locked before it appears under its name."""
+    tmp = directory / f"{MARKER}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{_identity()}\n".encode())
+    tmp.rename(directory / MARKER)
+    return fd
+
+
+def claim(out: Path) -> tuple[Path, int]:
+    """(staging directory, its locked marker's descriptor): OUT's staging, owned by this
+    process until the descriptor is closed. Another live prepare of OUT is a DataError."""
+    private = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    private.mkdir(parents=True)
+    fd = _locked_marker(private)
+    staging = out.parent / f".{out.name}.tmp-{_CLAIM}"
+    for _ in range(3):  # a dead writer's claim is cleared and claimed again
+        try:
+            private.rename(staging)
+            return staging, fd
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                release(private, fd)
+                raise
+            if (writer := live_writer(staging)) is not None:
+                release(private, fd)
+                raise _busy(out, writer) from None
+    release(private, fd)
+    raise _busy(out, "a process that keeps reclaiming it")
+
+
+def release(directory: Path | None, fd: int) -> None:
+    """Remove an unfinished staging directory (None: keep it, it is committed) and unlock."""
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+    os.close(fd)
