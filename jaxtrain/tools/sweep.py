@@ -58,6 +58,7 @@ from jaxtrain.config import Config
 from jaxtrain.config_file import load_config
 from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.metrics import read_metrics
+from jaxtrain.workdir import Layout
 
 
 class StopSweep(Exception):
@@ -117,7 +118,7 @@ def plan(config: str, overrides: list[str], grid: list[Axis]) -> list[tuple[dict
 def summarize(cfg: Config, workdir: Path, seconds: float, halted: bool = False) -> dict[str, Any]:
     """Final validation loss, mean training loss over the last 10% of steps, divergence
     (`halted`: the run stopped at a non-finite step)."""
-    rows = read_metrics(workdir / "metrics.jsonl")
+    rows = read_metrics(Layout(workdir).metrics)
     tail_from = cfg.train.steps - max(cfg.train.steps // 10, 1)
     train = [r["loss"] for r in rows if r["step"] > tail_from]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -170,9 +171,9 @@ def recorded_config(workdir: Path, result: dict | None) -> dict | None:
     """The resolved config a run directory was trained with (its result.json's, else the
     config.yaml training recorded), keys it lacks filled with their defaults; None if none."""
     recorded = result.get("config") if result else None
-    if recorded is None and (workdir / "config.yaml").is_file():
+    if recorded is None and Layout(workdir).config.is_file():
         try:
-            recorded = yaml.safe_load((workdir / "config.yaml").read_text())
+            recorded = yaml.safe_load(Layout(workdir).config.read_text())
         except (OSError, yaml.YAMLError):
             return None  # training's own resume check reads it and says what is wrong
     return _with_defaults(recorded, Config().to_dict()) if isinstance(recorded, dict) else None
