@@ -6,6 +6,7 @@ disk is one line and the run resumes once space is freed."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,3 +135,30 @@ def test_a_checkpoints_directory_made_read_only_mid_run_is_one_line_and_a_prompt
         (workdir / "checkpoints").chmod(0o755)
     line = one_error_line(err)
     assert proc.returncode == 2 and "permission denied" in line and "intact checkpoints: steps" in line, line
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("metrics.jsonl is a directory", "metrics.jsonl: is a directory"),
+    ("tb is a file", "tb: not a directory"),
+    ("tb is read-only", "permission denied"),
+])
+def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(damage, named, cli_reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(cli_reference, workdir)
+    if damage == "metrics.jsonl is a directory":
+        (workdir / "metrics.jsonl").unlink()
+        (workdir / "metrics.jsonl").mkdir()
+    elif damage == "tb is a file":
+        shutil.rmtree(workdir / "tb")
+        (workdir / "tb").write_text("")
+    else:
+        (workdir / "tb").chmod(0o555)
+    checkpoints = snapshot(workdir / "checkpoints")
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+    done = subprocess.run([*as_user, sys.executable, "-m", "jaxtrain", *train_args(workdir, "--set", "train.steps=41")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    if (workdir / "tb").is_dir():
+        (workdir / "tb").chmod(0o755)
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and named in line and str(workdir) in line, line
+    assert snapshot(workdir / "checkpoints") == checkpoints
