@@ -4,6 +4,7 @@ multipliers, CompleteP, GQA and QK-norm; models that `transformers` creates impo
 their logits, and continue pretraining from their own loss; bad inputs are one line."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ import torch  # the test extras' CPU PyTorch and transformers: the consumers an 
 import transformers
 
 from conftest import TINY, cli_in_process
+from jaxtrain import cli
 from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.prepare import prepare
@@ -275,3 +277,98 @@ def test_export_refuses_an_existing_or_unplaceable_out_and_writes_nothing_there(
     status, _, err = cli_in_process(capsys, "export", str(trained("sp")), "--out", str(tmp_path / "hf"),
                                     "--step", "7")
     assert status == 2 and "--step 7" in err and not (tmp_path / "hf").exists()
+
+
+# --- Never lose work, part three: the import boundary reads only what it can check.
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """An export of the tiny SP run (read-only: tests corrupt copies of it)."""
+    out = tmp_path_factory.mktemp("exported") / "hf"
+    assert cli.main(["export", str(trained("sp")), "--out", str(out)]) == 0
+    return out
+
+
+def corrupt_copy(exported, directory, change_config=None, change_tensors=None):
+    """A copy of `exported` with its config.json or its tensors changed."""
+    shutil.copytree(exported, directory)
+    if change_config:
+        config = json.loads((directory / "config.json").read_text())
+        change_config(config)
+        (directory / "config.json").write_text(json.dumps(config))
+    if change_tensors:
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(directory / "model.safetensors")
+        change_tensors(tensors)
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def set_value(name, value):
+    def change(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name].flat[3] = value
+    return change
+
+
+def header_dtype_to_i32(path, name):
+    """Change one byte of the safetensors header: tensor `name` (F32) then reads as I32."""
+    raw = bytearray(path.read_bytes())
+    start = raw.index(f'"{name}":{{"dtype":"F32"'.encode()) + len(f'"{name}":{{"dtype":"'.encode())
+    raw[start] = ord("I")
+    path.write_bytes(bytes(raw))
+
+
+def refused_both_ways(capsys, source, tmp_path, *words):
+    """`jaxtrain import` and train.init_from.huggingface of `source` each exit 2 with one line
+    holding `words`, and neither writes its workdir."""
+    for args in (["import", str(source), "--workdir", str(tmp_path / "imported"), "--config", str(TINY)],
+                 ["train", str(TINY), "--workdir", str(tmp_path / "continued"),
+                  "--set", f"train.init_from={{huggingface: {source}}}"]):
+        status, _, err = cli_in_process(capsys, *args)
+        assert status == 2 and len(err.strip().splitlines()) == 1, (args[0], err)
+        assert all(word in err for word in words), (args[0], words, err)
+        assert not (tmp_path / "imported").exists() and not (tmp_path / "continued").exists()
+
+
+UP = "model.layers.1.mlp.up_proj.weight"
+BAD_TENSORS = {
+    "int8": (lambda ts: ts.update({k: v.astype(np.int8) for k, v in ts.items()}), "dtype I8"),
+    "nan": (set_value(UP, np.nan), "1 non-finite"),
+    "inf": (set_value(UP, -np.inf), "1 non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_TENSORS, "header"])
+def test_weights_that_are_not_finite_floats_are_one_line_naming_file_and_tensor(case, exported, tmp_path, capsys):
+    if case == "header":
+        source = corrupt_copy(exported, tmp_path / "hf")
+        header_dtype_to_i32(source / "model.safetensors", UP)
+        words = [UP, "dtype I32"]
+    else:
+        change, word = BAD_TENSORS[case]
+        source = corrupt_copy(exported, tmp_path / "hf", change_tensors=change)
+        words = [word] if case == "int8" else [UP, word]
+    refused_both_ways(capsys, source, tmp_path, str(source / "model.safetensors"), "tensor", *words)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_key_value_heads", "2", "valid integer"),
+    ("rope_theta", None, "valid number"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": None}, "valid number"),
+    ("rms_norm_eps", "1e-6", "valid number"),
+    ("tie_word_embeddings", "false", "valid boolean"),
+    ("hidden_size", 64.0, "valid integer"),
+])
+def test_config_json_fields_of_the_wrong_type_are_one_line(field, value, expected, exported, tmp_path, capsys):
+    source = corrupt_copy(exported, tmp_path / "hf", change_config=lambda config: config.update({field: value}))
+    name = field + (".rope_theta" if field == "rope_parameters" else "")
+    refused_both_ways(capsys, source, tmp_path, f"{source}/config.json field '{name}'", expected)
+
+
+def test_a_truncated_tokenizer_json_is_one_line_naming_it(exported, tmp_path, capsys):
+    source = corrupt_copy(exported, tmp_path / "hf")
+    tokenizer = source / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:1000])
+    refused_both_ways(capsys, source, tmp_path, str(tokenizer))
