@@ -5,6 +5,9 @@ their logits, and continue pretraining from their own loss; bad inputs are one l
 
 import json
 import shutil
+import signal
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,8 +15,8 @@ import pytest
 import torch  # the test extras' CPU PyTorch and transformers: the consumers an export is for
 import transformers
 
-from conftest import TINY, cli_in_process
-from jaxtrain import cli
+from conftest import TINY, cli_in_process, start_cli
+from jaxtrain import cli, staging
 from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.prepare import prepare
@@ -279,7 +282,8 @@ def test_export_refuses_an_existing_or_unplaceable_out_and_writes_nothing_there(
     assert status == 2 and "--step 7" in err and not (tmp_path / "hf").exists()
 
 
-# --- Never lose work, part three: the import boundary reads only what it can check.
+# --- Never lose work, part three: the import boundary reads only what it can check, and a
+# killed export or import leaves nothing that blocks or outlives the next one.
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
@@ -372,3 +376,67 @@ def test_a_truncated_tokenizer_json_is_one_line_naming_it(exported, tmp_path, ca
     tokenizer = source / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text()[:1000])
     refused_both_ways(capsys, source, tmp_path, str(tokenizer))
+
+
+def stop(proc) -> None:
+    """SIGSTOP `proc` and wait until it is stopped (the signal is delivered asynchronously)."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    while stat.read_text().rpartition(")")[2].split()[0] not in "TtZ":  # Z: it ended
+        time.sleep(0.0001)
+
+
+def kill_when(proc, condition, timeout=300):
+    """SIGKILL `proc` at a moment `condition()` holds: the process runs in 2 ms slices and
+    is looked at while stopped, so a state that lasts longer than a slice is never missed."""
+    deadline = time.time() + timeout
+    try:
+        while True:
+            stop(proc)
+            if condition():
+                break
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_killed_exports_staging_directory_is_removed_by_the_next_export(trained, tmp_path, capsys):
+    out = tmp_path / "hf"
+    staged = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf."))
+    kill_when(start_cli("export", str(trained("sp")), "--out", str(out), "--max-shard-size", "20KB"), staged)
+    leftover = staged()
+    assert len(leftover) == 1 and not out.exists()
+    running = staging.make_staging(out)  # another export's, still writing: this process is alive
+    export(capsys, trained("sp"), out)
+    assert staged() == [running.name]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_a_killed_import_is_started_over_and_a_run_is_never_taken(trained, tmp_path, capsys):
+    source = tmp_path / "hf"
+    transformers_model(source, "llama")
+    workdir = tmp_path / "imported"
+    args = ["import", str(source), "--workdir", str(workdir), "--config", str(TINY)]
+    kill_when(start_cli(*args), lambda: (workdir / "checkpoints").is_dir())
+    trained_later = tmp_path / "trained_later"  # the same leftover, then trained past step 0
+    shutil.copytree(workdir, trained_later)
+    (trained_later / "checkpoints" / "40").mkdir()
+    live = tmp_path / "live"  # an import still running (this process)
+    (live / "checkpoints").mkdir(parents=True)
+    staging.claim(live, ".jaxtrain-import")
+    run_dir = trained("sp")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    for target, word in [(run_dir, "already exists and is not empty"), (live, "an import is writing it"),
+                         (trained_later, "checkpoint step 40")]:
+        status, _, err = cli_in_process(capsys, "import", str(source), "--workdir", str(target), "--config", str(TINY))
+        assert status == 2 and word in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    status, out, err = cli_in_process(capsys, *args)
+    assert status == 0, err
+    assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".jaxtrain")) == []  # claim released
+    step0 = json.loads(cli_in_process(capsys, "eval", str(workdir))[1])
+    assert step0["step"] == 0 and f"val_loss {step0['val_loss']:.4f}" in out
