@@ -4,6 +4,10 @@ multipliers, CompleteP, GQA and QK-norm; models that `transformers` creates impo
 their logits, and continue pretraining from their own loss; bad inputs are one line."""
 
 import json
+import shutil
+import signal
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,7 +15,8 @@ import pytest
 import torch  # the test extras' CPU PyTorch and transformers: the consumers an export is for
 import transformers
 
-from conftest import TINY, cli_in_process
+from conftest import TINY, cli_in_process, start_cli
+from jaxtrain import cli, staging
 from jaxtrain.config_file import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.prepare import prepare
@@ -275,3 +280,165 @@ def test_export_refuses_an_existing_or_unplaceable_out_and_writes_nothing_there(
     status, _, err = cli_in_process(capsys, "export", str(trained("sp")), "--out", str(tmp_path / "hf"),
                                     "--step", "7")
     assert status == 2 and "--step 7" in err and not (tmp_path / "hf").exists()
+
+
+# --- Never lose work, part three: the import boundary reads only what it can check, and a
+# killed export or import leaves nothing that blocks or outlives the next one.
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """An export of the tiny SP run (read-only: tests corrupt copies of it)."""
+    out = tmp_path_factory.mktemp("exported") / "hf"
+    assert cli.main(["export", str(trained("sp")), "--out", str(out)]) == 0
+    return out
+
+
+def corrupt_copy(exported, directory, change_config=None, change_tensors=None):
+    """A copy of `exported` with its config.json or its tensors changed."""
+    shutil.copytree(exported, directory)
+    if change_config:
+        config = json.loads((directory / "config.json").read_text())
+        change_config(config)
+        (directory / "config.json").write_text(json.dumps(config))
+    if change_tensors:
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(directory / "model.safetensors")
+        change_tensors(tensors)
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def set_value(name, value):
+    def change(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name].flat[3] = value
+    return change
+
+
+def header_dtype_to_i32(path, name):
+    """Change one byte of the safetensors header: tensor `name` (F32) then reads as I32."""
+    raw = bytearray(path.read_bytes())
+    start = raw.index(f'"{name}":{{"dtype":"F32"'.encode()) + len(f'"{name}":{{"dtype":"'.encode())
+    raw[start] = ord("I")
+    path.write_bytes(bytes(raw))
+
+
+def refused_both_ways(capsys, source, tmp_path, *words):
+    """`jaxtrain import` and train.init_from.huggingface of `source` each exit 2 with one line
+    holding `words`, and neither writes its workdir."""
+    for args in (["import", str(source), "--workdir", str(tmp_path / "imported"), "--config", str(TINY)],
+                 ["train", str(TINY), "--workdir", str(tmp_path / "continued"),
+                  "--set", f"train.init_from={{huggingface: {source}}}"]):
+        status, _, err = cli_in_process(capsys, *args)
+        assert status == 2 and len(err.strip().splitlines()) == 1, (args[0], err)
+        assert all(word in err for word in words), (args[0], words, err)
+        assert not (tmp_path / "imported").exists() and not (tmp_path / "continued").exists()
+
+
+UP = "model.layers.1.mlp.up_proj.weight"
+BAD_TENSORS = {
+    "int8": (lambda ts: ts.update({k: v.astype(np.int8) for k, v in ts.items()}), "dtype I8"),
+    "nan": (set_value(UP, np.nan), "1 non-finite"),
+    "inf": (set_value(UP, -np.inf), "1 non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_TENSORS, "header"])
+def test_weights_that_are_not_finite_floats_are_one_line_naming_file_and_tensor(case, exported, tmp_path, capsys):
+    if case == "header":
+        source = corrupt_copy(exported, tmp_path / "hf")
+        header_dtype_to_i32(source / "model.safetensors", UP)
+        words = [UP, "dtype I32"]
+    else:
+        change, word = BAD_TENSORS[case]
+        source = corrupt_copy(exported, tmp_path / "hf", change_tensors=change)
+        words = [word] if case == "int8" else [UP, word]
+    refused_both_ways(capsys, source, tmp_path, str(source / "model.safetensors"), "tensor", *words)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_key_value_heads", "2", "valid integer"),
+    ("rope_theta", None, "valid number"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": None}, "valid number"),
+    ("rms_norm_eps", "1e-6", "valid number"),
+    ("tie_word_embeddings", "false", "valid boolean"),
+    ("hidden_size", 64.0, "valid integer"),
+])
+def test_config_json_fields_of_the_wrong_type_are_one_line(field, value, expected, exported, tmp_path, capsys):
+    source = corrupt_copy(exported, tmp_path / "hf", change_config=lambda config: config.update({field: value}))
+    name = field + (".rope_theta" if field == "rope_parameters" else "")
+    refused_both_ways(capsys, source, tmp_path, f"{source}/config.json field '{name}'", expected)
+
+
+def test_a_truncated_tokenizer_json_is_one_line_naming_it(exported, tmp_path, capsys):
+    source = corrupt_copy(exported, tmp_path / "hf")
+    tokenizer = source / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:1000])
+    refused_both_ways(capsys, source, tmp_path, str(tokenizer))
+
+
+def stop(proc) -> None:
+    """SIGSTOP `proc` and wait until it is stopped (the signal is delivered asynchronously)."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    while stat.read_text().rpartition(")")[2].split()[0] not in "TtZ":  # Z: it ended
+        time.sleep(0.0001)
+
+
+def kill_when(proc, condition, timeout=300):
+    """SIGKILL `proc` at a moment `condition()` holds: the process runs in ~1 ms slices and
+    is looked at while stopped, so a state that lasts longer than a slice is never missed
+    (an export's staging directory lives ~30 ms with 20KB shards, an import's workdir
+    seconds)."""
+    deadline = time.time() + timeout
+    try:
+        while True:
+            stop(proc)
+            if condition():
+                break
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_killed_exports_staging_directory_is_removed_by_the_next_export(trained, tmp_path, capsys):
+    out = tmp_path / "hf"
+    staged = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf."))
+    kill_when(start_cli("export", str(trained("sp")), "--out", str(out), "--max-shard-size", "20KB"), staged)
+    leftover = staged()
+    assert len(leftover) == 1 and not out.exists()
+    running = staging.make_staging(out)  # another export's, still writing: this process is alive
+    export(capsys, trained("sp"), out)
+    assert staged() == [running.name]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_a_killed_import_is_started_over_and_a_run_is_never_taken(trained, tmp_path, capsys):
+    source = tmp_path / "hf"
+    transformers_model(source, "llama")
+    workdir = tmp_path / "imported"
+    args = ["import", str(source), "--workdir", str(workdir), "--config", str(TINY)]
+    kill_when(start_cli(*args), lambda: (workdir / "checkpoints").is_dir())
+    trained_later = tmp_path / "trained_later"  # the same leftover, then trained past step 0
+    shutil.copytree(workdir, trained_later)
+    (trained_later / "checkpoints" / "40").mkdir()
+    live = tmp_path / "live"  # an import still running (this process)
+    (live / "checkpoints").mkdir(parents=True)
+    staging.claim(live, ".jaxtrain-import")
+    run_dir = trained("sp")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    for target, word in [(run_dir, "already exists and is not empty"), (live, "an import is writing it"),
+                         (trained_later, "checkpoint step 40")]:
+        status, _, err = cli_in_process(capsys, "import", str(source), "--workdir", str(target), "--config", str(TINY))
+        assert status == 2 and word in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    status, out, err = cli_in_process(capsys, *args)
+    assert status == 0, err
+    assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".jaxtrain")) == []  # claim released
+    step0 = json.loads(cli_in_process(capsys, "eval", str(workdir))[1])
+    assert step0["step"] == 0 and f"val_loss {step0['val_loss']:.4f}" in out

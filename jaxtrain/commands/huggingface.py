@@ -9,17 +9,16 @@ config's model section is replaced by the directory's architecture, everything e
 (data, parametrization, optimizer, schedule) comes from CONFIG (default: jaxtrain's
 defaults). It reports the model's validation loss on the run's data at step 0;
 `jaxtrain train WORKDIR/config.yaml --workdir WORKDIR` then continues pretraining it, and
-`eval`, `generate` and `export` read it like any run.
+`eval`, `generate` and `export` read it like any run. The work is in
+jaxtrain/tools/huggingface_export.py and jaxtrain/tools/huggingface_import.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 from jaxtrain.commands.args import add_process_group, add_set, join_process_group, non_negative_int
-from jaxtrain.errors import UserError
 
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
@@ -66,23 +65,12 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config_file import apply_overrides, from_dict, load_config
-    from jaxtrain.huggingface.importer import check_vocabulary, open_model
-    from jaxtrain.train import run
+    from jaxtrain.tools.huggingface_import import plan_import, run_import
 
-    workdir = Path(args.workdir)
-    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
-        raise UserError(f"--workdir {workdir}: already exists and is not empty (import makes a new workdir)")
-    model = open_model(args.hf_dir)
+    plan = plan_import(args.hf_dir, args.workdir, args.config, args.overrides)
     join_process_group(args)
-    base = load_config(args.config, args.overrides) if args.config else from_dict(apply_overrides({}, args.overrides))
-    raw = base.to_dict()
-    raw["model"].update(model.fields)
-    raw["train"]["init_from"] = {"huggingface": str(model.directory.absolute())}
-    cfg = from_dict(raw)
-    check_vocabulary(cfg, model)  # before run() would blame model.vocab_size, which comes from HF_DIR
-    result = run(cfg, workdir, stop_after=0)
-    print(f"imported {args.hf_dir} ({model.config['model_type']}) into {workdir} at step 0: val_loss "
+    result = run_import(plan)
+    print(f"imported {args.hf_dir} ({plan.model.config['model_type']}) into {plan.workdir} at step 0: val_loss "
           f"{result.val_loss:.4f} nats/token ({result.val_bits_per_byte:.3f} bits/byte); continue with: "
-          f"jaxtrain train {workdir}/config.yaml --workdir {workdir}")
+          f"jaxtrain train {plan.workdir}/config.yaml --workdir {plan.workdir}")
     return 0

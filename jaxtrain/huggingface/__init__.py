@@ -4,6 +4,7 @@
     weights.py        parameters <-> tensors, with every parametrization factor folded in
     files.py          safetensors (numpy API, sharded + index) and tokenizer files
     importer.py       `train.init_from.huggingface` and `jaxtrain import`
-`jaxtrain export` (a tool: it reads a saved run) is jaxtrain/tools/huggingface_export.py;
-the two CLI commands, export and import, are in jaxtrain/commands/huggingface.py.
+`jaxtrain export` (a tool: it reads a saved run) is jaxtrain/tools/huggingface_export.py,
+the run `jaxtrain import` makes is jaxtrain/tools/huggingface_import.py; the two CLI
+commands, export and import, are in jaxtrain/commands/huggingface.py.
 """

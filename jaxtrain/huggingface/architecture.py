@@ -8,8 +8,10 @@ with no custom code. Both families compute the attention logits as q.k / sqrt(he
 and add each branch to the residual stream unscaled; whatever jaxtrain's parametrization
 does differently is folded into the weights (`weights.py`).
 
-`model_fields` reads a `config.json` of those families back; anything jaxtrain cannot
-compute exactly (tied embeddings, biases, another activation, RoPE scaling, sliding
+`model_fields` reads a `config.json` of those families back: every field it reads has its
+type declared once (`HfArchitecture`, strict), so a string where a number belongs or a
+null is one error line naming the file, the field and the expected type; anything jaxtrain
+cannot compute exactly (tied embeddings, biases, another activation, RoPE scaling, sliding
 windows, a head_dim that is not hidden_size / heads) is one error line naming the field.
 """
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError
 
 from jaxtrain.config import ModelConfig
 from jaxtrain.errors import ConfigError, UserError
@@ -80,50 +84,94 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
+class RopeParameters(BaseModel):
+    """`rope_parameters` (transformers 5), as far as jaxtrain reads it."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    rope_type: str = "default"
+    rope_theta: PositiveFloat = None  # absent: the top-level rope_theta; a null is refused (defaults are not validated)
+
+
+class HfArchitecture(BaseModel):
+    """Every field of a Llama / Qwen3 `config.json` that jaxtrain reads, with its type: the
+    one place those fields are validated (strict: `"2"` is not an integer, `null` is not a
+    number; a field that may be absent or null says so). Other fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    model_type: str
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt | None = None  # absent: as many as the attention heads
+    head_dim: PositiveInt | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: PositiveFloat = 1e-6
+    rope_theta: PositiveFloat = 10_000.0  # transformers 4; 5 writes rope_parameters
+    rope_parameters: RopeParameters | None = None
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    use_sliding_window: bool = False
+    pretraining_tp: PositiveInt = 1
+
+    @property
+    def theta(self) -> float:
+        nested = self.rope_parameters.rope_theta if self.rope_parameters else None
+        return nested if nested is not None else self.rope_theta
+
+
 def _field_error(directory: Path, field: str, message: str) -> UserError:
     return UserError(f"{directory}/config.json field '{field}': {message}")
 
 
-def rope_theta(config: dict[str, Any]) -> float:
-    rope = config.get("rope_parameters") or {}
-    return float(rope.get("rope_theta", config.get("rope_theta", 10_000.0)))
+def read_architecture(config: dict[str, Any], directory: Path) -> HfArchitecture:
+    """The typed fields of `config` (HfArchitecture); the first bad one is one error line
+    naming the file, the field and the type it must have."""
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:  # another family: none of its other fields means anything here
+        raise _field_error(directory, "model_type", f"{kind!r} is not one of {', '.join(ARCHITECTURES)} (the "
+                                                    f"architectures jaxtrain computes exactly)")
+    try:
+        return HfArchitecture.model_validate(config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "missing":
+            raise _field_error(directory, field, "missing (a required field)") from None
+        expected = first["msg"].replace("Input should be", "expected")
+        raise _field_error(directory, field, f"{expected}, got {first['input']!r}") from None
 
 
 def model_fields(config: dict[str, Any], directory: Path) -> dict[str, Any]:
     """jaxtrain `model.*` values equivalent to a Llama / Qwen3 `config.json`."""
-    fail = lambda field, message: _field_error(directory, field, message)
-    kind = config.get("model_type")
-    if kind not in ARCHITECTURES:
-        raise fail("model_type", f"{kind!r} is not one of {', '.join(ARCHITECTURES)} (the architectures "
-                                 f"jaxtrain computes exactly)")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(config.get(field), int) or config[field] <= 0:
-            raise fail(field, f"expected a positive integer, got {config.get(field)!r}")
-    heads, width = config["num_attention_heads"], config["hidden_size"]
-    kv_heads = config.get("num_key_value_heads") or heads
+    hf = read_architecture(config, directory)
+    heads, width = hf.num_attention_heads, hf.hidden_size
+    kv_heads = hf.num_key_value_heads or heads
+    rope_type = hf.rope_parameters.rope_type if hf.rope_parameters else "default"
     unsupported = {
-        "tie_word_embeddings": (config.get("tie_word_embeddings", False) is not False,
+        "tie_word_embeddings": (hf.tie_word_embeddings,
                                 "the LM head is tied to the embedding; jaxtrain's head is a separate matrix"),
-        "attention_bias": (bool(config.get("attention_bias")), "attention projections with biases; jaxtrain's have none"),
-        "mlp_bias": (bool(config.get("mlp_bias")), "MLP projections with biases; jaxtrain's have none"),
-        "hidden_act": (config.get("hidden_act", "silu") != "silu",
-                       f"{config.get('hidden_act')!r}; jaxtrain's MLP is SwiGLU (silu)"),
-        "rope_parameters": ((config.get("rope_parameters") or {}).get("rope_type", "default") != "default"
-                            or bool(config.get("rope_scaling")), "RoPE scaling; jaxtrain's RoPE is the default one"),
-        "use_sliding_window": (bool(config.get("use_sliding_window")), "sliding-window attention; jaxtrain's is full"),
-        "head_dim": (config.get("head_dim") not in (None, width // heads) or width % heads,
-                     f"{config.get('head_dim')} with hidden_size {width} and {heads} heads; jaxtrain's head_dim "
+        "attention_bias": (hf.attention_bias, "attention projections with biases; jaxtrain's have none"),
+        "mlp_bias": (hf.mlp_bias, "MLP projections with biases; jaxtrain's have none"),
+        "hidden_act": (hf.hidden_act != "silu", f"{hf.hidden_act!r}; jaxtrain's MLP is SwiGLU (silu)"),
+        "rope_parameters": (rope_type != "default" or bool(hf.rope_scaling),
+                            "RoPE scaling; jaxtrain's RoPE is the default one"),
+        "use_sliding_window": (hf.use_sliding_window, "sliding-window attention; jaxtrain's is full"),
+        "head_dim": (hf.head_dim not in (None, width // heads) or width % heads,
+                     f"{hf.head_dim} with hidden_size {width} and {heads} heads; jaxtrain's head_dim "
                      f"is hidden_size / num_attention_heads"),
         "num_key_value_heads": (heads % kv_heads != 0, f"{kv_heads} does not divide {heads} attention heads"),
-        "pretraining_tp": (config.get("pretraining_tp", 1) != 1, "tensor-parallel slicing of the projections"),
+        "pretraining_tp": (hf.pretraining_tp != 1, "tensor-parallel slicing of the projections"),
     }
     for field, (bad, why) in unsupported.items():
         if bad:
-            raise fail(field, f"unsupported: {why}")
-    return {"vocab_size": config["vocab_size"], "d_model": width, "n_layers": config["num_hidden_layers"],
-            "n_heads": heads, "n_kv_heads": kv_heads, "d_ff": config["intermediate_size"],
-            "rope_theta": rope_theta(config), "qk_norm": kind == "qwen3",
-            "norm_eps": float(config.get("rms_norm_eps", 1e-6))}
+            raise _field_error(directory, field, f"unsupported: {why}")
+    return {"vocab_size": hf.vocab_size, "d_model": width, "n_layers": hf.num_hidden_layers,
+            "n_heads": heads, "n_kv_heads": kv_heads, "d_ff": hf.intermediate_size,
+            "rope_theta": hf.theta, "qk_norm": hf.model_type == "qwen3", "norm_eps": hf.rms_norm_eps}
 
 
 def check_model_matches(model: ModelConfig, fields: dict[str, Any], directory: Path) -> None:

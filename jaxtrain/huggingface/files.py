@@ -27,6 +27,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors a checkpoint may carry that are recomputed, not learnt (older Llama checkpoints).
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtypes a weight may have: a model's floats (an integer tensor is a quantized
+# or a corrupted checkpoint, whose values are not the weights)
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 def write_weights(directory: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[str]:
@@ -57,7 +60,10 @@ def write_weights(directory: Path, tensors: dict[str, np.ndarray], max_shard_byt
 
 
 class WeightFiles:
-    """The tensors of a directory's safetensors files, read lazily by name."""
+    """The tensors of a directory's safetensors files, read lazily by name. Every tensor
+    read is checked at this boundary: a floating dtype (`FLOAT_DTYPES`, from the file's
+    header) and only finite values; anything else is one error line naming the file and
+    the tensor."""
 
     def __init__(self, directory: Path):
         from safetensors import safe_open
@@ -72,7 +78,7 @@ class WeightFiles:
             files = [SINGLE_FILE]
         else:
             raise UserError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors weights are read)")
-        self._handles, self._where = {}, {}
+        self._directory, self._handles, self._where = directory, {}, {}
         for file in files:
             try:
                 handle = safe_open(str(directory / file), framework="np")
@@ -86,8 +92,27 @@ class WeightFiles:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(self._handles[file].get_slice(name).get_shape()) for name, file in self._where.items()}
 
+    def path(self, name: str) -> Path:
+        return self._directory / self._where[name]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of tensor `name` (F32, BF16, I8, ...), from the header."""
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
+
+    def check_dtype(self, name: str) -> None:
+        if self.dtype(name) not in FLOAT_DTYPES:
+            raise UserError(f"{self.path(name)}: tensor {name} has dtype {self.dtype(name)}; only "
+                            f"{', '.join(FLOAT_DTYPES)} weights are read")
+
     def read(self, name: str) -> np.ndarray:
-        return self._handles[self._where[name]].get_tensor(name)
+        """Tensor `name`, checked: a floating dtype and finite values."""
+        self.check_dtype(name)
+        value = self._handles[self._where[name]].get_tensor(name)
+        finite = np.count_nonzero(np.isfinite(value))
+        if finite != value.size:
+            raise UserError(f"{self.path(name)}: tensor {name} has {value.size - finite} non-finite value(s) "
+                            f"(NaN or inf) of {value.size}")
+        return value
 
 
 def _byte_to_unicode() -> dict[int, str]:

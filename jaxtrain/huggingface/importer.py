@@ -11,9 +11,11 @@ attention and residual ones is 1, and the table's learning-rate rules are those 
 that shape; a smaller d0/L0 makes the imported model the wide/deep member of a muP family
 tuned at the base shape.
 
-Everything is checked before any training state exists: the architecture, every tensor's
-name and shape, and, where the directory has a tokenizer.json, that it is the data's
-tokenizer.
+Everything is checked before any training state exists: the architecture (every field
+config.json must have, typed: `architecture.HfArchitecture`), every tensor's name, shape
+and dtype (float32, float16 or bfloat16), that every value is finite (each tensor is read
+once for it), and, where the directory has a tokenizer.json, that it is readable and the
+data's tokenizer. Each refusal is one line naming the file and the field or tensor.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def check_tensors(model: HfModel, table: Table) -> None:
     if extra:
         raise UserError(f"{model.directory}: tensor {extra[0]} is not part of a {model.config['model_type']} "
                         f"model of this config.json ({len(extra)} such tensor(s))")
+    for name in expected:
+        model.weights.check_dtype(name)
 
 
 def check_vocabulary(cfg: Config, model: HfModel) -> None:
@@ -80,7 +84,10 @@ def check_vocabulary(cfg: Config, model: HfModel) -> None:
         return
     from tokenizers import Tokenizer as HfTokenizer
 
-    theirs = HfTokenizer.from_file(str(path)).get_vocab()
+    try:
+        theirs = HfTokenizer.from_file(str(path)).get_vocab()
+    except Exception as err:  # the Rust reader raises its own error types (truncated JSON, not a tokenizer)
+        raise UserError(f"{path}: not a readable tokenizer file ({str(err).splitlines()[0][:200]})") from None
     mine = (files.byte_level_tokenizer() if data.kind == "byte" else data.tokenizer).get_vocab()
     if theirs != mine:
         raise ConfigError("train.init_from.huggingface",
@@ -88,19 +95,23 @@ def check_vocabulary(cfg: Config, model: HfModel) -> None:
                           f"{len(theirs)}); prepare the data with --tokenizer {path}")
 
 
-def check_source(cfg: Config, table: Table, directory: str | Path) -> HfModel:
-    """All checks of importing `directory` into a run of `cfg`, reading no weights."""
+def check_source(cfg: Config, table: Table, directory: str | Path, *, values: bool = True) -> HfModel:
+    """All checks of importing `directory` into a run of `cfg`; with `values`, every
+    tensor is read once (one at a time) to check that it is finite."""
     model = open_model(directory)
     check_vocabulary(cfg, model)
     architecture.check_model_matches(cfg.model, model.fields, model.directory)
     check_tensors(model, table)
+    if values:
+        for name in weights.expected_shapes(table):
+            model.weights.read(name)  # checks the values; the array is dropped
     return model
 
 
 def imported_params(cfg: Config, table: Table, abstract_params: Any, directory: str | Path) -> Any:
     """The directory's weights as a jaxtrain params tree (host numpy, float32), preserving
     its function under `cfg`'s parametrization."""
-    model = check_source(cfg, table, directory)
+    model = check_source(cfg, table, directory, values=False)  # read() checks each value as it loads it
     flat = weights.from_hf(model.weights.read, table, weights.fold_factors(table, cfg.model))
     return jax.tree_util.tree_map_with_path(lambda p, _: flat[path_str(p)], abstract_params)
 

@@ -14,6 +14,9 @@ writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 The directory is written under a temporary name beside `--out` and renamed when complete,
 so an interrupted or refused export leaves nothing at `--out` (missing parent directories
 are created); an existing `--out` is never overwritten. Nothing in the workdir is written.
+The temporary name carries the exporter's host and process id (jaxtrain/staging.py): a
+killed export's leftover (`.OUT.staging.HOST.PID.*`) is removed by the next export to the
+same `--out` once its process is gone, while a running export's is left alone.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxtrain.data.sources import run_tokenizer
+from jaxtrain import staging as staging_dirs
 from jaxtrain.errors import UserError
 from jaxtrain.huggingface import architecture, files, weights
 from jaxtrain.parametrization import path_str
@@ -79,7 +82,8 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
         out.absolute().parent.mkdir(parents=True, exist_ok=True)  # as save_pretrained does
     except OSError as err:
         raise UserError(f"--out {out}: cannot create its directory ({err.strerror})") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
+    staging_dirs.clear_dead_staging(out)
+    staging = staging_dirs.make_staging(out)
     try:
         tensors = weights.to_hf(flat, table, factors, DTYPES[dtype])
         written = files.write_weights(staging, tensors, max_shard_bytes)
@@ -100,8 +104,8 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
 
 
 def _usual_permissions(directory: Path) -> None:
-    """mkdtemp makes a private directory (and safetensors private files): give them the
-    permissions of any file this process creates (the umask's)."""
+    """safetensors writes private files: give them (and the directory) the permissions of
+    any file this process creates (the umask's)."""
     umask = os.umask(0)
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
