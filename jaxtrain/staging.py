@@ -1,16 +1,16 @@
-"""Work in progress that names its writer: staging directories and claim markers whose
-names carry the host and process id of the process writing them.
+"""Work in progress that names its writer: staging directories whose names carry the host
+and process id of the process writing them.
 
 A command that writes a directory under a temporary name and renames it when complete
-(`jaxtrain export`), or that fills a directory in place (`jaxtrain import`), leaves its
-work behind if it is killed (SIGKILL, a lost node): nothing of it runs any more to clean
+(`jaxtrain export`) leaves its work behind if it is killed (SIGKILL, a lost node): nothing of it runs any more to clean
 up. Whoever comes next must tell that leftover from the work of a writer still running,
 and a name alone says nothing about that. So the writer's identity is part of the name,
 created with it in one system call (a `mkdir` or an exclusive file creation; an owner
 file written afterwards would leave a window where a kill leaves an anonymous leftover):
 
     .OUT.staging.HOST.PID.RANDOM/     a staging directory of OUT (`make_staging`)
-    WORKDIR/.jaxtrain-import.HOST.PID a claim on a directory filled in place (`claim`)
+
+(A workdir is filled in place under its owner's lock instead: jaxtrain/workdir.py.)
 
 A writer is dead when it ran on this host and its process id is gone; a writer on another
 host (a shared file system) cannot be checked from here and counts as alive, so its work
@@ -91,21 +91,3 @@ def clear_dead_staging(out: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def claim(directory: Path, marker: str) -> Path:
-    """Mark `directory` (which exists) as being written by this process: the empty file
-    `MARKER.HOST.PID`, created exclusively. Remove it (`release`) when the work is done."""
-    path = directory / f"{marker}.{identity()}"
-    path.touch(exist_ok=False)
-    return path
-
-
-def claims(directory: Path, marker: str) -> list[str]:
-    """The `HOST.PID` of every claim `marker` on `directory`."""
-    prefix = f"{marker}."
-    return sorted(p.name[len(prefix):] for p in directory.glob(f"{marker}.*") if _parse(p.name[len(prefix):]))
-
-
-def release(path: Path) -> None:
-    path.unlink(missing_ok=True)

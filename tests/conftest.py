@@ -183,13 +183,14 @@ def workdir_holder(tmp_path):
     of RUN's files, or nothing but the lock file."""
     started = []
 
-    def hold(copy_of: Path | None = None) -> tuple[Path, int]:
+    def hold(copy_of: Path | None = None, command: str = "train") -> tuple[Path, int]:
         workdir = tmp_path / f"held{len(started)}"
         if copy_of is not None:
             shutil.copytree(copy_of, workdir)
         code = ("import sys, time; from jaxtrain.workdir import owned\n"
-                "with owned(sys.argv[1], 'train'):\n    print('owned', flush=True); time.sleep(600)")
-        proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                "with owned(sys.argv[1], sys.argv[2]):\n    print('owned', flush=True); time.sleep(600)")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(workdir), command], cwd=REPO, stdout=subprocess.PIPE,
+                                text=True)
         started.append(proc)
         assert proc.stdout.readline().strip() == "owned"
         return workdir, proc.pid

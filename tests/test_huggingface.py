@@ -418,7 +418,7 @@ def test_a_killed_exports_staging_directory_is_removed_by_the_next_export(traine
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_a_killed_import_is_started_over_and_a_run_is_never_taken(trained, tmp_path, capsys):
+def test_a_killed_import_is_started_over_and_a_run_is_never_taken(trained, workdir_holder, tmp_path, capsys):
     source = tmp_path / "hf"
     transformers_model(source, "llama")
     workdir = tmp_path / "imported"
@@ -427,12 +427,12 @@ def test_a_killed_import_is_started_over_and_a_run_is_never_taken(trained, tmp_p
     trained_later = tmp_path / "trained_later"  # the same leftover, then trained past step 0
     shutil.copytree(workdir, trained_later)
     (trained_later / "checkpoints" / "40").mkdir()
-    live = tmp_path / "live"  # an import still running (this process)
-    (live / "checkpoints").mkdir(parents=True)
-    staging.claim(live, ".jaxtrain-import")
+    live, pid = workdir_holder(command="import")  # an import still running, in another process
+    (live / "checkpoints").mkdir()
+    (live / ".jaxtrain-import").touch()
     run_dir = trained("sp")
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    for target, word in [(run_dir, "already exists and is not empty"), (live, "an import is writing it"),
+    for target, word in [(run_dir, "already exists and is not empty"), (live, f"held by `jaxtrain import` (pid {pid},"),
                          (trained_later, "checkpoint step 40")]:
         status, _, err = cli_in_process(capsys, "import", str(source), "--workdir", str(target), "--config", str(TINY))
         assert status == 2 and word in err and len(err.strip().splitlines()) == 1, err
