@@ -432,11 +432,13 @@ def test_a_killed_import_is_started_over_and_a_run_is_never_taken(trained, workd
     (live / ".jaxtrain-import").touch()
     run_dir = trained("sp")
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    live_before = {p: p.read_bytes() for p in live.rglob("*") if p.is_file()}
     for target, word in [(run_dir, "already exists and is not empty"), (live, f"held by `jaxtrain import` (pid {pid},"),
                          (trained_later, "checkpoint step 40")]:
         status, _, err = cli_in_process(capsys, "import", str(source), "--workdir", str(target), "--config", str(TINY))
         assert status == 2 and word in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert {p: p.read_bytes() for p in live.rglob("*") if p.is_file()} == live_before
     status, out, err = cli_in_process(capsys, *args)
     assert status == 0, err
     assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".jaxtrain")) == []  # claim released
