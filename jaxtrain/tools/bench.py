@@ -35,7 +35,7 @@ from jaxtrain import sharding
 from jaxtrain.tools import communication, flops, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
-from jaxtrain.model import compute_dtype
+from jaxtrain.model import compute_dtype_name
 from jaxtrain.preflight import preflight
 
 
@@ -104,7 +104,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = 
     state, step_time, metrics = _timed(step, state, batch, steps, warmup)
     versus = _versus_adamw(cfg, mesh, step, state, batch, steps, warmup) if cfg.optimizer.name == "muon" else {}
 
-    dtype = np.dtype(compute_dtype(cfg.model)).name
+    dtype = compute_dtype_name(cfg.model, jax.default_backend())
     devices = mesh.devices.flatten().tolist()
     peak, peak_source = flops.peak_flops(devices[0], dtype)
     if devices[0].platform != "cpu":

@@ -30,6 +30,7 @@ from jaxtrain import memory, sharding
 from jaxtrain.tools import communication, flops
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
+from jaxtrain.model import compute_dtype_name
 from jaxtrain.schedules import lr_per_step, resolve
 
 def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
@@ -41,7 +42,7 @@ def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
 def collective_dtype_bytes(cfg: Config, backend: str) -> int:
     """Bytes per element the collectives move: the compute dtype's, but XLA:CPU moves bf16
     collectives as float32 (measured: `jaxtrain/hlo_collectives.py`)."""
-    return 4 if backend == "cpu" else memory.COMPUTE_BYTES[memory.compute_dtype_name(cfg, backend)]
+    return 4 if backend == "cpu" else memory.COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
 
 
 def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = None,
@@ -91,7 +92,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
         "flops_per_step": flops_per_token * tokens_per_step,
         "memory_per_device": memory.per_device(cfg, per_device, dict(mesh.shape), backend,
                                                memory.optimizer_state_per_device(spec, mesh)),
-        "compute_dtype": memory.compute_dtype_name(cfg, backend),
+        "compute_dtype": compute_dtype_name(cfg.model, backend),
         "schedule": schedule_summary(cfg),
         **extra,
     }
