@@ -121,7 +121,7 @@ def dry_run_command(args: argparse.Namespace) -> int:
     import jax
 
     from jaxtrain.tools import dry_run
-    from jaxtrain.tools.communication import TARGETS
+    from jaxtrain.tools.accelerators import TARGETS
 
     if args.target is not None and args.target not in TARGETS:
         raise UserError(f"--target {args.target}: not one of {', '.join(sorted(TARGETS))}")

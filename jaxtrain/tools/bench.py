@@ -10,7 +10,7 @@ result is ready:
     MFU = model FLOPs per token * tokens/s / (peak FLOP/s of all devices)
 
 On CPU the peak is the measured matmul rate of the whole machine (simulated devices share
-its cores); on accelerators it is the table in `flops.py` times the device count.
+its cores); on accelerators it is the table in `accelerators.py` times the device count.
 Memory is the devices' peak bytes in use where the runtime reports it, else the process's
 peak resident set size.
 
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxtrain import sharding
-from jaxtrain.tools import communication, flops, hlo_collectives
+from jaxtrain.tools import accelerators, communication, flops, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.model import compute_dtype_name
@@ -106,7 +106,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = 
 
     dtype = compute_dtype_name(cfg.model, jax.default_backend())
     devices = mesh.devices.flatten().tolist()
-    peak, peak_source = flops.peak_flops(devices[0], dtype)
+    peak, peak_source = accelerators.peak_flops(devices[0], dtype)
     if devices[0].platform != "cpu":
         peak *= len(devices)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len

@@ -13,7 +13,7 @@ against this machine's devices when the plan is for them, as `jaxtrain train` ch
 Communication: collective bytes per device per step by kind from the analytic model of
 `communication.py`; `--compile` also compiles the real step on that many simulated CPU
 devices and counts its HLO (`hlo_collectives.py`) beside it; `--target` adds a roofline
-(compute vs communication time) on a named accelerator (`communication.TARGETS`).
+(compute vs communication time) on a named accelerator (`accelerators.TARGETS`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import yaml
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxtrain import memory, sharding
-from jaxtrain.tools import communication, flops
+from jaxtrain.tools import accelerators, communication, flops
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.model import compute_dtype_name
@@ -47,7 +47,7 @@ def collective_dtype_bytes(cfg: Config, backend: str) -> int:
 
 def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = None,
          compiled_on: list | None = None) -> dict[str, Any]:
-    """Everything the dry run reports, as plain data. `target` (a `communication.TARGETS`
+    """Everything the dry run reports, as plain data. `target` (a `accelerators.TARGETS`
     name) adds the roofline; `compiled_on` (simulated CPU devices) adds the compiled step's
     collective bytes and temporary memory beside the analytic figures."""
     mesh = abstract_mesh(cfg, devices)
@@ -56,7 +56,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
     comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
-        extra["roofline"] = communication.roofline(cfg, comms, devices, communication.TARGETS[target])
+        extra["roofline"] = communication.roofline(cfg, comms, devices, accelerators.target(target))
     if compiled_on is not None:
         extra["communication"]["compiled"] = communication.measured(cfg, compiled_on)
     params, roles = [], collections.defaultdict(lambda: collections.defaultdict(set))
