@@ -152,7 +152,7 @@ class TrainingRun:
         target = ts.abstract_state(cfg, parts.spec, parts.steps.tx, parts.steps.shardings)
         newest = self.ckpt.restore_newest(target, warn=_warn)
         if newest is None:
-            state = parts.steps.init(cfg, parts.spec)
+            state = parts.steps.init()
             if cfg.train.init_from is not None:
                 state = rewarm.initial_state(cfg, parts.spec.table, state, target, self.notes.append)
             return state, {"tokens": 0, "skipped_steps": 0}, None

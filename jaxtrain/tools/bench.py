@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxtrain import sharding
-from jaxtrain.tools import accelerators, communication, flops, hlo_collectives
+from jaxtrain.tools import accelerators, flops, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.model import compute_dtype_name
@@ -50,18 +50,23 @@ def _peak_memory() -> tuple[int, str]:
 BENCH_LR = np.float32(1e-3)  # any rate: the step's cost does not depend on it
 
 
-def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, float]:
+def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, ts.Batch, float]:
     """(compiled step, initial state, device batch, compile seconds), once `cfg` passes the
     checks `jaxtrain train` makes (bench reads no data: it times synthetic tokens)."""
-    spec = preflight(cfg, mesh)
-    steps = ts.build_steps(cfg, spec, mesh)
-    state = steps.init(cfg, spec)
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
-    batch = jax.device_put(tokens.astype(np.int32), sharding.batch_sharding(mesh))
-    arguments = communication.abstract_step_arguments(cfg, spec, steps, mesh)
+    steps = ts.build_steps(cfg, preflight(cfg, mesh), mesh)
+    arguments = steps.abstract_arguments()
     started = time.perf_counter()
     compiled = steps.train.lower(*arguments).compile()
-    return compiled, state, batch, time.perf_counter() - started
+    return compiled, steps.init(), _synthetic(cfg, arguments[1]), time.perf_counter() - started
+
+
+def _synthetic(cfg: Config, batch: ts.Batch) -> ts.Batch:
+    """Random tokens in the batch's shapes and shardings (packed: one document a row)."""
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
+    rows = {"tokens": tokens, "segment_ids": np.zeros_like(tokens)}
+    if not isinstance(batch, dict):
+        return jax.device_put(tokens.astype(np.int32), batch.sharding)
+    return {k: jax.device_put(rows[k].astype(np.int32), b.sharding) for k, b in batch.items()}
 
 
 def _timed(step, state, batch, steps: int, warmup: int) -> tuple[Any, float, dict]:

@@ -103,19 +103,10 @@ def roofline(cfg: Config, model: dict[str, dict[str, float]], devices: int, targ
             "mfu_ceiling": compute_s / max(compute_s, comm_s), "assumptions": target.note}
 
 
-def abstract_step_arguments(cfg: Config, spec: ts.ModelSpec, steps: ts.Steps, mesh: Any) -> tuple:
-    """(state, batch, lr) of the train step as sharded ShapeDtypeStructs, to lower it with."""
-    state = ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32,
-                                 sharding=sharding.batch_sharding(mesh))
-    return state, batch, np.float32(cfg.optimizer.lr)
-
-
 def compiled_step(cfg: Config, mesh: Any) -> Any:
     """The train step compiled for `mesh` from abstract arguments (nothing is allocated)."""
-    spec = ts.model_spec(cfg)
-    steps = ts.build_steps(cfg, spec, mesh)
-    return steps.train.lower(*abstract_step_arguments(cfg, spec, steps, mesh)).compile()
+    steps = ts.build_steps(cfg, ts.model_spec(cfg), mesh)
+    return steps.train.lower(*steps.abstract_arguments()).compile()
 
 
 def measured(cfg: Config, devices: list) -> dict[str, Any]:
