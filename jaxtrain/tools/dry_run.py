@@ -23,6 +23,7 @@ import math
 import re
 from typing import Any
 
+import jax
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
@@ -30,6 +31,7 @@ from jaxtrain import memory, sharding
 from jaxtrain.tools import accelerators, communication, flops
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
+from jaxtrain.errors import UserError
 from jaxtrain.model import compute_dtype_name
 from jaxtrain.schedules import lr_per_step, resolve
 
@@ -43,6 +45,27 @@ def collective_dtype_bytes(cfg: Config, backend: str) -> int:
     """Bytes per element the collectives move: the compute dtype's, but XLA:CPU moves bf16
     collectives as float32 (measured: `jaxtrain/hlo_collectives.py`)."""
     return 4 if backend == "cpu" else memory.COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
+
+
+def dry_run(cfg: Config, devices: int | None = None, backend: str | None = None, target: str | None = None,
+            compile_step: bool = False, check_memory: bool = True) -> dict[str, Any]:
+    """`jaxtrain dry-run`: the plan over `devices` (default: this machine's) for `backend`
+    (default: this machine's). `compile_step`: also compile the step on that many simulated CPU
+    devices, which this process must have (`xla_flags.simulate_cpu_devices` before jax
+    starts). A plan for this machine's own devices is checked against their memory, as
+    `jaxtrain train` would check it, unless `check_memory` is False."""
+    count = devices or jax.device_count()
+    compiled_on = None
+    if compile_step:
+        compiled_on = jax.devices("cpu")[:count]
+        if len(compiled_on) < count:
+            raise UserError(f"--compile --devices {count}: this process has {len(compiled_on)} CPU devices "
+                            f"(its XLA_FLAGS fix --xla_force_host_platform_device_count)")
+    result = plan(cfg, count, backend="cpu" if compile_step else backend or jax.default_backend(),
+                  target=target, compiled_on=compiled_on)
+    if devices is None and backend is None and check_memory:
+        memory.check_estimate(result["memory_per_device"], jax.local_devices())
+    return result
 
 
 def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = None,
