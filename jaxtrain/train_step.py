@@ -8,6 +8,11 @@ Optional measurements (telemetry) reach the step only as an `ExtraMetrics` funct
 caller passes to `build_steps`; it is compiled into a second variant of the step, and
 the plain one is the same program with or without it.
 
+`build_steps` returns `Steps`: the jitted train step(s), the evaluation (`compile_eval`,
+also what `jaxtrain eval` runs on a saved checkpoint), the sharded init, and the step's
+arguments as sharded ShapeDtypeStructs (`Steps.abstract_arguments`), from which bench,
+dry-run --compile and the collective counts compile the very program the loop runs.
+
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the NNX module is rebuilt
 from the static graph definition inside each step (`nnx.merge`), so no stateful object
 lives across steps and the state is an ordinary pytree for optax and orbax. The
