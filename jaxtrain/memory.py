@@ -45,13 +45,14 @@ from jax.sharding import Mesh
 from jaxtrain import sharding
 from jaxtrain.config import Config
 from jaxtrain.errors import UserError
+from jaxtrain.model import compute_dtype_name
 
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def flash_attention(cfg: Config, backend: str) -> bool:
     if cfg.model.attention == "auto":
-        return backend == "gpu" and compute_dtype_name(cfg, backend) == "bfloat16"
+        return backend == "gpu" and compute_dtype_name(cfg.model, backend) == "bfloat16"
     return cfg.model.attention == "cudnn"
 
 
@@ -66,12 +67,6 @@ def block_activations_per_token(cfg: Config, remat: str, tensor: int, backend: s
     return 2 * d
 
 
-def compute_dtype_name(cfg: Config, backend: str) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    return "float32" if backend == "cpu" else "bfloat16"
-
-
 MOMENTS = {"adam": 2, "muon": 1}  # float32 optimizer-state arrays per parameter, by update rule
 
 
@@ -82,7 +77,7 @@ def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
     model, tensor = cfg.model, mesh_shape["tensor"]
     batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
     tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
-    b = COMPUTE_BYTES[compute_dtype_name(cfg, backend)]
+    b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
     per_token = functools.partial(block_activations_per_token, cfg, tensor=tensor, backend=backend)
     saved = model.n_layers * tokens * per_token(model.remat) * b
     recompute = 0.0 if model.remat == "none" else tokens * per_token("none") * b

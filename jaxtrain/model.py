@@ -53,9 +53,6 @@ from jaxtrain.errors import ConfigError
 from jaxtrain.parametrization import ForwardScales
 from jaxtrain.sharding import constrain, keep_stored, splits
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def _save_all_but_layouts(primitive, *_, **__) -> bool:
     """remat none: keep every value for the backward pass except the outputs of layout
     changes (`sharding.constrain`). For activations the value before the change is kept
@@ -71,11 +68,17 @@ _REMAT_POLICIES = {"none": _save_all_but_layouts,
                    "full": jax.checkpoint_policies.nothing_saveable}
 
 
-def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
-    """The matmul/attention dtype; `auto` is bfloat16 on accelerators, float32 on CPU."""
+def compute_dtype_name(cfg: ModelConfig, backend: str) -> str:
+    """The matmul/attention dtype on `backend` (a run planned for another platform asks for
+    its own); `auto` is bfloat16 on accelerators, float32 on CPU."""
     if cfg.dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return _DTYPES[cfg.dtype]
+        return "float32" if backend == "cpu" else "bfloat16"
+    return cfg.dtype
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """The compute dtype on this process's backend."""
+    return jnp.dtype(compute_dtype_name(cfg, jax.default_backend()))
 
 
 def check_compute(cfg: ModelConfig) -> None:

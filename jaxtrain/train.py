@@ -125,10 +125,10 @@ def _restore_or_init(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> _Start:
     """Restore the newest readable checkpoint (unreadable newer ones are reported and
     skipped), rewinding the data iterator to it; without one, initialize. A new run with
     train.init_from starts from that run's or model's weights (jaxtrain/rewarm.py)."""
-    target = ts.abstract_state(cfg, parts.spec, parts.steps.tx, parts.steps.shardings)
+    target = parts.steps.abstract_state()
     newest, notes = ckpt.restore_newest(target, warn=_warn), []
     if newest is None:
-        state, resumed_from, meta = parts.steps.init(cfg, parts.spec), None, {"tokens": 0}
+        state, resumed_from, meta = parts.steps.init(), None, {"tokens": 0}
         if cfg.train.init_from is not None:
             state = rewarm.initial_state(cfg, parts.spec.table, state, target, notes.append)
     else:

@@ -8,6 +8,11 @@ Optional measurements (telemetry) reach the step only as an `ExtraMetrics` funct
 caller passes to `build_steps`; it is compiled into a second variant of the step, and
 the plain one is the same program with or without it.
 
+`build_steps` returns `Steps`: the jitted train step(s), the evaluation (`compile_eval`,
+also what `jaxtrain eval` runs on a saved checkpoint), the sharded init, and the step's
+arguments as sharded ShapeDtypeStructs (`Steps.abstract_arguments`), from which bench,
+dry-run --compile and the collective counts compile the very program the loop runs.
+
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the NNX module is rebuilt
 from the static graph definition inside each step (`nnx.merge`), so no stateful object
 lives across steps and the state is an ordinary pytree for optax and orbax. The
@@ -39,8 +44,11 @@ from jaxtrain.parametrization import Table
 
 NONFINITE = "nonfinite"  # train-step metric: 1 when the step's loss or gradients are not finite
 
+# tokens (B, T+1), or {"tokens", "segment_ids"} (both (B, T+1)) under data.packing
+Batch = jax.Array | dict[str, jax.Array]
+
 # (params before the update, params after it, gradients, batch) -> more metrics of the step
-ExtraMetrics = Callable[[Any, Any, Any, Any], dict[str, jax.Array]]
+ExtraMetrics = Callable[[Any, Any, Any, Batch], dict[str, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -128,7 +136,15 @@ def init_state(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation,
     return init(jax.random.PRNGKey(cfg.train.seed))
 
 
-def batch_tokens(batch: Any) -> tuple[jax.Array, jax.Array | None]:
+def abstract_batch(cfg: Config, mesh: Mesh) -> Batch:
+    """The global batch the loop feeds, as sharded ShapeDtypeStructs (jaxtrain/data/pipeline.py
+    reads int32 tokens, and segment ids beside them when packing)."""
+    tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
+                                  sharding=sharding.batch_sharding(mesh))
+    return {"tokens": tokens, "segment_ids": tokens} if cfg.data.packing else tokens
+
+
+def batch_tokens(batch: Batch) -> tuple[jax.Array, jax.Array | None]:
     """(tokens (B, T+1), segment ids (B, T+1) or None) of a batch: a token array, or
     {"tokens", "segment_ids"} when documents are packed (jaxtrain/data/pipeline.py)."""
     if isinstance(batch, dict):
@@ -136,13 +152,13 @@ def batch_tokens(batch: Any) -> tuple[jax.Array, jax.Array | None]:
     return batch, None
 
 
-def model_inputs(batch: Any) -> tuple[jax.Array, jax.Array | None]:
+def model_inputs(batch: Batch) -> tuple[jax.Array, jax.Array | None]:
     """What the model reads of a batch: tokens[:, :-1], and their segment ids when packed."""
     tokens, segments = batch_tokens(batch)
     return tokens[:, :-1], None if segments is None else segments[:, :-1]
 
 
-def target_weights(batch: Any, dtype: Any = jnp.float32) -> jax.Array:
+def target_weights(batch: Batch, dtype: Any = jnp.float32) -> jax.Array:
     """(B, T) weights of the targets tokens[:, 1:]: all 1, or under packing 0 for a target in
     another document than its input (the first token of the next document)."""
     tokens, segments = batch_tokens(batch)
@@ -151,7 +167,7 @@ def target_weights(batch: Any, dtype: Any = jnp.float32) -> jax.Array:
     return (segments[:, 1:] == segments[:, :-1]).astype(dtype)
 
 
-def loss_and_metrics(params: Any, spec: ModelSpec, batch: Any, z_loss: float,
+def loss_and_metrics(params: Any, spec: ModelSpec, batch: Batch, z_loss: float,
                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Predicts tokens[:, 1:] from tokens[:, :-1]. Packed: each document attends only to
     itself, and targets in another document than their input (one per boundary) are not
@@ -168,7 +184,7 @@ def loss_and_metrics(params: Any, spec: ModelSpec, batch: Any, z_loss: float,
     return ce + z_term, {"loss": ce, "z_loss": z_term}
 
 
-def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: float,
+def _grads_and_metrics(params: Any, spec: ModelSpec, batch: Batch, z_loss: float,
                        dropout_key: jax.Array | None, microbatches: int) -> tuple[Any, dict]:
     """Gradient and metrics of the whole batch, accumulated over `microbatches` slices.
 
@@ -198,7 +214,7 @@ def _grads_and_metrics(params: Any, spec: ModelSpec, batch: jax.Array, z_loss: f
     return jax.tree.map(lambda x: x / microbatches, total)
 
 
-def train_step(state: TrainState, batch: jax.Array, lr: jax.Array, *, spec: ModelSpec,
+def train_step(state: TrainState, batch: Batch, lr: jax.Array, *, spec: ModelSpec,
                tx: optax.GradientTransformationExtraArgs, z_loss: float, dropout: bool, microbatches: int = 1,
                skip_nonfinite: bool = False, extra_metrics: ExtraMetrics | None = None) -> tuple[TrainState, dict]:
     """One optimizer step. metrics[NONFINITE] is 1 when the loss or any gradient is not
@@ -222,15 +238,23 @@ def train_step(state: TrainState, batch: jax.Array, lr: jax.Array, *, spec: Mode
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: jax.Array, *, spec: ModelSpec) -> jax.Array:
+def eval_step(params: Any, batch: Batch, *, spec: ModelSpec) -> jax.Array:
     """Mean next-token cross-entropy (nats/token) of one batch, no z-loss."""
     return loss_and_metrics(params, spec, batch, 0.0)[1]["loss"]
 
 
+def compile_eval(spec: ModelSpec, mesh: Mesh) -> Callable:
+    """jit eval_step(params, batch) -> loss with explicit shardings (params in their storage
+    layout, the batch over the batch axes): the loop's (`Steps.evaluate`) and `jaxtrain eval`'s."""
+    params = sharding.param_shardings(spec.logical_axes, spec.abstract_params, mesh)
+    return jax.jit(sharding.traced_on(mesh, functools.partial(eval_step, spec=spec)),
+                   in_shardings=(params, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh))
+
+
 def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState,
-                  mesh: Mesh, extra_metrics: ExtraMetrics | None = None) -> tuple[Callable, Callable | None, Callable]:
-    """jit the pure steps once, with explicit in/out shardings and the state donated: the
-    plain step, the step with `extra_metrics` (None without them), the evaluation."""
+                  mesh: Mesh, extra_metrics: ExtraMetrics | None = None) -> tuple[Callable, Callable | None]:
+    """jit the pure train step once, with explicit in/out shardings and the state donated:
+    the plain step, and the step with `extra_metrics` (None without them)."""
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     step = functools.partial(train_step, spec=spec, tx=tx,
@@ -242,23 +266,35 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
     train = jit_step(step)
     # compiled on first use only, i.e. only on the steps that ask for the extra metrics
     train_extra = None if extra_metrics is None else jit_step(functools.partial(step, extra_metrics=extra_metrics))
-    evaluate = jax.jit(sharding.traced_on(mesh, functools.partial(eval_step, spec=spec)),
-                       in_shardings=(shardings.params, batch_sh), out_shardings=rep)
-    return train, train_extra, evaluate
+    return train, train_extra
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    """Everything a run, a benchmark or a test needs to step a model on a mesh."""
+    """Everything a run, a benchmark or a test needs to step a model on a mesh; what
+    `build_steps` was given (cfg, spec, mesh) is kept, so nothing asks for it again."""
 
+    cfg: Config
+    spec: ModelSpec
+    mesh: Mesh
     tx: optax.GradientTransformation
     shardings: TrainState
     train: Callable  # jitted train_step(state, batch, lr) -> (state, metrics)
     train_extra: Callable | None  # the same step, its metrics with build_steps' extra_metrics
     evaluate: Callable  # jitted eval_step(params, batch) -> loss
 
-    def init(self, cfg: Config, spec: ModelSpec) -> TrainState:
-        return init_state(cfg, spec, self.tx, self.shardings)
+    def init(self) -> TrainState:
+        """The initial state (seeded by train.seed), every leaf created on its devices."""
+        return init_state(self.cfg, self.spec, self.tx, self.shardings)
+
+    def abstract_state(self) -> TrainState:
+        return abstract_state(self.cfg, self.spec, self.tx, self.shardings)
+
+    def abstract_arguments(self) -> tuple[TrainState, Batch, jax.ShapeDtypeStruct]:
+        """(state, batch, lr) of the train step as sharded ShapeDtypeStructs: what
+        `train.lower` takes to compile the step without allocating anything."""
+        lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(self.mesh))
+        return self.abstract_state(), abstract_batch(self.cfg, self.mesh), lr
 
 
 def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh, extra_metrics: ExtraMetrics | None = None) -> Steps:
@@ -266,6 +302,5 @@ def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh, extra_metrics: ExtraMe
     adding `extra_metrics` when given)."""
     tx = make_optimizer(cfg.optimizer, spec.table)
     shardings = state_shardings(cfg, spec, tx, mesh)
-    train, train_extra, evaluate = compile_steps(cfg, spec, tx, shardings, mesh, extra_metrics)
-    return Steps(tx, shardings, train, train_extra, evaluate)
-
+    train, train_extra = compile_steps(cfg, spec, tx, shardings, mesh, extra_metrics)
+    return Steps(cfg, spec, mesh, tx, shardings, train, train_extra, compile_eval(spec, mesh))

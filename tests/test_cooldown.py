@@ -145,14 +145,14 @@ def test_rewarm_starts_from_the_parents_params_and_optionally_its_optimizer_stat
     mesh = sharding.make_mesh(cfg.mesh)
     spec = ts.model_spec(cfg)
     steps = ts.build_steps(cfg, spec, mesh)
-    fresh, target = steps.init(cfg, spec), ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
+    fresh, target = steps.init(), steps.abstract_state()
     notes = []
     state = rewarm.initial_state(cfg, spec.table, fresh, target, notes.append)
     ckpt = Checkpointer(wsd_parent / "checkpoints", cfg.checkpoint, read_only=True)
     parent_state = ckpt.restore(30, target)[0]
     ckpt.close()
     assert_same_params(jax.device_get(state.params), jax.device_get(parent_state.params))
-    expected_opt = parent_state.opt_state if optimizer else steps.init(cfg, spec).opt_state
+    expected_opt = parent_state.opt_state if optimizer else steps.init().opt_state
     for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(expected_opt), strict=True):
         np.testing.assert_array_equal(got, want)
     assert int(state.step) == 0 and "step 30" in notes[0]

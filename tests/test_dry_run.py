@@ -13,12 +13,11 @@ import json
 import math
 
 import jax
-import numpy as np
 import pytest
 
 from conftest import REPO, TINY, cli_in_process, figure_panels, run_cli
 from jaxtrain import sharding
-from jaxtrain.tools import dry_run, flops
+from jaxtrain.tools import communication, dry_run, flops
 from jaxtrain import train_step as ts
 from jaxtrain.config_file import load_config
 
@@ -28,13 +27,7 @@ ONE_DEVICE = ["mesh.fsdp=1"]
 
 
 def compiled_step(cfg):
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    spec = ts.model_spec(cfg)
-    steps = ts.build_steps(cfg, spec, mesh)
-    state = ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32,
-                                 sharding=sharding.batch_sharding(mesh))
-    return steps.train.lower(state, batch, cfg.optimizer.lr).compile()
+    return communication.compiled_step(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
 
 
 @pytest.mark.slow

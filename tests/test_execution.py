@@ -34,7 +34,7 @@ def train_losses(*overrides: str) -> tuple[np.ndarray, dict]:
     sharding.check_batch_divides(cfg, mesh)
     spec = ts.model_spec(cfg)
     steps = ts.build_steps(cfg, spec, mesh)
-    state, step = steps.init(cfg, spec), steps.train
+    state, step = steps.init(), steps.train
     losses, lrs = [], lr_per_step(cfg)
     for i, batch in enumerate(text_batches()):
         state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)), np.float32(lrs[i]))
@@ -121,3 +121,18 @@ def test_the_options_are_in_the_traced_step(overrides, primitive):
         return str(jax.make_jaxpr(step)(state, text_batches()[0]))
 
     assert jaxpr_text(*overrides).count(primitive) > jaxpr_text().count(primitive)
+
+
+def test_the_abstract_arguments_are_what_the_loop_feeds():
+    """bench, dry-run --compile and the communication tests lower the step from these: under
+    packing the batch is the pipeline's dict, every leaf on the loop's shardings."""
+    cfg = load_config(TINY, ["data.packing=true"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    steps = ts.build_steps(cfg, ts.model_spec(cfg), mesh)
+    state, batch, lr = steps.abstract_arguments()
+    assert jax.tree.map(lambda a: a.sharding, state) == steps.shardings
+    assert sorted(batch) == ["segment_ids", "tokens"]
+    for leaf in batch.values():
+        assert leaf.shape == (cfg.train.batch_size, cfg.data.seq_len + 1) and leaf.dtype == np.int32
+        assert leaf.sharding == sharding.batch_sharding(mesh)
+    assert lr.shape == () and lr.dtype == np.float32

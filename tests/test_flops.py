@@ -1,11 +1,13 @@
-"""Peak FLOP/s by device kind: whole-word matches, so one card's figure never lands on another."""
+"""Peak FLOP/s by device kind (jaxtrain/tools/accelerators.py): whole-word matches, so one card's
+figure never lands on another; MFU and the roofline read the same row."""
 
 from types import SimpleNamespace
 
 import jax
 import pytest
 
-from jaxtrain.tools import flops
+from jaxtrain.errors import UserError
+from jaxtrain.tools import accelerators
 
 
 @pytest.mark.parametrize("device_kind, key", [
@@ -26,14 +28,26 @@ from jaxtrain.tools import flops
     ("cpu", None),
 ])
 def test_device_kinds_match_table_entries_by_whole_words(device_kind, key):
-    assert flops.table_entry(device_kind) == key
+    assert accelerators.table_entry(device_kind) == key
 
 
 def test_peak_flops_reads_the_table_for_a_known_kind_and_measures_an_unknown_one():
     l4 = SimpleNamespace(device_kind="NVIDIA L4")  # a device is only asked its kind here
-    assert flops.peak_flops(l4, "bfloat16") == (121e12, "table: L4 bfloat16")
-    assert flops.peak_flops(SimpleNamespace(device_kind="TPU v5 lite"), "float32")[0] == 197e12
+    assert accelerators.peak_flops(l4, "bfloat16") == (121e12, "table: L4 bfloat16")
+    assert accelerators.peak_flops(SimpleNamespace(device_kind="TPU v5 lite"), "float32")[0] == 197e12
     # an L40S is not an L4: its peak is measured on this machine, not read from L4's row
-    peak, source = flops.peak_flops(SimpleNamespace(device_kind="NVIDIA L40S"), "float32")
+    peak, source = accelerators.peak_flops(SimpleNamespace(device_kind="NVIDIA L40S"), "float32")
     assert source == "measured: 2048^3 float32 matmul on NVIDIA L40S"
     assert 0 < peak < 121e12 or jax.default_backend() != "cpu"
+
+
+def test_the_roofline_targets_are_rows_of_the_table_mfu_reads():
+    h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+    assert accelerators.target("h100") is accelerators.ACCELERATORS[accelerators.table_entry(h100.device_kind)]
+    assert accelerators.peak_flops(h100, "bfloat16")[0] == accelerators.target("h100").bf16_flops
+    assert accelerators.target("tpu-v5p") is accelerators.ACCELERATORS[accelerators.table_entry("TPU v5")]
+    for name in accelerators.TARGETS:  # a target carries what the roofline reads
+        row = accelerators.target(name)
+        assert row.link_bytes_per_s and row.devices_per_node and row.internode_bytes_per_s and row.note
+    with pytest.raises(UserError, match="--target abacus: not one of h100, tpu-v5p"):
+        accelerators.target("abacus")

@@ -171,7 +171,7 @@ def two_steps(mesh_shape, dtype="float32"):
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(mesh_shape))])
     spec = ts.model_spec(cfg)
     steps = ts.build_steps(cfg, spec, mesh)
-    state = steps.init(cfg, spec)
+    state = steps.init()
     init = jax.tree.map(np.asarray, state.params)
     for batch in np.random.default_rng(0).integers(0, 256, (2, 16, 33), dtype=np.int32):
         state, metrics = steps.train(state, jax.device_put(batch, sharding.batch_sharding(mesh)), cfg.optimizer.lr)
@@ -243,7 +243,7 @@ def test_dry_run_counts_one_momentum_for_muon_and_two_moments_for_adam():
         mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
         spec = ts.model_spec(cfg)
         steps = ts.build_steps(cfg, spec, mesh)
-        abstract = ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
+        abstract = steps.abstract_state()
         held = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract.opt_state) if leaf.ndim)
         plan = dry_run.plan(cfg, devices=1, backend="cpu")
         assert plan["memory_per_device"]["optimizer"] == held == memory.optimizer_state_per_device(spec, mesh)

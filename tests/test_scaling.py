@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, TINY, cli_in_process, run_in_process
 from jaxtrain import parametrization, sharding
-from jaxtrain.tools import communication, hlo_collectives
+from jaxtrain.tools import accelerators, communication, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config_file import load_config
 
@@ -122,13 +122,13 @@ def test_roofline_is_the_slower_of_compute_and_communication():
     cfg = load_config(REPO / "configs" / "gpt350m.yaml")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices())
     model = communication.analytic(cfg, ts.model_spec(cfg), mesh, 2)
-    roof = communication.roofline(cfg, model, 8, communication.TARGETS["h100"])
+    roof = communication.roofline(cfg, model, 8, accelerators.target("h100"))
     flops_per_device = roof["compute_s"] * 989e12
     assert flops_per_device == pytest.approx(cfg.train.batch_size * cfg.data.seq_len / 8 * 6 * 3.5e8, rel=0.3)
     traffic = sum(entry["traffic"] for entry in model.values())
     assert roof["communication_s"] == pytest.approx(traffic / 450e9)
     assert roof["step_s"] == max(roof["compute_s"], roof["communication_s"])
-    across_nodes = communication.roofline(cfg, model, 64, communication.TARGETS["h100"])
+    across_nodes = communication.roofline(cfg, model, 64, accelerators.target("h100"))
     assert across_nodes["link_bytes_per_s"] == 50e9
 
 

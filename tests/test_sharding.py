@@ -35,7 +35,7 @@ def two_steps(mesh_shape):
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n])
     spec = ts.model_spec(cfg)
     steps = ts.build_steps(cfg, spec, mesh)
-    state, step = steps.init(cfg, spec), steps.train
+    state, step = steps.init(), steps.train
     batches = np.random.default_rng(0).integers(0, 256, (2, 16, 33), dtype=np.int32)
     losses = []
     for batch in batches:

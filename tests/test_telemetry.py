@@ -72,9 +72,9 @@ def test_telemetry_matches_direct_computation_and_leaves_the_update_alone():
     cfg = load_config(TINY, ["model.qk_norm=true"])
     spec, steps = telemetry_steps(cfg)
     batch = jax.random.randint(jax.random.PRNGKey(0), (16, 65), 0, 256)
-    before = jax.device_get(steps.init(cfg, spec).params)
-    plain, _ = steps.train(steps.init(cfg, spec), batch, cfg.optimizer.lr)
-    watched, metrics = steps.train_extra(steps.init(cfg, spec), batch, cfg.optimizer.lr)
+    before = jax.device_get(steps.init().params)
+    plain, _ = steps.train(steps.init(), batch, cfg.optimizer.lr)
+    watched, metrics = steps.train_extra(steps.init(), batch, cfg.optimizer.lr)
     after = jax.device_get(watched.params)
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(jax.device_get(plain.params)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -107,8 +107,8 @@ def test_telemetry_and_coord_check_of_a_packed_batch_see_its_document_mask(monke
     tokens = rng.integers(0, 256, (16, 65)).astype(np.int32)
     segments = np.cumsum(rng.random((16, 65)) < 0.1, axis=1).astype(np.int32)  # documents of ~10 tokens
     batch = {"tokens": tokens, "segment_ids": segments}
-    params = jax.device_get(steps.init(cfg, spec).params)
-    _, metrics = steps.train_extra(steps.init(cfg, spec), batch, cfg.optimizer.lr)
+    params = jax.device_get(steps.init().params)
+    _, metrics = steps.train_extra(steps.init(), batch, cfg.optimizer.lr)
     masked, unmasked = direct(spec, params, tokens, segments), direct(spec, params, tokens)
     assert_forward_telemetry(jax.device_get(metrics), masked)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from jaxtrain import xla_flags
 from jaxtrain.commands.args import add_set, file_to_write, non_negative_int, positive_int, positive_int_list
-from jaxtrain.errors import UserError
 
 
 def add_parsers(commands) -> None:
@@ -118,27 +117,11 @@ def dry_run_command(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.compile:
-        xla_flags.simulate_cpu_devices(args.devices)
-    import jax
-
+        xla_flags.simulate_cpu_devices(args.devices)  # before jax starts its CPU backend
     from jaxtrain.tools import dry_run
-    from jaxtrain.tools.communication import TARGETS
 
-    if args.target is not None and args.target not in TARGETS:
-        raise UserError(f"--target {args.target}: not one of {', '.join(sorted(TARGETS))}")
-    devices = args.devices or jax.device_count()
-    compiled_on = None
-    if args.compile:
-        compiled_on = jax.devices("cpu")[:devices]
-        if len(compiled_on) < devices:
-            raise UserError(f"--compile --devices {devices}: this process has {len(compiled_on)} CPU devices "
-                            f"(its XLA_FLAGS fix --xla_force_host_platform_device_count)")
-    plan = dry_run.plan(cfg, devices, backend="cpu" if args.compile else args.backend or jax.default_backend(),
-                        target=args.target, compiled_on=compiled_on)
-    if args.devices is None and args.backend is None and not args.skip_memory_check:  # a plan for this machine
-        from jaxtrain.memory import check_estimate
-
-        check_estimate(plan["memory_per_device"], jax.local_devices())  # as `jaxtrain train` would
+    plan = dry_run.dry_run(cfg, args.devices, args.backend, args.target, compile_step=args.compile,
+                           check_memory=not args.skip_memory_check)
     print(json.dumps(plan) if args.json else dry_run.format_plan(plan))
     if args.schedule_png:
         from jaxtrain.tools.plotting import plot_schedule

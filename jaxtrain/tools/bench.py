@@ -10,7 +10,7 @@ result is ready:
     MFU = model FLOPs per token * tokens/s / (peak FLOP/s of all devices)
 
 On CPU the peak is the measured matmul rate of the whole machine (simulated devices share
-its cores); on accelerators it is the table in `flops.py` times the device count.
+its cores); on accelerators it is the table in `accelerators.py` times the device count.
 Memory is the devices' peak bytes in use where the runtime reports it, else the process's
 peak resident set size.
 
@@ -32,10 +32,10 @@ import jax
 import numpy as np
 
 from jaxtrain import sharding
-from jaxtrain.tools import communication, flops, hlo_collectives
+from jaxtrain.tools import accelerators, flops, hlo_collectives
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
-from jaxtrain.model import compute_dtype
+from jaxtrain.model import compute_dtype_name
 from jaxtrain.preflight import preflight
 
 
@@ -50,18 +50,23 @@ def _peak_memory() -> tuple[int, str]:
 BENCH_LR = np.float32(1e-3)  # any rate: the step's cost does not depend on it
 
 
-def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, jax.Array, float]:
+def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, ts.Batch, float]:
     """(compiled step, initial state, device batch, compile seconds), once `cfg` passes the
     checks `jaxtrain train` makes (bench reads no data: it times synthetic tokens)."""
-    spec = preflight(cfg, mesh)
-    steps = ts.build_steps(cfg, spec, mesh)
-    state = steps.init(cfg, spec)
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
-    batch = jax.device_put(tokens.astype(np.int32), sharding.batch_sharding(mesh))
-    arguments = communication.abstract_step_arguments(cfg, spec, steps, mesh)
+    steps = ts.build_steps(cfg, preflight(cfg, mesh), mesh)
+    arguments = steps.abstract_arguments()
     started = time.perf_counter()
     compiled = steps.train.lower(*arguments).compile()
-    return compiled, state, batch, time.perf_counter() - started
+    return compiled, steps.init(), _synthetic(cfg, arguments[1]), time.perf_counter() - started
+
+
+def _synthetic(cfg: Config, batch: ts.Batch) -> ts.Batch:
+    """Random tokens in the batch's shapes and shardings (packed: one document a row)."""
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
+    rows = {"tokens": tokens, "segment_ids": np.zeros_like(tokens)}
+    if not isinstance(batch, dict):
+        return jax.device_put(tokens.astype(np.int32), batch.sharding)
+    return {k: jax.device_put(rows[k].astype(np.int32), b.sharding) for k, b in batch.items()}
 
 
 def _timed(step, state, batch, steps: int, warmup: int) -> tuple[Any, float, dict]:
@@ -104,9 +109,9 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = 
     state, step_time, metrics = _timed(step, state, batch, steps, warmup)
     versus = _versus_adamw(cfg, mesh, step, state, batch, steps, warmup) if cfg.optimizer.name == "muon" else {}
 
-    dtype = np.dtype(compute_dtype(cfg.model)).name
+    dtype = compute_dtype_name(cfg.model, jax.default_backend())
     devices = mesh.devices.flatten().tolist()
-    peak, peak_source = flops.peak_flops(devices[0], dtype)
+    peak, peak_source = accelerators.peak_flops(devices[0], dtype)
     if devices[0].platform != "cpu":
         peak *= len(devices)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len

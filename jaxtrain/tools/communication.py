@@ -26,14 +26,14 @@ Not counted (each under 1% here): the loss's (B, S) reductions over a vocab-shar
 Sizes are "output bytes per device" like `hlo_collectives`, so the two are comparable. The
 roofline turns them into time with ring algorithms, traffic per device = c (n-1)/n for a
 gather or reduce-scatter over n devices and 2 c (n-1)/n for an all-reduce, at the target's
-link bandwidth, and compares it with compute time = model FLOPs per device / peak:
+link bandwidth, and compares it with compute time = model FLOPs per device / bf16 peak (both
+from the one table of `accelerators.py`):
 
     step time >= max(compute, communication)     (perfect overlap; no kernel overheads)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -42,35 +42,12 @@ import numpy as np
 
 from jaxtrain import sharding
 from jaxtrain.tools import flops, hlo_collectives
+from jaxtrain.tools.accelerators import Accelerator
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 
 # Gathered once per step: their gathered copy serves the backward pass too (the block weights, outside this tuple, are gathered again there).
 _GATHERED_ONCE = ("embed", "lm_head")
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One device of a cluster, for the roofline. Link bandwidth is what one ring collective
-    gets per device and direction; where the mesh spans nodes every collective is charged
-    the slower inter-node figure (a conservative bound)."""
-
-    name: str
-    peak_flops: float  # dense bf16 FLOP/s per device
-    link_bytes_per_s: float  # within a node / slice
-    devices_per_node: int
-    internode_bytes_per_s: float
-    note: str
-
-
-TARGETS = {
-    "h100": Target("H100 SXM", 989e12, 450e9, 8, 50e9,
-                   "NVLink 4: 18 links x 25 GB/s per direction within a node of 8; between "
-                   "nodes one 400 Gb/s InfiniBand NDR port per GPU"),
-    "tpu-v5p": Target("TPU v5p chip", 459e12, 200e9, 8960, 200e9,
-                      "ICI 4,800 Gb/s per chip over 6 torus links (100 GB/s each); a ring "
-                      "along one torus axis uses 2 of them. A v5p-64 slice is 32 chips"),
-}
 
 
 def _compute_spec(path: str, axes: tuple, shape: tuple, mesh: Any) -> Any:
@@ -113,32 +90,23 @@ def by_kind(model: dict[str, dict[str, float]]) -> dict[str, float]:
     return kinds
 
 
-def roofline(cfg: Config, model: dict[str, dict[str, float]], devices: int, target: Target) -> dict[str, Any]:
+def roofline(cfg: Config, model: dict[str, dict[str, float]], devices: int, target: Accelerator) -> dict[str, Any]:
     """Compute and communication time of one step on `devices` of `target`, and their max."""
     flops_per_device = flops.model_flops_per_token(cfg.model, cfg.data.seq_len) * (
         cfg.train.batch_size * cfg.data.seq_len) / devices
     bandwidth = target.link_bytes_per_s if devices <= target.devices_per_node else target.internode_bytes_per_s
     traffic = sum(entry["traffic"] for entry in model.values())
-    compute_s, comm_s = flops_per_device / target.peak_flops, traffic / bandwidth
+    compute_s, comm_s = flops_per_device / target.bf16_flops, traffic / bandwidth
     return {"target": target.name, "devices": devices, "link_bytes_per_s": bandwidth,
             "compute_s": compute_s, "communication_s": comm_s, "step_s": max(compute_s, comm_s),
             "bound": "compute" if compute_s >= comm_s else "communication",
             "mfu_ceiling": compute_s / max(compute_s, comm_s), "assumptions": target.note}
 
 
-def abstract_step_arguments(cfg: Config, spec: ts.ModelSpec, steps: ts.Steps, mesh: Any) -> tuple:
-    """(state, batch, lr) of the train step as sharded ShapeDtypeStructs, to lower it with."""
-    state = ts.abstract_state(cfg, spec, steps.tx, steps.shardings)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), np.int32,
-                                 sharding=sharding.batch_sharding(mesh))
-    return state, batch, np.float32(cfg.optimizer.lr)
-
-
 def compiled_step(cfg: Config, mesh: Any) -> Any:
     """The train step compiled for `mesh` from abstract arguments (nothing is allocated)."""
-    spec = ts.model_spec(cfg)
-    steps = ts.build_steps(cfg, spec, mesh)
-    return steps.train.lower(*abstract_step_arguments(cfg, spec, steps, mesh)).compile()
+    steps = ts.build_steps(cfg, ts.model_spec(cfg), mesh)
+    return steps.train.lower(*steps.abstract_arguments()).compile()
 
 
 def measured(cfg: Config, devices: list) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def _trace(cfg: Config, batches: list[Any], probe: Any) -> list[dict[str, float]
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     spec = ts.model_spec(cfg)
     steps = ts.build_steps(cfg, spec, mesh)
-    state, step = steps.init(cfg, spec), steps.train
+    state, step = steps.init(), steps.train
     measure = jax.jit(lambda params, batch: activation_rms(params, batch, spec=spec))
     trace = [measure(state.params, probe)]
     lr = np.float32(cfg.optimizer.lr)  # the check runs a constant schedule without warmup

@@ -13,7 +13,7 @@ against this machine's devices when the plan is for them, as `jaxtrain train` ch
 Communication: collective bytes per device per step by kind from the analytic model of
 `communication.py`; `--compile` also compiles the real step on that many simulated CPU
 devices and counts its HLO (`hlo_collectives.py`) beside it; `--target` adds a roofline
-(compute vs communication time) on a named accelerator (`communication.TARGETS`).
+(compute vs communication time) on a named accelerator (`accelerators.TARGETS`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ import math
 import re
 from typing import Any
 
+import jax
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxtrain import memory, sharding
-from jaxtrain.tools import communication, flops
+from jaxtrain.tools import accelerators, communication, flops
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
+from jaxtrain.errors import UserError
+from jaxtrain.model import compute_dtype_name
 from jaxtrain.schedules import lr_per_step, resolve
 
 def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
@@ -41,12 +44,33 @@ def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
 def collective_dtype_bytes(cfg: Config, backend: str) -> int:
     """Bytes per element the collectives move: the compute dtype's, but XLA:CPU moves bf16
     collectives as float32 (measured: `jaxtrain/hlo_collectives.py`)."""
-    return 4 if backend == "cpu" else memory.COMPUTE_BYTES[memory.compute_dtype_name(cfg, backend)]
+    return 4 if backend == "cpu" else memory.COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
+
+
+def dry_run(cfg: Config, devices: int | None = None, backend: str | None = None, target: str | None = None,
+            compile_step: bool = False, check_memory: bool = True) -> dict[str, Any]:
+    """`jaxtrain dry-run`: the plan over `devices` (default: this machine's) for `backend`
+    (default: this machine's). `compile_step`: also compile the step on that many simulated CPU
+    devices, which this process must have (`xla_flags.simulate_cpu_devices` before jax
+    starts). A plan for this machine's own devices is checked against their memory, as
+    `jaxtrain train` would check it, unless `check_memory` is False."""
+    count = devices or jax.device_count()
+    compiled_on = None
+    if compile_step:
+        compiled_on = jax.devices("cpu")[:count]
+        if len(compiled_on) < count:
+            raise UserError(f"--compile --devices {count}: this process has {len(compiled_on)} CPU devices "
+                            f"(its XLA_FLAGS fix --xla_force_host_platform_device_count)")
+    result = plan(cfg, count, backend="cpu" if compile_step else backend or jax.default_backend(),
+                  target=target, compiled_on=compiled_on)
+    if devices is None and backend is None and check_memory:
+        memory.check_estimate(result["memory_per_device"], jax.local_devices())
+    return result
 
 
 def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = None,
          compiled_on: list | None = None) -> dict[str, Any]:
-    """Everything the dry run reports, as plain data. `target` (a `communication.TARGETS`
+    """Everything the dry run reports, as plain data. `target` (a `accelerators.TARGETS`
     name) adds the roofline; `compiled_on` (simulated CPU devices) adds the compiled step's
     collective bytes and temporary memory beside the analytic figures."""
     mesh = abstract_mesh(cfg, devices)
@@ -55,7 +79,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
     comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
-        extra["roofline"] = communication.roofline(cfg, comms, devices, communication.TARGETS[target])
+        extra["roofline"] = communication.roofline(cfg, comms, devices, accelerators.target(target))
     if compiled_on is not None:
         extra["communication"]["compiled"] = communication.measured(cfg, compiled_on)
     params, roles = [], collections.defaultdict(lambda: collections.defaultdict(set))
@@ -91,7 +115,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
         "flops_per_step": flops_per_token * tokens_per_step,
         "memory_per_device": memory.per_device(cfg, per_device, dict(mesh.shape), backend,
                                                memory.optimizer_state_per_device(spec, mesh)),
-        "compute_dtype": memory.compute_dtype_name(cfg, backend),
+        "compute_dtype": compute_dtype_name(cfg.model, backend),
         "schedule": schedule_summary(cfg),
         **extra,
     }

@@ -5,14 +5,10 @@ calls, so `jaxtrain eval WORKDIR --step N` reproduces the `val_loss` logged at s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from jaxtrain import sharding
 from jaxtrain import train_step as ts
 from jaxtrain.config import Config
 from jaxtrain.data.sources import open_sources
@@ -29,10 +25,7 @@ def evaluate_run(run: SavedRun, data_paths: tuple[str, ...] | None = None) -> di
     cfg = run.cfg
     if data_paths:
         cfg = cfg.model_copy(update={"data": _other_data(cfg, data_paths)})
-    param_shardings = jax.tree.map(lambda p: p.sharding, run.params)
-    evaluate = jax.jit(functools.partial(ts.eval_step, spec=run.spec),
-                       in_shardings=(param_shardings, sharding.batch_sharding(run.mesh)),
-                       out_shardings=sharding.replicated(run.mesh))
+    evaluate = ts.compile_eval(run.spec, run.mesh)  # the loop's evaluation, on the loading mesh
     try:
         sources = open_sources(cfg)
     except UserError as err:  # the paths came from --data, not from the config's data section
