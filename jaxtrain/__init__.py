@@ -1,7 +1,9 @@
 """jaxtrain: a JAX pretraining stack for decoder-only language models.
 
-Modules, one concept each: config, model, sharding, schedules, optimizer, train_step
-(the compiled boundary), train (the loop), checkpoint, metrics, preemption, data/, cli.
+The folders are the layers (docs/ARCHITECTURE.md; tests/test_layering.py enforces them):
+config/ (base) <- model/, optim/ (pure math) <- step.py (the compiled boundary) <- run/
+(the training core), with data/ and huggingface/ beside them, tools/ (every command beyond
+training) and cli.py + commands/ (the entry) on top.
 """
 
 __version__ = "0.1.0"

@@ -23,8 +23,9 @@ import os
 import re
 import sys
 
-from jaxtrain import commands, xla_flags
-from jaxtrain.errors import UserError, WriteError
+from jaxtrain import commands
+from jaxtrain.config.errors import UserError, WriteError
+from jaxtrain.run import xla_flags
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -23,7 +23,7 @@ FAST_CPU_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expens
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_CPU_CODEGEN,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
-from jaxtrain import xla_flags  # noqa: E402 - imports no jax
+from jaxtrain.run import xla_flags  # noqa: E402 - imports no jax
 
 xla_flags.tune_cpu_xla()  # as the CLI does: in-process runs compile what `jaxtrain` subprocesses compile
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -60,7 +60,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture
 def tiny_cfg():
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
 
     return load_config(TINY)
 
@@ -147,8 +147,8 @@ REFERENCE_SETTINGS = ("--set", "train.log_every=1")
 def cli_reference(tmp_path_factory) -> Path:
     """The single-process 8-device run the multi-process and recovery tests must reproduce
     (trained in this process: the reference needs no process of its own)."""
-    from jaxtrain.config_file import load_config
-    from jaxtrain.train import run
+    from jaxtrain.config.files import load_config
+    from jaxtrain.run.loop import run
 
     workdir = tmp_path_factory.mktemp("cli_reference")
     run(load_config(TINY, [s for s in REFERENCE_SETTINGS if s != "--set"]), workdir, console=False)
@@ -187,7 +187,7 @@ def workdir_holder(tmp_path):
         workdir = tmp_path / f"held{len(started)}"
         if copy_of is not None:
             shutil.copytree(copy_of, workdir)
-        code = ("import sys, time; from jaxtrain.workdir import owned\n"
+        code = ("import sys, time; from jaxtrain.run.workdir import owned\n"
                 "with owned(sys.argv[1], sys.argv[2]):\n    print('owned', flush=True); time.sleep(600)")
         proc = subprocess.Popen([sys.executable, "-c", code, str(workdir), command], cwd=REPO, stdout=subprocess.PIPE,
                                 text=True)

@@ -4,7 +4,7 @@ sampling with no cache, re-running the whole model for every new token."""
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.model import Transformer
+from jaxtrain.model.transformer import Transformer
 from jaxtrain.tools.generate import sample
 
 

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import REPO, TINY, run_cli
 from jaxtrain import cli
-from jaxtrain.config_file import from_dict, load_config
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
+from jaxtrain.config.files import from_dict, load_config
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -78,7 +78,7 @@ def test_console_exit_status_and_no_traceback(tmp_path):
 def test_identity_keys_are_marked_once_and_a_new_key_is_identity_by_default():
     """What may change on resume comes from config.IDENTITY_SECTIONS and each section's
     RESUMABLE; a data key nobody listed (one added later) is refused, not resumed."""
-    from jaxtrain.config import identity_difference
+    from jaxtrain.config.resume import identity_difference
 
     saved = from_dict({}).to_dict()
     changed = {**saved, "data": {**saved["data"], "val_batches": 3, "read_threads": 0}}

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from conftest import TINY, cli_env, cli_in_process, free_port, start_cli
-from jaxtrain.config_file import load_config
-from jaxtrain.metrics import read_metrics
-from jaxtrain.train import run
+from jaxtrain.config.files import load_config
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ def test_a_preempted_branch_resumes_by_rerunning_its_command_after_the_parent_dr
     (("--step", "25", "--decay", "5"), "--step 25: no checkpoint at that step"),
     (("--step", "20", "--decay", "1.5"), "--decay 1.5: expected a number of steps"),
     (("--step", "20", "--decay", "5", "--final-lr-fraction", "2"), "--final-lr-fraction 2: must be a number in [0, 1]"),
-    # the branch continues the parent's checkpoint: its identity keys (config.py) stay
+    # the branch continues the parent's checkpoint: its identity keys (config/schema.py) stay
     (("--step", "20", "--decay", "5", "--set", "data.seq_len=32"), "config key 'data.seq_len': is 32"),
     (("--step", "20", "--decay", "5", "--set", "optimizer.name=muon"), "config key 'optimizer.name'"),
 ])
@@ -137,9 +137,10 @@ def test_rewarm_starts_from_the_parents_params_and_optionally_its_optimizer_stat
     import numpy as np
 
     from conftest import assert_same_params
-    from jaxtrain import rewarm, sharding
-    from jaxtrain import train_step as ts
-    from jaxtrain.checkpoint import Checkpointer
+    from jaxtrain.run import rewarm
+    from jaxtrain.model import sharding
+    from jaxtrain import step as ts
+    from jaxtrain.run.checkpoint import Checkpointer
 
     cfg = rewarm_config(wsd_parent, str(optimizer).lower())
     mesh = sharding.make_mesh(cfg.mesh)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import REPO, figure_panels, run_in_process
-from jaxtrain.config_file import load_config
+from jaxtrain.config.files import load_config
 from jaxtrain.tools.coord_check import coord_check
 
 pytestmark = pytest.mark.slow

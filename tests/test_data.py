@@ -6,16 +6,16 @@ import os
 import numpy as np
 import pytest
 
-from jaxtrain.config_file import load_config
+from jaxtrain.config.files import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import _is_val, expand_paths, load_corpus
 from jaxtrain.data.files import list_files
 from jaxtrain.data.tokenizer import ByteTokenizer
 
 DOC_SEPARATOR = ByteTokenizer.eos_id  # byte 0 ends every document
+from jaxtrain.config.errors import DataError
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources
-from jaxtrain.errors import DataError
 
 from conftest import TINY
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from jaxtrain.config_file import load_config
-from jaxtrain.telemetry import sharpness, top_singular_value
-from jaxtrain.metrics import read_metrics
-from jaxtrain.train import run
+from jaxtrain.config.files import load_config
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import read_metrics
+from jaxtrain.run.telemetry import sharpness, top_singular_value
 
 
 def test_power_iteration_finds_the_top_singular_value():

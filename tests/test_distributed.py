@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import TINY, cli_in_process
-from jaxtrain.distributed import ProcessGroup, resolve
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
+from jaxtrain.run.distributed import ProcessGroup, resolve
 
 
 def test_flags_win_over_the_environment():

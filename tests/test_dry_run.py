@@ -16,10 +16,10 @@ import jax
 import pytest
 
 from conftest import REPO, TINY, cli_in_process, figure_panels, run_cli
-from jaxtrain import sharding
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.model import sharding
 from jaxtrain.tools import communication, dry_run, flops
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import load_config
 
 SMALL = REPO / "configs" / "small.yaml"
 CLUSTER = REPO / "configs" / "gpt350m.yaml"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY, cli_in_process, run_in_process
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import load_config
-from jaxtrain.optimizer import make_optimizer
-from jaxtrain.schedules import lr_per_step
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.model import sharding
+from jaxtrain.optim.optimizer import make_optimizer
+from jaxtrain.optim.schedules import lr_per_step
 
 STEPS, BATCH, SEQ = 4, 32, 64
 
@@ -81,7 +81,7 @@ def test_bfloat16_loss_tracks_float32(plain):
 
 
 def test_microbatches_must_split_over_the_devices():
-    from jaxtrain.errors import ConfigError
+    from jaxtrain.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.microbatches"):
         train_losses("train.microbatches=8")  # 32 sequences / 8 slices = 4, not a multiple of 8 devices

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import jax
 import pytest
 
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
 from jaxtrain.tools import accelerators
 
 

@@ -16,16 +16,17 @@ import torch  # the test extras' CPU PyTorch and transformers: the consumers an 
 import transformers
 
 from conftest import TINY, cli_in_process, start_cli
-from jaxtrain import cli, staging
-from jaxtrain.config_file import load_config
+from jaxtrain import cli
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources, run_tokenizer
-from jaxtrain.tools.generate import generate
 from jaxtrain.huggingface.importer import imported_params
+from jaxtrain.run.loop import run
+from jaxtrain.tools import staging
+from jaxtrain.tools.generate import generate
 from jaxtrain.tools.saved_run import load_run
-from jaxtrain.train import run
-from jaxtrain import train_step as ts
 
 
 pytestmark = pytest.mark.slow

@@ -19,21 +19,21 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, TINY, cli_in_process, figure_panels, logged_rows, run_in_process
-from jaxtrain.tools import inspection
-from jaxtrain import train_step as ts
-from jaxtrain.config import MeshConfig
-from jaxtrain.config_file import load_config
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.config.schema import MeshConfig
 from jaxtrain.data import pipeline
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.prepare import prepare
-from jaxtrain.data.tokenizer import ByteTokenizer, encode_text
 from jaxtrain.data.sources import open_sources, run_tokenizer
+from jaxtrain.data.tokenizer import ByteTokenizer, encode_text
+from jaxtrain.tools import inspection
 from jaxtrain.tools.evaluate_checkpoint import evaluate_run
 from jaxtrain.tools.generate import generate
 from reference_decoding import generate_by_recompute
-from jaxtrain.metrics import read_metrics
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import read_metrics
 from jaxtrain.tools.saved_run import load_run
-from jaxtrain.train import run
 
 pytestmark = pytest.mark.slow
 

@@ -1,16 +1,17 @@
 """The package layout is the architecture (docs/ARCHITECTURE.md); these checks keep it so.
+A module's layer is read from its path, never from a list of names:
 
-    entry      cli.py, __main__.py, jaxtrain/commands/   may import anything
-    tools      jaxtrain/tools/                         may import any layer below
-    core       jaxtrain/*.py                           never imports tools
-    step       train_step.py, the compiled boundary    only pure and base: no optional feature
-    interop    jaxtrain/huggingface/ (reading HF models, for init_from)  data, pure, base
-    data       jaxtrain/data/                          never imports tools or the training core
-    pure       model, parametrization, optimizer, muon, schedules, sharding
-               import config, errors and the pure modules PURE_IMPORTS names (no I/O, no
-               loop, no tools, no cycle)
-    base       config, config_file, errors, staging    import only each other
+    entry      jaxtrain/cli.py, jaxtrain/__main__.py, jaxtrain/commands/   may import anything
+    tools      jaxtrain/tools/        may import any layer below
+    core       jaxtrain/run/          never imports tools
+    step       jaxtrain/step.py       the compiled boundary: only pure and base (no optional feature)
+    interop    jaxtrain/huggingface/  (reading HF models, for init_from)  data, pure, base
+    data       jaxtrain/data/         never imports tools or the training core
+    pure       jaxtrain/model/, then jaxtrain/optim/ (PURE_ORDER): base, the pure folders up
+               to their own, no cycle, no file reading (neither config/files.py nor I/O)
+    base       jaxtrain/config/       only itself
 
+A module in a folder this table does not know fails the test, as does a cycle of imports.
 Read from the source with `ast` (nothing is imported), except one check that importing
 the training loop loads no tool module, which catches an indirect import as well.
 """
@@ -27,22 +28,32 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxtrain"
-ENTRY = {"jaxtrain.cli", "jaxtrain.__main__"}  # and jaxtrain.commands.*
-STEP = "jaxtrain.train_step"
-# Each pure module and the pure modules it may import: the table (parametrization), the
-# learning-rate schedule and the mesh rules stand alone; Muon's update reads the table; the
-# model reads the table's forward scales and the mesh rules; the optimizer reads the table
-# and Muon. Besides these, a pure module imports only PURE_BASE (no file reading).
-PURE_IMPORTS = {
-    "jaxtrain.parametrization": set(), "jaxtrain.schedules": set(), "jaxtrain.sharding": set(),
-    "jaxtrain.muon": {"jaxtrain.parametrization"},
-    "jaxtrain.model": {"jaxtrain.parametrization", "jaxtrain.sharding"},
-    "jaxtrain.optimizer": {"jaxtrain.parametrization", "jaxtrain.muon"},
-}
-PURE_BASE = {"jaxtrain.config", "jaxtrain.errors"}
-BASE = {"jaxtrain.config", "jaxtrain.config_file", "jaxtrain.errors", "jaxtrain.staging"}
+# The first part of a module's path under jaxtrain/ (a folder, or a top-level module's
+# name) -> its layer.
+FOLDERS = {"cli": "entry", "__main__": "entry", "commands": "entry", "tools": "tools", "run": "core",
+           "step": "step", "huggingface": "interop", "data": "data", "model": "pure", "optim": "pure",
+           "config": "base"}
+# The pure folders in their fixed order: each may import base and the pure folders up to
+# its own (the model reads the table and the mesh rules; the optimizer reads the table).
+PURE_ORDER = ("model", "optim")
+READER = "jaxtrain/config/files.py"  # the one module of base that reads files
+IO_MODULES = {"io", "os", "pathlib", "shutil", "tempfile", "glob", "json", "yaml", "pickle", "urllib", "socket"}
+# a layer's package __init__ holds its docstring and no import (no re-export, no shim);
+# the command registry imports its command modules
+INIT_MAY_IMPORT = {"jaxtrain/commands/__init__.py"}
 MAX_LINES = 400
 REPEAT_LINES = 6  # a block this long written twice is a helper waiting to be named
+
+ALLOWED = {  # layer -> the layers it may import
+    "entry": {"entry", "tools", "core", "step", "interop", "data", "pure", "base"},
+    "tools": {"tools", "core", "step", "interop", "data", "pure", "base"},
+    "core": {"core", "step", "interop", "data", "pure", "base"},
+    "step": {"pure", "base"},
+    "interop": {"interop", "data", "pure", "base"},
+    "data": {"data", "base"},
+    "pure": {"pure", "base"},
+    "base": {"base"},
+}
 
 
 def _module_name(path: Path) -> str:
@@ -54,9 +65,20 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def _folder(name: str) -> str | None:
+    """The first part of a module's path under jaxtrain/ (None for the package itself)."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _layer(name: str) -> str | None:
+    """The layer of a module, from its path; None for a place the table does not know."""
+    return FOLDERS.get(_folder(name) or "")
+
+
 def _imports(source: str, known: dict[str, Path], importer: str = "jaxtrain") -> set[str]:
-    """The jaxtrain modules a source imports (`from jaxtrain import x` counts as jaxtrain.x;
-    a relative import is resolved against the importer's package)."""
+    """The jaxtrain modules a source imports (`from jaxtrain.model import x` counts as
+    jaxtrain.model.x; a relative import is resolved against the importer's package)."""
     found = set()
     package = importer.split(".") if known.get(importer, Path()).name == "__init__.py" else importer.split(".")[:-1]
     for node in ast.walk(ast.parse(source)):
@@ -71,76 +93,142 @@ def _imports(source: str, known: dict[str, Path], importer: str = "jaxtrain") ->
     return {name for name in found if name == "jaxtrain" or name.startswith("jaxtrain.")}
 
 
-def _layer(name: str) -> str:
-    if name in ENTRY or name.startswith("jaxtrain.commands"):
-        return "entry"
-    if name.startswith("jaxtrain.tools"):
-        return "tools"
-    if name == STEP:
-        return "step"
-    if name.startswith("jaxtrain.huggingface"):
-        return "interop"
-    if name.startswith("jaxtrain.data"):
-        return "data"
-    if name in BASE:
-        return "base"
-    return "pure" if name in PURE_IMPORTS else "core"
+def _check_import(name: str, target: str, known: dict[str, Path]) -> str | None:
+    """Why `name` may not import `target`, or None."""
+    layer, target_layer = _layer(name), _layer(target)
+    if target_layer not in ALLOWED[layer]:
+        return f"{name} ({layer}) imports {target} ({target_layer})"
+    if layer == "pure" and target_layer == "pure" and \
+            PURE_ORDER.index(_folder(target)) > PURE_ORDER.index(_folder(name)):
+        return f"{name} (pure: {_folder(name)}/) imports {target}: {_folder(target)}/ comes after it"
+    if layer == "pure" and known.get(target) == PACKAGE.parent / READER:
+        return f"{name} (pure) imports {target}, the file reader"
+    return None
 
 
-ALLOWED = {  # layer -> the layers it may import
-    "entry": {"entry", "tools", "core", "step", "interop", "data", "pure", "base"},
-    "tools": {"tools", "core", "step", "interop", "data", "pure", "base"},
-    "core": {"core", "step", "interop", "data", "pure", "base"},
-    "step": {"pure", "base"},
-    "interop": {"interop", "data", "pure", "base"},
-    "data": {"data", "base"},
-    "pure": {"pure", "base"},
-    "base": {"base"},
-}
+def _graph(extra_source: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """module -> the jaxtrain modules it imports; `extra_source` appends text to named
+    modules (to show that a check sees a planted import)."""
+    known = _modules()
+    return {name: {t for t in _imports(path.read_text() + (extra_source or {}).get(name, ""), known, name)
+                   if t not in ("jaxtrain", name)}
+            for name, path in known.items()}
 
 
 def _violations(extra_source: dict[str, str] | None = None) -> list[str]:
-    """Every import that crosses the layers the wrong way; `extra_source` appends text to
-    named modules (to show that the checker sees a planted import)."""
-    bad, known = [], _modules()
-    for name, path in known.items():
-        source = path.read_text() + (extra_source or {}).get(name, "")
-        for target in sorted(_imports(source, known, name)):
-            layer = _layer(target)
-            if target == "jaxtrain" or target == name:
-                continue
-            if layer not in ALLOWED[_layer(name)]:
-                bad.append(f"{name} ({_layer(name)}) imports {target} ({layer})")
-            elif name in PURE_IMPORTS and target not in PURE_IMPORTS[name] | PURE_BASE:
-                bad.append(f"{name} (pure) imports {target}, not in its PURE_IMPORTS or {sorted(PURE_BASE)}")
-    return bad
+    """Every import that crosses the layers the wrong way."""
+    known = _modules()
+    return [why for name, targets in _graph(extra_source).items() if _layer(name)
+            for target in sorted(targets) if _layer(target) and (why := _check_import(name, target, known))]
+
+
+def _cycles(extra_source: dict[str, str] | None = None) -> list[list[str]]:
+    """The import cycles among jaxtrain modules (each a strongly connected component of
+    more than one module), imports inside functions included."""
+    graph = _graph(extra_source)
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:  # Tarjan
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _reads_files(source: str) -> list[str]:
+    """The I/O a pure module's source does: standard I/O modules imported, open() called."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in IO_MODULES]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in IO_MODULES:
+            found.append(node.module)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open":
+            found.append("open()")
+    return found
+
+
+def test_every_module_sits_in_a_folder_with_a_layer():
+    unknown = [f"{path.relative_to(PACKAGE.parent)}" for name, path in _modules().items()
+               if name != "jaxtrain" and _layer(name) is None]
+    assert not unknown, f"modules in no layer's folder (move them, or give the folder a layer in FOLDERS): {unknown}"
+    assert _layer("jaxtrain.workdir") is None and _layer("jaxtrain.misc.helpers") is None  # not vacuous
+    assert _layer("jaxtrain.run.workdir") == "core" and _layer("jaxtrain.optim.schedules") == "pure"
 
 
 def test_each_layer_imports_only_the_layers_below_it():
     assert _violations() == []
 
 
-def test_the_checker_sees_a_forbidden_import():
-    """The rule is not vacuous: a core module importing a tool, a pure one importing the
-    data pipeline, are reported."""
-    planted = _violations({"jaxtrain.train": "\nfrom jaxtrain.tools import sweep\n",
-                           "jaxtrain.model": "\nimport jaxtrain.data.pipeline\n",
-                           "jaxtrain.train_step": "\nfrom jaxtrain import telemetry\n",
-                           "jaxtrain.parametrization": "\nfrom jaxtrain.optimizer import make_optimizer\n",
-                           "jaxtrain.schedules": "\nfrom jaxtrain.config_file import load_config\n",
-                           "jaxtrain.data.mixture": "\nfrom ..tools import sweep\n"})
-    assert "jaxtrain.train (core) imports jaxtrain.tools.sweep (tools)" in planted
-    assert "jaxtrain.model (pure) imports jaxtrain.data.pipeline (data)" in planted
-    assert "jaxtrain.train_step (step) imports jaxtrain.telemetry (core)" in planted  # the compiled boundary
-    assert any(v.startswith("jaxtrain.parametrization (pure) imports jaxtrain.optimizer") for v in planted)
-    assert any(v.startswith("jaxtrain.schedules (pure) imports jaxtrain.config_file") for v in planted)
+def test_no_import_cycle():
+    assert _cycles() == []
+
+
+def test_pure_modules_read_no_file():
+    modules = _modules()
+    bad = {name: io for name, path in modules.items() if _layer(name) == "pure"
+           if (io := _reads_files(path.read_text()))}
+    assert not bad, f"pure modules doing I/O (it belongs to run/ or config/files.py): {bad}"
+
+
+def test_layer_packages_hold_no_code():
+    """A folder's __init__.py is its docstring: no re-export (the layout shows where a name
+    lives) and nothing loaded by importing a sibling (`from jaxtrain.run import xla_flags`
+    imports no JAX)."""
+    bad = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.glob("*/__init__.py"))
+           if str(p.relative_to(PACKAGE.parent)) not in INIT_MAY_IMPORT
+           and any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(ast.parse(p.read_text())))]
+    assert not bad, f"package __init__.py files with imports: {bad}"
+
+
+def test_the_checkers_see_a_forbidden_import():
+    """The rules are not vacuous: planted imports are reported."""
+    planted_source = {"jaxtrain.run.loop": "\nfrom jaxtrain.tools import sweep\n",
+                      "jaxtrain.model.transformer": "\nimport jaxtrain.data.pipeline\n",
+                      "jaxtrain.step": "\nfrom jaxtrain.run import telemetry\n",
+                      "jaxtrain.model.parametrization": "\nfrom jaxtrain.optim.optimizer import make_optimizer\n",
+                      "jaxtrain.optim.schedules": "\nfrom jaxtrain.config.files import load_config\n",
+                      "jaxtrain.data.mixture": "\nfrom ..tools import sweep\n",
+                      "jaxtrain.config.errors": "\nfrom jaxtrain.step import TrainState\n"}
+    planted = _violations(planted_source)
+    assert "jaxtrain.run.loop (core) imports jaxtrain.tools.sweep (tools)" in planted
+    assert "jaxtrain.model.transformer (pure) imports jaxtrain.data.pipeline (data)" in planted
+    assert "jaxtrain.step (step) imports jaxtrain.run.telemetry (core)" in planted  # the compiled boundary
+    assert any(v.startswith("jaxtrain.model.parametrization (pure: model/) imports jaxtrain.optim.optimizer")
+               for v in planted)  # against the order of the pure folders
+    assert "jaxtrain.optim.schedules (pure) imports jaxtrain.config.files, the file reader" in planted
     assert "jaxtrain.data.mixture (data) imports jaxtrain.tools.sweep (tools)" in planted  # a relative import
+    assert "jaxtrain.config.errors (base) imports jaxtrain.step (step)" in planted
+    assert ["jaxtrain.model.parametrization", "jaxtrain.model.transformer"] in _cycles(
+        {"jaxtrain.model.parametrization": "\ndef f():\n    from jaxtrain.model.transformer import Transformer\n"})
+    assert _reads_files("from pathlib import Path\nimport os.path\nopen('x')\n") == ["pathlib", "os.path", "open()"]
 
 
 def test_importing_the_training_loop_loads_no_tool():
-    code = ("import sys, jaxtrain.train, jaxtrain.checkpoint, jaxtrain.evaluate\n"
+    code = ("import sys, jaxtrain.run.loop, jaxtrain.run.checkpoint, jaxtrain.run.evaluate\n"
             "print(sorted(m for m in sys.modules if m.startswith('jaxtrain.tools')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)
     assert out.stdout.strip() == "[]"
 
 

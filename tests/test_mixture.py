@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from jaxtrain.config_file import load_config
+from jaxtrain.config.files import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.mixture import Mixture, counts, integer_proportions
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources
-from jaxtrain.metrics import TIMING_KEYS, read_metrics
-from jaxtrain.train import run
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import TIMING_KEYS, read_metrics
 
 
 def _text_files(directory, alphabet, n_files, seed):

@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import from_dict
-from jaxtrain.model import Transformer
-from jaxtrain.parametrization import forward_scales
+from jaxtrain import step as ts
+from jaxtrain.config.files import from_dict
+from jaxtrain.model.parametrization import forward_scales
+from jaxtrain.model.transformer import Transformer
 
 VARIANTS = {
     "mha": {},
@@ -84,7 +84,7 @@ def test_dropout_uses_the_key_and_is_off_without_it():
 
 def test_cluster_example_is_about_350m_parameters():
     from conftest import REPO
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
 
     spec = ts.model_spec(load_config(REPO / "configs" / "gpt350m.yaml"))  # abstract shapes only
     n_params = sum(leaf.size for leaf in jax.tree.leaves(spec.abstract_params))

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import (REFERENCE_SETTINGS, REPO, TINY, assert_same_params, cli_env, final_params, free_port,
                       logged_rows, wait_for_step)
-from jaxtrain.config_file import load_config
-from jaxtrain.train import run
+from jaxtrain.config.files import load_config
+from jaxtrain.run.loop import run
 
 pytestmark = pytest.mark.slow
 

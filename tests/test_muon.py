@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import muon, parametrization, sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config import ConfigError
-from jaxtrain.config_file import from_dict, load_config
-from jaxtrain.optimizer import make_optimizer
+from jaxtrain import step as ts
+from jaxtrain.config.errors import ConfigError
+from jaxtrain.config.files import from_dict, load_config
+from jaxtrain.model import parametrization, sharding
+from jaxtrain.optim import muon
+from jaxtrain.optim.optimizer import make_optimizer
 
 from conftest import TINY, cli_in_process
 
@@ -214,8 +215,8 @@ def test_bfloat16_iterations_stay_close_to_float32(one_device):
 
 @pytest.mark.slow
 def test_interrupted_muon_run_resumes_bitwise_and_reports_update_rms(tmp_path):
-    from jaxtrain.metrics import read_metrics
-    from jaxtrain.train import run
+    from jaxtrain.run.metrics import read_metrics
+    from jaxtrain.run.loop import run
     from test_train import final_state, without_timing
 
     cfg = load_config(TINY, ["optimizer.name=muon", "optimizer.lr=0.03", "train.steps=20", "train.eval_every=10",
@@ -235,7 +236,7 @@ def test_interrupted_muon_run_resumes_bitwise_and_reports_update_rms(tmp_path):
 
 
 def test_dry_run_counts_one_momentum_for_muon_and_two_moments_for_adam():
-    from jaxtrain import memory
+    from jaxtrain.run import memory
     from jaxtrain.tools import dry_run
 
     for name in ("adamw", "muon"):

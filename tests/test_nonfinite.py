@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import TINY, cli_in_process, final_params
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config_file import load_config
-from jaxtrain.metrics import read_metrics
-from jaxtrain.train import run
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.model import sharding
+from jaxtrain.run.checkpoint import Checkpointer
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import load_config
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
 from jaxtrain.data import pipeline
 from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources
@@ -70,7 +70,7 @@ def test_packed_rows_give_every_document_its_unpacked_loss(short_documents):
 
 
 def test_segment_positions_restart_at_every_document():
-    from jaxtrain.model import segment_positions_and_mask
+    from jaxtrain.model.transformer import segment_positions_and_mask
 
     segments = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3]])
     positions, mask = segment_positions_and_mask(segments, segments.shape)

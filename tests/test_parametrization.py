@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrain import parametrization
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import from_dict
-from jaxtrain.optimizer import make_optimizer
-from jaxtrain.schedules import make_schedule
+from jaxtrain import step as ts
+from jaxtrain.config.files import from_dict
+from jaxtrain.model import parametrization
+from jaxtrain.optim.optimizer import make_optimizer
+from jaxtrain.optim.schedules import make_schedule
 
 EXPECTED_ROLES = {  # by parameter name, to check the axis-based classification against
     "embed": "embedding", "lm_head": "readout", "wq": "hidden", "wk": "hidden", "wv": "hidden",

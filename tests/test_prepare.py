@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, cli_in_process
-from jaxtrain.config_file import load_config
+from jaxtrain.config.errors import DataError
+from jaxtrain.config.files import load_config
 from jaxtrain.data import pipeline, token_store
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.prepare import prepare
@@ -23,7 +24,6 @@ from jaxtrain.data.sources import open_sources
 from jaxtrain.data.staging import claim
 from jaxtrain.data.store_writer import StoreWriter
 from jaxtrain.data.tokenizer import load_tokenizer_file
-from jaxtrain.errors import DataError
 
 TINY_INPUTS = ["{stdlib}/json/*.py", "{stdlib}/email/*.py", "{stdlib}/asyncio/*.py"]
 

@@ -142,9 +142,9 @@ def test_only_unreadable_checkpoints_are_moved_and_never_all_of_them(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from jaxtrain.checkpoint import Checkpointer, UNREADABLE_DIR
-    from jaxtrain.config import CheckpointConfig
-    from jaxtrain.errors import UserError
+    from jaxtrain.run.checkpoint import Checkpointer, UNREADABLE_DIR
+    from jaxtrain.config.schema import CheckpointConfig
+    from jaxtrain.config.errors import UserError
 
     cfg = CheckpointConfig(every_steps=1, keep=5, async_save=False)
     ckpt = Checkpointer(tmp_path / "checkpoints", cfg)

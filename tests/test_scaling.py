@@ -16,10 +16,10 @@ import jax
 import pytest
 
 from conftest import REPO, TINY, cli_in_process, run_in_process
-from jaxtrain import parametrization, sharding
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.model import parametrization, sharding
 from jaxtrain.tools import accelerators, communication, hlo_collectives
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import load_config
 
 SMALL = REPO / "configs" / "small.yaml"
 MESHES = {"fsdp8": ["mesh.fsdp=8"], "data8": ["mesh.data=8", "mesh.fsdp=1"],

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from conftest import TINY, figure_panels
 
-from jaxtrain.config_file import load_config
+from jaxtrain.config.files import load_config
+from jaxtrain.optim.schedules import lr_per_step
 from jaxtrain.tools.schedule_law import Law, annealing_areas, fit, load_curve
-from jaxtrain.schedules import lr_per_step
 
 TRUE = Law(L0=1.5, A=0.9, alpha=0.45, C=0.35)
 

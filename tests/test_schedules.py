@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import TINY, figure_panels
 
-from jaxtrain import schedules
-from jaxtrain.config_file import load_config
-from jaxtrain.errors import ConfigError
-from jaxtrain.metrics import read_metrics
-from jaxtrain.train import run
+from jaxtrain.config.errors import ConfigError
+from jaxtrain.config.files import load_config
+from jaxtrain.optim import schedules
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import read_metrics
 
 PEAK, WARMUP, TOTAL, FINAL, BATCH, SEQ = 1e-2, 10, 100, 0.1, 4, 8
 TAU = BATCH * SEQ  # tokens per step

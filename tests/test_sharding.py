@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import from_dict
+from jaxtrain import step as ts
+from jaxtrain.config.files import from_dict
+from jaxtrain.model import sharding
 
 MESHES = {  # (data, fsdp, tensor)
     "1x1": (1, 1, 1),

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from jaxtrain import model as model_lib
-from jaxtrain import sharding, telemetry
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import load_config
-from jaxtrain.metrics import read_metrics
-from jaxtrain.model import rms
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.model import sharding
+from jaxtrain.model import transformer as model_lib
+from jaxtrain.model.transformer import rms
+from jaxtrain.run import telemetry
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import read_metrics
 from jaxtrain.tools import inspection
 from jaxtrain.tools.coord_check import activation_rms
-from jaxtrain.train import run
 
 ROLES = ("embedding", "hidden", "readout", "vector")
 

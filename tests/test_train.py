@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from conftest import TINY, run_in_process
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config_file import load_config
-from jaxtrain.metrics import TIMING_KEYS, read_metrics
-from jaxtrain.optimizer import make_optimizer
-from jaxtrain.train import run
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.model import sharding
+from jaxtrain.optim.optimizer import make_optimizer
+from jaxtrain.run.checkpoint import Checkpointer
+from jaxtrain.run.loop import run
+from jaxtrain.run.metrics import TIMING_KEYS, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_resume_with_a_different_parametrization_table_names_the_difference(tmp_
     version's rule), naming the parameter."""
     import dataclasses
 
-    from jaxtrain import parametrization
+    from jaxtrain.model import parametrization
 
     cfg = load_config(TINY, ["train.steps=10"])
     run(cfg, tmp_path)

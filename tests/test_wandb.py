@@ -13,7 +13,7 @@ import os
 import pytest
 
 from conftest import TINY, run_cli
-from jaxtrain.metrics import TIMING_KEYS, read_metrics
+from jaxtrain.run.metrics import TIMING_KEYS, read_metrics
 
 pytestmark = pytest.mark.slow
 

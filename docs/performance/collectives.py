@@ -13,9 +13,9 @@ import sys
 import jax
 import numpy as np
 
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config_file import load_config
+from jaxtrain import step as ts
+from jaxtrain.config.files import load_config
+from jaxtrain.model import sharding
 
 spec_file, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 module_spec = importlib.util.spec_from_file_location("hlo_collectives", spec_file)

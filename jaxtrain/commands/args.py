@@ -107,7 +107,7 @@ def add_set(parser: argparse.ArgumentParser, help: str = "override a config valu
 
 def add_process_group(parser: argparse.ArgumentParser) -> None:
     """The flags of a training entry point that may run as one of several processes."""
-    group = parser.add_argument_group("multi-process (jaxtrain/distributed.py; default: SLURM/TPU pod "
+    group = parser.add_argument_group("multi-process (jaxtrain/run/distributed.py; default: SLURM/TPU pod "
                                       "auto-detection, else one process)")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
     group.add_argument("--num-processes", type=positive_int, default=None, metavar="N")
@@ -118,7 +118,7 @@ def add_process_group(parser: argparse.ArgumentParser) -> None:
 
 def join_process_group(args: argparse.Namespace) -> None:
     """Every training entry point joins the process group before touching devices."""
-    from jaxtrain import distributed
+    from jaxtrain.run import distributed
 
     group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
     distributed.initialize(group, args.peer_timeout or distributed.DEFAULT_PEER_TIMEOUT)

@@ -45,7 +45,7 @@ def prepare_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
     from jaxtrain.tools.data_bench import bench_data
 
     cfg = load_config(args.config, [*args.overrides, f"data.sources=[{{path: '{args.dataset}'}}]"])

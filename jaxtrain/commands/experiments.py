@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from jaxtrain import xla_flags
 from jaxtrain.commands.args import add_set, file_to_write, non_negative_int, positive_int, positive_int_list
+from jaxtrain.run import xla_flags
 
 
 def add_parsers(commands) -> None:
@@ -91,7 +91,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def coord_check_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
     from jaxtrain.tools.coord_check import coord_check
 
     cfg = load_config(args.config, args.overrides)
@@ -103,7 +103,7 @@ def coord_check_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
 
     cfg = load_config(args.config, args.overrides)
     from jaxtrain.tools.bench import bench
@@ -113,7 +113,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def dry_run_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.compile:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from jaxtrain.commands.args import file_to_write, int_up_to, non_negative_float, non_negative_int, utf8_text
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
 
 # The most tokens one `jaxtrain generate` samples: its KV cache holds every position at
 # once and the loop is one compiled scan, so a bound far above any model's context stops a
@@ -75,8 +75,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def plot_command(args: argparse.Namespace) -> int:
-    from jaxtrain.metrics import read_metrics
-    from jaxtrain.workdir import Layout
+    from jaxtrain.run.metrics import read_metrics
+    from jaxtrain.run.workdir import Layout
     from jaxtrain.tools.plotting import plot_runs
 
     metrics = [m for m in args.metric.split(",") if m]

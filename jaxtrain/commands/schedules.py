@@ -31,7 +31,7 @@ def add_parsers(commands) -> None:
 
 
 def schedule_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
     from jaxtrain.tools.plotting import plot_schedule
 
     plot_schedule(load_config(args.config, args.overrides), Path(args.out))

@@ -42,7 +42,7 @@ def add_parsers(commands) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from jaxtrain.config_file import load_config
+    from jaxtrain.config.files import load_config
 
     cfg = load_config(args.config, args.overrides)
     join_process_group(args)
@@ -62,7 +62,7 @@ def cooldown_command(args: argparse.Namespace) -> int:
 
 def run_and_report(cfg, workdir: str, check_memory: bool = True, command: str = "train") -> int:
     """Train; a signal stop exits 128 + signal (rerun resumes), else print the final figures."""
-    from jaxtrain.train import run
+    from jaxtrain.run.loop import run
 
     result = run(cfg, workdir, check_memory=check_memory, command=command)
     if result.stop_signal is not None:

@@ -27,9 +27,9 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxtrain.config.errors import DataError
 from jaxtrain.data.files import expand_paths
 from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer
-from jaxtrain.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import os
 import re
 import sysconfig
 
-from jaxtrain.errors import DataError
+from jaxtrain.config.errors import DataError
 
 _WILDCARD = re.compile(r"[*?[]")
 

@@ -25,7 +25,8 @@ import fractions
 import math
 from typing import Sequence
 
-from jaxtrain.config import Config, phase_start_steps
+from jaxtrain.config.checks import phase_start_steps
+from jaxtrain.config.schema import Config
 
 
 # Weights are read as fractions with denominators <= 1000 / weight (1000 from weight 1 up):

@@ -36,11 +36,11 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from jaxtrain.config import Config
+from jaxtrain.config.errors import DataError
+from jaxtrain.config.schema import Config
 from jaxtrain.data.mixture import Mixture, mixture_for
 from jaxtrain.data.sources import DataSource
 from jaxtrain.data.token_store import TokenSplit
-from jaxtrain.errors import DataError
 
 
 def num_windows(split: TokenSplit, seq_len: int) -> int:

@@ -22,13 +22,13 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxtrain.config.errors import DataError
 from jaxtrain.data.corpus import check_split, entropy_of_counts, iter_documents
 from jaxtrain.data.files import describe_skipped, list_files
-from jaxtrain.data.store_writer import StoreWriter
 from jaxtrain.data.staging import prepare_target
+from jaxtrain.data.store_writer import StoreWriter
 from jaxtrain.data.token_store import SPLITS
 from jaxtrain.data.tokenizer import Tokenizer, describe, token_dtype, tokenizer_from_flag
-from jaxtrain.errors import DataError
 
 # Documents encoded together: up to this many, or this many bytes (the `tokenizers`
 # library holds ~100 bytes of offsets and attributes per token until a batch is done).

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jaxtrain.config import Config, DataConfig
+from jaxtrain.config.errors import ConfigError, DataError
+from jaxtrain.config.schema import Config, DataConfig
 from jaxtrain.data import token_store
 from jaxtrain.data.corpus import load_corpus
 from jaxtrain.data.token_store import TokenSplit
 from jaxtrain.data.tokenizer import BYTE_VOCAB, ByteTokenizer, Tokenizer, describe, open_saved
-from jaxtrain.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,8 +28,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from jaxtrain.config.errors import DataError
 from jaxtrain.data.token_store import MARKER
-from jaxtrain.errors import DataError
 
 _CLAIM = "staging"
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
+from jaxtrain.config.errors import DataError
 from jaxtrain.data.staging import claim, prepare_target, release
 from jaxtrain.data.token_store import FORMAT, SHARD_TOKENS, VERSION, array_spec
-from jaxtrain.errors import DataError
 
 _CAPACITY = 1 << 40  # tokens a split may hold; only written chunks take space
 

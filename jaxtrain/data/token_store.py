@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from jaxtrain.errors import DataError
+from jaxtrain.config.errors import DataError
 
 FORMAT = "jaxtrain-token-store"
 VERSION = 1

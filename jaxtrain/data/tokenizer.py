@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-from jaxtrain.errors import DataError
+from jaxtrain.config.errors import DataError
 
 BYTE_VOCAB = 256
 END_OF_TEXT = "<|endoftext|>"

@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError
 
-from jaxtrain.config import ModelConfig
-from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.config.errors import ConfigError, UserError
+from jaxtrain.config.schema import ModelConfig
 
 # model_type -> the class transformers' AutoModelForCausalLM builds for it
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtrain.config.errors import UserError
 from jaxtrain.data.tokenizer import BYTE_VOCAB, Tokenizer
-from jaxtrain.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

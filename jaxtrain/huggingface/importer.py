@@ -27,11 +27,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtrain.config import Config
+from jaxtrain.config.errors import ConfigError, UserError
+from jaxtrain.config.schema import Config
 from jaxtrain.data.sources import run_tokenizer
-from jaxtrain.errors import ConfigError, UserError
 from jaxtrain.huggingface import architecture, files, weights
-from jaxtrain.parametrization import Table, path_str
+from jaxtrain.model.parametrization import Table, path_str
 
 
 @dataclasses.dataclass

@@ -31,8 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from jaxtrain.config import ModelConfig
-from jaxtrain.parametrization import Table
+from jaxtrain.config.schema import ModelConfig
+from jaxtrain.model.parametrization import Table
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,12 +31,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtrain import sharding
+from jaxtrain import step as ts
+from jaxtrain.config.schema import Config
+from jaxtrain.model import sharding
+from jaxtrain.model.transformer import compute_dtype_name
+from jaxtrain.run.preflight import preflight
 from jaxtrain.tools import accelerators, flops, hlo_collectives
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config
-from jaxtrain.model import compute_dtype_name
-from jaxtrain.preflight import preflight
 
 
 def _peak_memory() -> tuple[int, str]:

@@ -40,11 +40,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtrain import sharding
+from jaxtrain import step as ts
+from jaxtrain.config.schema import Config
+from jaxtrain.model import sharding
 from jaxtrain.tools import flops, hlo_collectives
 from jaxtrain.tools.accelerators import Accelerator
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config
 
 # Gathered once per step: their gathered copy serves the backward pass too (the block weights, outside this tuple, are gathered again there).
 _GATHERED_ONCE = ("embed", "lm_head")

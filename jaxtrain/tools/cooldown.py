@@ -29,13 +29,14 @@ from typing import Any
 import jax
 import yaml
 
-from jaxtrain import config_file
-from jaxtrain.config import Config, identity_difference
-from jaxtrain.distributed import barrier
-from jaxtrain.errors import ConfigError, UserError
-from jaxtrain.metrics import truncate_after
-from jaxtrain.schedules import resolve
-from jaxtrain.workdir import Layout, open_at_step, owned, read_run_config
+from jaxtrain.config import files as config_file
+from jaxtrain.config.errors import ConfigError, UserError
+from jaxtrain.config.resume import identity_difference
+from jaxtrain.config.schema import Config
+from jaxtrain.optim.schedules import resolve
+from jaxtrain.run.distributed import barrier
+from jaxtrain.run.metrics import truncate_after
+from jaxtrain.run.workdir import Layout, open_at_step, owned, read_run_config
 
 STAGING = ".cooldown-staging"  # inside the branch workdir, while it is assembled
 

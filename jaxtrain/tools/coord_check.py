@@ -20,13 +20,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config, MeshConfig
-from jaxtrain.config_file import apply_overrides, from_dict
+from jaxtrain import step as ts
+from jaxtrain.config.files import apply_overrides, from_dict
+from jaxtrain.config.schema import Config, MeshConfig
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import open_sources
-from jaxtrain.model import forward_sown, rms
+from jaxtrain.model import sharding
+from jaxtrain.model.transformer import forward_sown, rms
 
 
 def _shape_config(cfg: Config, width: int, depth: int, steps: int) -> Config:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jaxtrain.config import Config
+from jaxtrain.config.schema import Config
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import open_sources
 

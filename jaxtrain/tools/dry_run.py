@@ -27,13 +27,14 @@ import jax
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
-from jaxtrain import memory, sharding
+from jaxtrain import step as ts
+from jaxtrain.config.errors import UserError
+from jaxtrain.config.schema import Config
+from jaxtrain.model import sharding
+from jaxtrain.model.transformer import compute_dtype_name
+from jaxtrain.optim.schedules import lr_per_step, resolve
+from jaxtrain.run import memory
 from jaxtrain.tools import accelerators, communication, flops
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config
-from jaxtrain.errors import UserError
-from jaxtrain.model import compute_dtype_name
-from jaxtrain.schedules import lr_per_step, resolve
 
 def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
     """The config's mesh over `devices` simulated devices."""

@@ -9,12 +9,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config
+from jaxtrain import step as ts
+from jaxtrain.config.errors import UserError
+from jaxtrain.config.schema import Config
 from jaxtrain.data.sources import open_sources
-from jaxtrain.errors import UserError
-from jaxtrain.evaluate import Evaluator
-from jaxtrain.preflight import preflight
+from jaxtrain.run.evaluate import Evaluator
+from jaxtrain.run.preflight import preflight
 from jaxtrain.tools.saved_run import SavedRun
 
 

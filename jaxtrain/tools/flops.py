@@ -20,7 +20,7 @@ measured matmul rate on CPU).
 
 from __future__ import annotations
 
-from jaxtrain.config import ModelConfig
+from jaxtrain.config.schema import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.model import Transformer
+from jaxtrain.model.transformer import Transformer
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:

@@ -14,7 +14,7 @@ writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 The directory is written under a temporary name beside `--out` and renamed when complete,
 so an interrupted or refused export leaves nothing at `--out` (missing parent directories
 are created); an existing `--out` is never overwritten. Nothing in the workdir is written.
-The temporary name carries the exporter's host and process id (jaxtrain/staging.py): a
+The temporary name carries the exporter's host and process id (jaxtrain/tools/staging.py): a
 killed export's leftover (`.OUT.staging.HOST.PID.*`) is removed by the next export to the
 same `--out` once its process is gone, while a running export's is left alone.
 """
@@ -31,11 +31,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxtrain.config.errors import UserError
 from jaxtrain.data.sources import run_tokenizer
-from jaxtrain import staging as staging_dirs
-from jaxtrain.errors import UserError
 from jaxtrain.huggingface import architecture, files, weights
-from jaxtrain.parametrization import path_str
+from jaxtrain.model.parametrization import path_str
+from jaxtrain.tools import staging as staging_dirs
 from jaxtrain.tools.saved_run import load_run
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}

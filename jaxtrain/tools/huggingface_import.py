@@ -29,12 +29,12 @@ from pathlib import Path
 
 import jax
 
-from jaxtrain.config import Config
-from jaxtrain.config_file import apply_overrides, from_dict, load_config
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
+from jaxtrain.config.files import apply_overrides, from_dict, load_config
+from jaxtrain.config.schema import Config
 from jaxtrain.huggingface.importer import HfModel, check_vocabulary, open_model
-from jaxtrain.train import RunResult, run
-from jaxtrain.workdir import Layout, owned
+from jaxtrain.run.loop import RunResult, run
+from jaxtrain.run.workdir import Layout, owned
 
 MARKER = ".jaxtrain-import"
 

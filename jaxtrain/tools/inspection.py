@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain import telemetry
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import open_sources
-from jaxtrain.model import Transformer, forward_sown
-from jaxtrain.parametrization import path_str
+from jaxtrain.model.parametrization import path_str
+from jaxtrain.model.transformer import Transformer, forward_sown
+from jaxtrain.run import telemetry
 from jaxtrain.tools.coord_check import activation_rms
 from jaxtrain.tools.saved_run import SavedRun
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
 
 
 def _save(fig, path: Path) -> None:
@@ -156,7 +156,7 @@ def plot_runs(runs: dict[str, list[dict]], metrics: list[str], x_key: str, path:
 def plot_schedule(cfg, path: Path) -> None:
     """The learning rate of every step of a config's schedule."""
     plt = _pyplot()
-    from jaxtrain.schedules import lr_per_step, resolve
+    from jaxtrain.optim.schedules import lr_per_step, resolve
 
     lrs, lengths = lr_per_step(cfg), resolve(cfg)
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -20,13 +20,13 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config, MeshConfig
-from jaxtrain.errors import ConfigError
-from jaxtrain.metrics import read_metrics
-from jaxtrain.model import Transformer
-from jaxtrain.workdir import Layout, open_at_step
+from jaxtrain import step as ts
+from jaxtrain.config.errors import ConfigError
+from jaxtrain.config.schema import Config, MeshConfig
+from jaxtrain.model import sharding
+from jaxtrain.model.transformer import Transformer
+from jaxtrain.run.metrics import read_metrics
+from jaxtrain.run.workdir import Layout, open_at_step
 
 SINGLE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
 

@@ -9,7 +9,7 @@ Learning Rate Annealing"):
                                                   with a momentum that delays its effect
 
 eta_i is the learning rate of step i (the whole schedule, warmup included, from the run's
-config: jaxtrain/schedules.py), lambda = 0.999 as in the paper. One fit of (L0, A, alpha, C)
+config: jaxtrain/optim/schedules.py), lambda = 0.999 as in the paper. One fit of (L0, A, alpha, C)
 to the logged training loss of one or more runs of a model and data predicts the curve of
 any other schedule for them: only S1 and S2 change.
 
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.config_file import load_config
-from jaxtrain.errors import UserError
-from jaxtrain.metrics import read_metrics
-from jaxtrain.schedules import lr_per_step, resolve
-from jaxtrain.workdir import Layout, read_run_config
+from jaxtrain.config.errors import UserError
+from jaxtrain.config.files import load_config
+from jaxtrain.optim.schedules import lr_per_step, resolve
+from jaxtrain.run.metrics import read_metrics
+from jaxtrain.run.workdir import Layout, read_run_config
 
 MOMENTUM = 0.999  # lambda of the annealing area
 

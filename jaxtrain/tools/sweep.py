@@ -54,11 +54,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from jaxtrain.config import Config
-from jaxtrain.config_file import load_config
-from jaxtrain.errors import ConfigError, UserError
-from jaxtrain.metrics import read_metrics
-from jaxtrain.workdir import Layout
+from jaxtrain.config.errors import ConfigError, UserError
+from jaxtrain.config.files import load_config
+from jaxtrain.config.schema import Config
+from jaxtrain.run.metrics import read_metrics
+from jaxtrain.run.workdir import Layout
 
 
 class StopSweep(Exception):
@@ -208,8 +208,8 @@ def run_point(assignment: dict, cfg: Config, workdir: Path, replaced: Path, log=
     result = reusable_result(cfg, workdir, replaced, log)
     if result is not None:
         return {**{k: v for k, v in result.items() if k != "config"}, **assignment}
-    from jaxtrain.nonfinite import NonFiniteError
-    from jaxtrain.train import run  # imports jax
+    from jaxtrain.run.nonfinite import NonFiniteError
+    from jaxtrain.run.loop import run  # imports jax
 
     started, halted = time.perf_counter(), False
     try:

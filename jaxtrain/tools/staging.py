@@ -10,7 +10,7 @@ file written afterwards would leave a window where a kill leaves an anonymous le
 
     .OUT.staging.HOST.PID.RANDOM/     a staging directory of OUT (`make_staging`)
 
-(A workdir is filled in place under its owner's lock instead: jaxtrain/workdir.py.)
+(A workdir is filled in place under its owner's lock instead: jaxtrain/run/workdir.py.)
 
 A writer is dead when it ran on this host and its process id is gone; a writer on another
 host (a shared file system) cannot be checked from here and counts as alive, so its work

@@ -15,8 +15,9 @@ from typing import Any
 import pydantic
 import yaml
 
-from jaxtrain.config import Config, check_cross_sections
-from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.config.checks import check_cross_sections
+from jaxtrain.config.errors import ConfigError, UserError
+from jaxtrain.config.schema import Config
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

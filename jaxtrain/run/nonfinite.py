@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import jax
 
-from jaxtrain.errors import UserError
-from jaxtrain.train_step import NONFINITE
+from jaxtrain.config.errors import UserError
+from jaxtrain.step import NONFINITE
 
 
 class NonFiniteError(UserError):

@@ -42,10 +42,10 @@ import os
 import jax
 from jax.sharding import Mesh
 
-from jaxtrain import sharding
-from jaxtrain.config import Config
-from jaxtrain.errors import UserError
-from jaxtrain.model import compute_dtype_name
+from jaxtrain.config.errors import UserError
+from jaxtrain.config.schema import Config
+from jaxtrain.model import sharding
+from jaxtrain.model.transformer import compute_dtype_name
 
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 

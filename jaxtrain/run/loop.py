@@ -5,7 +5,7 @@ Data flow:  config -> mesh -> model spec -> shardings -> jit(init) or orbax rest
             -> [grain batch -> global array -> train_step] x steps, checkpoints, logs.
 
 The loop dispatches a step, then runs the periodic actions due after it
-(jaxtrain/periodic.py), each registered with its period in `TrainingRun._actions`, in
+(jaxtrain/run/periodic.py), each registered with its period in `TrainingRun._actions`, in
 the order they run: write the previous row, evaluate, diagnose, hold this step's row,
 stop vote, checkpoint. It never waits on the device except to log: step N's metrics are
 fetched after step N+1 has been dispatched.
@@ -23,20 +23,21 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from jaxtrain import periodic, rewarm, sharding, telemetry
-from jaxtrain import train_step as ts
-from jaxtrain.checkpoint import Checkpointer, CheckpointSaveError
-from jaxtrain.config import Config
-from jaxtrain.errors import WriteError
+from jaxtrain import step as ts
+from jaxtrain.config.errors import WriteError
+from jaxtrain.config.schema import Config
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource, open_sources
-from jaxtrain.evaluate import Evaluator
-from jaxtrain.metrics import MetricsLogger
-from jaxtrain.nonfinite import NonFiniteGuard
-from jaxtrain.preemption import StopRequest, StopVote, stop_on_signal
-from jaxtrain.preflight import check_resumable, preflight_training
-from jaxtrain.schedules import make_schedule
-from jaxtrain.workdir import Layout, owned, record_run
+from jaxtrain.model import sharding
+from jaxtrain.optim.schedules import make_schedule
+from jaxtrain.run import periodic, rewarm, telemetry
+from jaxtrain.run.checkpoint import Checkpointer, CheckpointSaveError
+from jaxtrain.run.evaluate import Evaluator
+from jaxtrain.run.metrics import MetricsLogger
+from jaxtrain.run.nonfinite import NonFiniteGuard
+from jaxtrain.run.preemption import StopRequest, StopVote, stop_on_signal
+from jaxtrain.run.preflight import check_resumable, preflight_training
+from jaxtrain.run.workdir import Layout, owned, record_run
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ class _Start:
 def _restore_or_init(cfg: Config, parts: _Parts, ckpt: Checkpointer) -> _Start:
     """Restore the newest readable checkpoint (unreadable newer ones are reported and
     skipped), rewinding the data iterator to it; without one, initialize. A new run with
-    train.init_from starts from that run's or model's weights (jaxtrain/rewarm.py)."""
+    train.init_from starts from that run's or model's weights (jaxtrain/run/rewarm.py)."""
     target = parts.steps.abstract_state()
     newest, notes = ckpt.restore_newest(target, warn=_warn), []
     if newest is None:

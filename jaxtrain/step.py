@@ -3,7 +3,7 @@
     train_step(state, batch, lr) -> (state, metrics)      jitted once, state donated
 
 lr is the step's learning rate, computed by the host from the tokens seen
-(jaxtrain/schedules.py): a scalar argument, so every value reuses the one compilation.
+(jaxtrain/optim/schedules.py): a scalar argument, so every value reuses the one compilation.
 Optional measurements (telemetry) reach the step only as an `ExtraMetrics` function the
 caller passes to `build_steps`; it is compiled into a second variant of the step, and
 the plain one is the same program with or without it.
@@ -36,11 +36,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxtrain import parametrization, sharding
-from jaxtrain.config import Config
-from jaxtrain.model import Transformer
-from jaxtrain.optimizer import make_optimizer
-from jaxtrain.parametrization import Table
+from jaxtrain.config.schema import Config
+from jaxtrain.model import parametrization, sharding
+from jaxtrain.model.parametrization import Table
+from jaxtrain.model.transformer import Transformer
+from jaxtrain.optim.optimizer import make_optimizer
 
 NONFINITE = "nonfinite"  # train-step metric: 1 when the step's loss or gradients are not finite
 
@@ -220,7 +220,7 @@ def train_step(state: TrainState, batch: Batch, lr: jax.Array, *, spec: ModelSpe
     """One optimizer step. metrics[NONFINITE] is 1 when the loss or any gradient is not
     finite; with `skip_nonfinite` such a step keeps the old params and optimizer state (the
     step counter still advances: the batch is consumed, the schedule moves on).
-    `extra_metrics`, if given, adds its metrics of the step (e.g. jaxtrain/telemetry.py's)."""
+    `extra_metrics`, if given, adds its metrics of the step (e.g. jaxtrain/run/telemetry.py's)."""
     dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
     grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=lr)

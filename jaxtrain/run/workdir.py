@@ -34,11 +34,11 @@ import jax
 import numpy as np
 import yaml
 
-from jaxtrain.checkpoint import Checkpointer, quiet_absl
-from jaxtrain.config import Config
-from jaxtrain.config_file import from_dict, read_yaml_mapping
-from jaxtrain.errors import UserError, writing
-from jaxtrain.parametrization import Table
+from jaxtrain.config.errors import UserError, writing
+from jaxtrain.config.files import from_dict, read_yaml_mapping
+from jaxtrain.config.schema import Config
+from jaxtrain.model.parametrization import Table
+from jaxtrain.run.checkpoint import Checkpointer, quiet_absl
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What a run measures about itself besides the loss: stability telemetry and diagnostics.
 
-None of it is part of the plain train step. train.py hands `step_metrics(spec)` to the
+None of it is part of the plain train step. run/loop.py hands `step_metrics(spec)` to the
 step builder as its extra metrics when `diagnostics.telemetry_every` > 0 (a second
 compiled variant of the step, run every that many steps), and `compile_diagnose` is a
 separate compiled function, run every `diagnostics.every_steps` steps.
@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxtrain import parametrization, sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config, DiagnosticsConfig
-from jaxtrain.model import forward_sown
+from jaxtrain import step as ts
+from jaxtrain.config.schema import Config, DiagnosticsConfig
+from jaxtrain.model import parametrization, sharding
+from jaxtrain.model.transformer import forward_sown
 
 # Added to a norm before dividing by it: a zero matrix (a zero-initialized readout) or a
 # direction of zero curvature gives W^T W v = 0 or Hv = 0, and the iterate stays 0, not NaN.

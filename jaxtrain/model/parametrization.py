@@ -37,7 +37,7 @@ residual branch is multiplied by r^-a; hidden Adam LR by r^(a-1) and eps by r^-a
 sqrt(d_head0)/d_head (muP's 1/d_head anchored at the base width). At m = r = 1 every
 parametrization is SP exactly, so a base model can be tuned as SP and scaled as muP.
 
-Muon (`optimizer.name: muon`, jaxtrain/muon.py) replaces Adam on the hidden role only;
+Muon (`optimizer.name: muon`, jaxtrain/optim/muon.py) replaces Adam on the hidden role only;
 every other row above stays. Its rows (derivations in `muon_scale` and `_muon_rule`):
 
     optimizer.muon_scale   muon scale                  LR            decay
@@ -56,8 +56,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxtrain.config import Config
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
+from jaxtrain.config.schema import Config
 
 VOCAB_AXIS = "vocab"  # the only logical axis that does not grow with width
 LAYERS_AXIS = "layers"  # the leading axis of the stacked blocks' weights

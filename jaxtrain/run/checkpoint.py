@@ -40,9 +40,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from jaxtrain.config import CheckpointConfig
-from jaxtrain.distributed import barrier
-from jaxtrain.errors import RERUN, UserError, WriteError, explain_os_error
+from jaxtrain.config.errors import RERUN, UserError, WriteError, explain_os_error
+from jaxtrain.config.schema import CheckpointConfig
+from jaxtrain.run.distributed import barrier
 
 
 class CheckpointSaveError(WriteError):

@@ -27,8 +27,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from jaxtrain.errors import ConfigError, UserError, WriteError, writing
-from jaxtrain.workdir import Layout
+from jaxtrain.config.errors import ConfigError, UserError, WriteError, writing
+from jaxtrain.run.workdir import Layout
 
 TIMING_KEYS = ("tokens_per_sec", "eta_sec")
 

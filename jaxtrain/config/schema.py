@@ -1,4 +1,4 @@
-"""Typed, frozen experiment config: the schema of every section (read by config_file.py).
+"""Typed, frozen experiment config: the schema of every section (read by config/files.py).
 
 Schema and validation are pydantic models (`extra="forbid"`, frozen), so an unknown key,
 a value of the wrong type or an impossible value is reported with its dotted key path.
@@ -12,8 +12,6 @@ import os
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
-from jaxtrain.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -136,7 +134,7 @@ class OptimizerConfig(_Section):
     # coupled: decay multiplied by the parameter's current learning rate (optax adamw);
     # independent: by lr(t)/lr_peak only, so lambda is a per-step rate (Wortsman et al. 2023).
     weight_decay_mode: Literal["coupled", "independent"] = "coupled"
-    # muon: hidden matrices by Muon (jaxtrain/muon.py), the other roles by AdamW as above.
+    # muon: hidden matrices by Muon (jaxtrain/optim/muon.py), the other roles by AdamW as above.
     name: Literal["adamw", "muon"] = "adamw"
     # The orthogonalized update's multiplier: spectral = sqrt(fan_out/fan_in), rms_match =
     # 0.2 sqrt(max(fan_in, fan_out)) (AdamW's update RMS and learning rate), none = 1.
@@ -158,7 +156,7 @@ class OptimizerConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """The learning-rate schedule (jaxtrain/schedules.py). Lengths in steps, tokens or as a
+    """The learning-rate schedule (jaxtrain/optim/schedules.py). Lengths in steps, tokens or as a
     fraction of the run: give at most one of each group."""
 
     name: Literal["constant", "linear", "cosine", "wsd", "power"] = "cosine"
@@ -282,7 +280,7 @@ class CheckpointConfig(_Section):
 
 
 class InitFromConfig(_Section):
-    """Continued pretraining (jaxtrain/rewarm.py): a new run starts from another run's
+    """Continued pretraining (jaxtrain/run/rewarm.py): a new run starts from another run's
     checkpoint, or from a Hugging Face model directory (jaxtrain/huggingface/), instead of
     a random init; its own schedule and data apply from step 0."""
 
@@ -315,7 +313,7 @@ class TrainConfig(_Section):
     # this, exit anyway (status 124) and resume from the newest complete checkpoint.
     grace_period_sec: float = Field(60.0, gt=0)
     # A step with a non-finite loss or gradient: `halt` stops before checkpointing it
-    # (exit 3), `skip` drops its update and counts it (jaxtrain/nonfinite.py).
+    # (exit 3), `skip` drops its update and counts it (jaxtrain/run/nonfinite.py).
     on_nonfinite: Literal["halt", "skip"] = "halt"
     # Start from another run's checkpoint (rewarm / continued pretraining); used only while
     # this workdir has no checkpoint of its own.
@@ -335,7 +333,7 @@ class DiagnosticsConfig(_Section):
     # on Hessian-vector products (one extra forward+backward pair per iteration).
     sharpness: bool = False
     power_iterations: int = Field(20, gt=0)
-    # Stability telemetry (jaxtrain/telemetry.py: max attention logit per layer, log Z,
+    # Stability telemetry (jaxtrain/run/telemetry.py: max attention logit per layer, log Z,
     # per-role grad norm, update/param RMS, param norm) every this many steps (0 = never).
     telemetry_every: int = Field(0, ge=0)
 
@@ -353,48 +351,3 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-# The sections whose keys fix what a checkpoint holds (minus each section's RESUMABLE);
-# everything else (steps, schedule, logging, mesh, checkpointing) may change on resume.
-IDENTITY_SECTIONS: dict[str, type[_Section]] = {"model": ModelConfig, "parametrization": ParametrizationConfig,
-                                                 "optimizer": OptimizerConfig, "data": DataConfig}
-# What a run started from another run's parameters (train.init_from) must share with it:
-# the parameters' shapes and meaning. Its data and optimizer may be new.
-INIT_FROM_SECTIONS = ("model", "parametrization")
-
-
-def identity_difference(new: dict[str, Any], old: dict[str, Any],
-                        sections: tuple[str, ...] = tuple(IDENTITY_SECTIONS)) -> tuple[str, Any, Any] | None:
-    """(dotted key, old value, new value) of the first identity key on which two configs in
-    `to_dict()` form differ, or None. A key the old config lacks (written before the key
-    existed) had the key's default value."""
-    for section in sections:
-        schema = IDENTITY_SECTIONS[section]
-        defaults = schema().model_dump(mode="json")
-        for key, value in new[section].items():
-            old_value = old.get(section, {}).get(key, defaults.get(key, value))
-            if key not in schema.RESUMABLE and old_value != value:
-                return f"{section}.{key}", old_value, value
-    return None
-
-
-def phase_start_steps(cfg: Config) -> list[int]:
-    """The first step of each of data.phases."""
-    return [p.start_step if p.start_step is not None else round(p.start_fraction * cfg.train.steps)
-            for p in cfg.data.phases]
-
-
-def check_cross_sections(cfg: Config) -> None:
-    starts = phase_start_steps(cfg)
-    if starts != sorted(set(starts)):
-        raise ConfigError("data.phases", f"phases must start at increasing steps (got {starts})")
-    if cfg.schedule.decay_shape == "exponential" and cfg.schedule.final_lr_fraction == 0:
-        raise ConfigError("schedule.final_lr_fraction", "must be > 0 for the exponential decay shape "
-                                                        "(it decays geometrically towards it)")
-    s, tokens_per_step = cfg.schedule, cfg.train.batch_size * cfg.data.seq_len
-    for key, warmup in (("warmup_steps", s.warmup_steps * tokens_per_step), ("warmup_tokens", s.warmup_tokens),
-                        ("warmup_fraction", s.warmup_fraction and s.warmup_fraction * cfg.train.steps * tokens_per_step)):
-        if warmup and warmup >= cfg.train.steps * tokens_per_step:
-            raise ConfigError(f"schedule.{key}", f"{getattr(s, key)} must be shorter than the run "
-                                                 f"(train.steps={cfg.train.steps} of {tokens_per_step} tokens)")

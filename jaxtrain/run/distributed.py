@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from jaxtrain.errors import UserError
+from jaxtrain.config.errors import UserError
 
 ENV_COORDINATOR = "JAXTRAIN_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXTRAIN_NUM_PROCESSES"

@@ -20,18 +20,20 @@ from typing import Sequence
 
 from jax.sharding import Mesh
 
-from jaxtrain import memory, parametrization, rewarm, sharding
-from jaxtrain import train_step as ts
-from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import Config, identity_difference
-from jaxtrain.config_file import read_yaml_mapping
+from jaxtrain import step as ts
+from jaxtrain.config.errors import ConfigError, UserError
+from jaxtrain.config.files import read_yaml_mapping
+from jaxtrain.config.resume import identity_difference
+from jaxtrain.config.schema import Config
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource
-from jaxtrain.errors import ConfigError, UserError
-from jaxtrain.metrics import check_wandb
-from jaxtrain.model import check_compute
-from jaxtrain.parametrization import Table
-from jaxtrain.workdir import Layout
+from jaxtrain.model import parametrization, sharding
+from jaxtrain.model.parametrization import Table
+from jaxtrain.model.transformer import check_compute
+from jaxtrain.run import memory, rewarm
+from jaxtrain.run.checkpoint import Checkpointer
+from jaxtrain.run.metrics import check_wandb
+from jaxtrain.run.workdir import Layout
 
 BOTH_SPLITS = ("train", "validation")
 

@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxtrain import sharding
-from jaxtrain import train_step as ts
-from jaxtrain.config import Config
+from jaxtrain import step as ts
+from jaxtrain.config.schema import Config
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource
+from jaxtrain.model import sharding
 
 
 def validation_set(cfg: Config, source: DataSource, mesh: Mesh) -> list:

@@ -4,7 +4,7 @@ Levanter's hooks with `every=`: each action is a small function of the step just
 dispatched (a `Tick`), registered with its period (`every` steps, 0 = never) and any
 other condition (`also`, e.g. the last step or a stop). `run_due` runs the due ones in
 the order they were registered, which matters: the training loop documents its order
-where it registers them (`TrainingRun._actions` in jaxtrain/train.py).
+where it registers them (`TrainingRun._actions` in jaxtrain/run/loop.py).
 """
 
 from __future__ import annotations

@@ -48,10 +48,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.config import ModelConfig
-from jaxtrain.errors import ConfigError
-from jaxtrain.parametrization import ForwardScales
-from jaxtrain.sharding import constrain, keep_stored, splits
+from jaxtrain.config.errors import ConfigError
+from jaxtrain.config.schema import ModelConfig
+from jaxtrain.model.parametrization import ForwardScales
+from jaxtrain.model.sharding import constrain, keep_stored, splits
 
 def _save_all_but_layouts(primitive, *_, **__) -> bool:
     """remat none: keep every value for the backward pass except the outputs of layout

@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxtrain.config import Config
+from jaxtrain.config.schema import Config
 
 Schedule = Callable[[np.ndarray], np.ndarray]  # tokens seen before the step -> lr
 

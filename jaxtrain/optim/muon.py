@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain.parametrization import ParamRule, Table, path_str
+from jaxtrain.model.parametrization import ParamRule, Table, path_str
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # Jordan et al. 2024
 NS_EPS = 1e-7  # keeps an all-zero momentum (a step with no gradient) at zero

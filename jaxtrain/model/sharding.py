@@ -45,8 +45,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtrain.config import Config, MeshConfig
-from jaxtrain.errors import ConfigError
+from jaxtrain.config.errors import ConfigError
+from jaxtrain.config.schema import Config, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = dict[str, str | tuple[str, ...] | None]

@@ -15,7 +15,7 @@ Init and optimizer read the same table, so they cannot drift apart.
 
 `optimizer.name: muon`: the table marks the hidden matrices `update: muon`, and their
 scale_by_adam is replaced by Muon's orthogonalized momentum times the table's muon_scale
-(jaxtrain/muon.py), so they move by
+(jaxtrain/optim/muon.py), so they move by
     -lr(t) * lr_R * (muon_scale_R * O_t + lambda'_R * theta)
 with lr_R and decay_R from the table's Muon rows (parametrization._muon_rule). The other
 roles keep AdamW, their rate multiplied by optimizer.adam_lr / optimizer.lr when it is set.
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtrain.config import OptimizerConfig
-from jaxtrain.muon import muon_direction
-from jaxtrain.parametrization import ROLES, ParamRule, Table
+from jaxtrain.config.schema import OptimizerConfig
+from jaxtrain.model.parametrization import ROLES, ParamRule, Table
+from jaxtrain.optim.muon import muon_direction
 
 
 def _role_rule(table: Table, role: str) -> ParamRule | None:
@@ -63,7 +63,7 @@ def _role_transform(cfg: OptimizerConfig, table: Table, rule: ParamRule) -> opta
 
 def scale_by_given_learning_rate() -> optax.GradientTransformationExtraArgs:
     """updates -> -learning_rate * updates, the rate passed to `update(..., learning_rate=lr)`.
-    The schedule lives on the host (a function of tokens seen, jaxtrain/schedules.py), so
+    The schedule lives on the host (a function of tokens seen, jaxtrain/optim/schedules.py), so
     the optimizer state holds no schedule counter that could disagree with it."""
     def update(updates, state, params=None, *, learning_rate, **extra_args):
         del params, extra_args

@@ -24,11 +24,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxtrain import parametrization
-from jaxtrain.config import INIT_FROM_SECTIONS, Config, identity_difference
-from jaxtrain.errors import ConfigError, UserError
+from jaxtrain.config.errors import ConfigError, UserError
+from jaxtrain.config.resume import INIT_FROM_SECTIONS, identity_difference
+from jaxtrain.config.schema import Config
 from jaxtrain.huggingface import importer
-from jaxtrain.workdir import Layout, open_at_step
+from jaxtrain.model import parametrization
+from jaxtrain.run.workdir import Layout, open_at_step
 
 def check_parent(cfg: Config, parent: Config, parent_dir: Path, table: parametrization.Table) -> None:
     """The parent's model and parametrization (config.INIT_FROM_SECTIONS) must be this run's."""
