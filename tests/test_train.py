@@ -10,43 +10,33 @@ from conftest import TINY, run_in_process
 from jaxtrain import step as ts
 from jaxtrain.config.files import load_config
 from jaxtrain.model import sharding
-from jaxtrain.optim.optimizer import make_optimizer
 from jaxtrain.run.checkpoint import Checkpointer
 from jaxtrain.run.loop import run
 from jaxtrain.run.metrics import TIMING_KEYS, read_metrics
+from jaxtrain.run.workdir import Layout
 
 pytestmark = pytest.mark.slow
 
 
 def final_state(cfg, workdir):
-    mesh = sharding.make_mesh(cfg.mesh)
-    spec = ts.model_spec(cfg)
-    tx = make_optimizer(cfg.optimizer, spec.table)
-    shardings = ts.state_shardings(cfg, spec, tx, mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    """(state, data, meta) of the newest checkpoint, restored into the target the library's
+    own compiled boundary gives (what a resume restores into)."""
+    steps = ts.build_steps(cfg, ts.model_spec(cfg), sharding.make_mesh(cfg.mesh))
+    ckpt = Checkpointer(Layout(workdir).checkpoints, cfg.checkpoint)
     try:
-        return ckpt.restore(ckpt.latest_step(), ts.abstract_state(cfg, spec, tx, shardings))
+        return ckpt.restore(ckpt.latest_step(), steps.abstract_state())
     finally:
         ckpt.close()
 
 
 def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of the event files in `directory` (TFRecords: a little-endian
-    uint64 length, its masked CRC, the Event proto, the proto's CRC)."""
-    import struct
+    """{tag: {step: value}} of the event files in `directory`, read by TensorBoard's own
+    reader (every scalar kept: no sampling)."""
+    from tensorboard.backend.event_processing import event_accumulator
 
-    from tensorboardX.proto.event_pb2 import Event
-
-    scalars: dict[str, dict[int, float]] = {}
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        data, at = path.read_bytes(), 0
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            event = Event.FromString(data[at + 12:at + 12 + length])
-            at += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-    return scalars
+    events = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
 def without_timing(rows):
