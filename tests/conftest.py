@@ -111,10 +111,12 @@ def start_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen
 
 
 def logged_rows(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    """The rows of a workdir's metrics.jsonl as the library reads them ([] before the file
+    exists). A run may be writing it: a last line cut short is not returned yet, silently."""
+    from jaxtrain.run.metrics import read_metrics
+    from jaxtrain.run.workdir import Layout
+
+    return read_metrics(Layout(workdir).metrics, warn=lambda _: None)
 
 
 def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 240) -> int:
