@@ -8,11 +8,12 @@
     docs/ARCHITECTURE.md   exists, every `jaxtrain/...` path it names in code exists, and
                            it names every module of the package
 
-Links are markdown's `[text](target)`, `![alt](target)` and `[label]: target`, outside
-code blocks and code spans; http(s) and mailto targets are not checked, and a target is
-resolved against the directory of the file that holds it (a leading `/` against the
-repository root). Anchors are GitHub's heading slugs. Plain text only: no JAX, nothing
-imported from jaxtrain.
+Markdown is read by a markdown parser (markdown-it-py: CommonMark, with GitHub's tables):
+links are its inline links and images, reference links, and every `[label]: target`
+definition, used or not; code blocks and code spans hold none. http(s) and mailto targets
+are not checked, and a target is resolved against the directory of the file that holds it
+(a leading `/` against the repository root). Anchors are GitHub's heading slugs. Plain text
+only: no JAX, nothing imported from jaxtrain.
 """
 
 from __future__ import annotations
@@ -23,62 +24,77 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from markdown_it import MarkdownIt, rules_inline
+from markdown_it.token import Token
 
 REPO = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 150
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
 MARKDOWN = [REPO / "README.md", *(page for d in ("docs", "launch", "data") for page in sorted((REPO / d).glob("*.md")))]
 
-_FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})")
-_CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.S)
-_INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]*)>?(?:\s+[\"'(][^)]*)?\)")
-_REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s.*)?$", re.M)
+# inline_definitions: each `[label]: target` becomes a token with its line (a definition no
+# link uses is checked too)
+_PARSER = MarkdownIt("commonmark", {"inline_definitions": True}).enable("table")
 _UNCHECKED = ("http://", "https://", "mailto:")
 _PACKAGE_PATH = re.compile(r"(?<![\w/.])jaxtrain/[\w./-]*")
 
 
-def _blank(text: str) -> str:
-    """The same text with every character but newlines replaced by a space, so offsets
-    and line numbers stay those of the original."""
-    return re.sub(r"[^\n]", " ", text)
+def _noting_line_breaks(rule):
+    """An inline rule whose tokens note how many line breaks of their inline run come before
+    them (meta["breaks"]): a link, an image or a code span after a code span that wraps a
+    line still has its own line."""
+    def noted(state, silent):
+        start, count = state.pos, len(state.tokens)
+        if not rule(state, silent):
+            return False
+        for token in state.tokens[count:]:
+            token.meta.setdefault("breaks", state.src.count("\n", 0, start))
+        return True
+    return noted
 
 
-def _split_code(text: str) -> tuple[str, list[tuple[int, str]]]:
-    """(the text with fenced blocks and code spans blanked, [(line, code) of each])."""
-    prose, code, fence = [], [], None
-    for number, line in enumerate(text.split("\n"), 1):
-        opened = _FENCE.match(line)
-        if fence is None and opened:
-            fence = opened.group(1)[0] * len(opened.group(1))
-            prose.append(_blank(line))
-        elif fence is not None:
-            if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
-                fence = None
-            else:
-                code.append((number, line))
-            prose.append(_blank(line))
-        else:
-            prose.append(line)
-    joined = "\n".join(prose)
-    for span in _CODE_SPAN.finditer(joined):
-        code.append((joined.count("\n", 0, span.start()) + 1, span.group(2)))
-    return _CODE_SPAN.sub(lambda m: _blank(m.group(0)), joined), code
+for _name, _rule in [("backticks", rules_inline.backtick), ("link", rules_inline.link),
+                     ("image", rules_inline.image), ("autolink", rules_inline.autolink)]:
+    _PARSER.inline.ruler.at(_name, _noting_line_breaks(_rule))
+
+
+def _inline(tokens: list[Token]):
+    """(the token before, the inline token) of every inline run (paragraphs, headings, table
+    cells) of a parsed markdown text, in document order."""
+    for before, token in zip([None, *tokens], tokens):
+        if token.type == "inline":
+            yield before, token
+
+
+def _lines(inline: Token):
+    """(line, child) of an inline token's links, images and code spans."""
+    for child in inline.children or []:
+        if child.type in ("link_open", "image", "code_inline"):
+            yield inline.map[0] + 1 + child.meta["breaks"], child
 
 
 def links(text: str) -> list[tuple[int, str]]:
-    """(line, target) of every markdown link and image outside code."""
-    prose, _ = _split_code(text)
-    found = [(m.start(1), m.group(1)) for m in _INLINE_LINK.finditer(prose)]
-    found += [(m.start(1), m.group(1)) for m in _REFERENCE.finditer(prose)]
-    return [(prose.count("\n", 0, start) + 1, target) for start, target in sorted(found)]
+    """(line, target) of every markdown link, image and link definition outside code, in
+    document order."""
+    found = []
+    for token in _PARSER.parse(text):
+        if token.type == "definition":
+            found.append((token.map[0] + 1, token.meta["url"]))
+        for line, child in _lines(token) if token.type == "inline" else ():
+            if child.type != "code_inline":
+                found.append((line, child.attrs["href" if child.type == "link_open" else "src"]))
+    return found
 
 
 def anchors(text: str) -> set[str]:
-    """GitHub's anchors of a markdown text's headings: lower case, punctuation but '-' and
-    '_' dropped, spaces to '-', a repeated slug numbered -1, -2, ..."""
-    prose, _ = _split_code(re.sub(r"`([^`]*)`", r"\1", text))  # a heading's code span keeps its text
+    """GitHub's anchors of a markdown text's headings: the heading's text (a code span keeps
+    its text, markup goes), lower case, punctuation but '-' and '_' dropped, spaces to '-',
+    a repeated slug numbered -1, -2, ..."""
     found, seen = set(), Counter()
-    for heading in re.findall(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", prose, re.M):
+    for block, inline in _inline(_PARSER.parse(text)):
+        if block.type != "heading_open":
+            continue
+        heading = "".join(child.content for child in inline.children if child.type in ("text", "code_inline"))
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         found.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
         seen[slug] += 1
@@ -94,16 +110,19 @@ def broken_links(text: str, where: Path) -> list[str]:
         if not target or target.lower().startswith(_UNCHECKED):
             continue
         path, _, anchor = unquote(target).partition("#")
+        if not path:  # `#anchor`: a heading of this page (which the test may not have on disk)
+            if anchor not in anchors(text):
+                bad.append(f"{where.relative_to(REPO)}:{line}: broken link {target!r} "
+                           f"(no heading #{anchor} in {where.relative_to(REPO)})")
+            continue
         resolved = ((REPO / path.lstrip("/")) if path.startswith("/") else (where.parent / path)).resolve()
         inside = resolved == REPO or REPO in resolved.parents
         if not (inside and resolved.exists()):
             why = "outside the repository" if not inside else f"no such file or directory {resolved.relative_to(REPO)}"
             bad.append(f"{where.relative_to(REPO)}:{line}: broken link {target!r} ({why})")
-        elif anchor and resolved.suffix == ".md":
-            headings = anchors(text if resolved == where.resolve() else resolved.read_text())
-            if anchor not in headings:
-                bad.append(f"{where.relative_to(REPO)}:{line}: broken link {target!r} "
-                           f"(no heading #{anchor} in {resolved.relative_to(REPO)})")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved.read_text()):
+            bad.append(f"{where.relative_to(REPO)}:{line}: broken link {target!r} "
+                       f"(no heading #{anchor} in {resolved.relative_to(REPO)})")
     return bad
 
 
@@ -135,13 +154,25 @@ def test_the_link_checker_sees_a_broken_link():
         "docs/planted.md:3: broken link 'img/none.png' (no such file or directory docs/img/none.png)",
         "docs/planted.md:8: broken link '../nowhere/' (no such file or directory nowhere)",
         "docs/planted.md:9: broken link 'usage.md#no-such-heading' (no heading #no-such-heading in docs/usage.md)",
+        "docs/planted.md:9: broken link '#tests' (no heading #tests in docs/planted.md)",
     ]
+
+
+def _code(text: str) -> list[tuple[int, str]]:
+    """(line, code) of every line of a code block and every code span of a markdown text."""
+    tokens = _PARSER.parse(text)
+    code = [(token.map[0] + (token.type == "fence") + number, line)  # a fence's content starts below it
+            for token in tokens if token.type in ("fence", "code_block")
+            for number, line in enumerate(token.content.splitlines(), 1)]
+    for _, inline in _inline(tokens):
+        code += [(line, child.content) for line, child in _lines(inline) if child.type == "code_inline"]
+    return code
 
 
 def _architecture_paths() -> list[tuple[int, str]]:
     """(line, path) of every `jaxtrain/...` path docs/ARCHITECTURE.md names in code."""
-    _, code = _split_code(ARCHITECTURE.read_text())
-    return [(line, path.rstrip(".,;:")) for line, text in code for path in _PACKAGE_PATH.findall(text)]
+    return [(line, path.rstrip(".,;:")) for line, text in _code(ARCHITECTURE.read_text())
+            for path in _PACKAGE_PATH.findall(text)]
 
 
 def test_architecture_names_only_files_that_exist():
