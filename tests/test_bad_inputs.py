@@ -21,8 +21,10 @@ HUGE = "model.d_model=16384"  # ~98 GB per device by the dry-run estimate: more 
 
 
 def snapshot(directory):
+    """Every file of the run; not the lock file, which records the newest process that owned
+    the workdir (a refused resume owned it while it checked)."""
     return {p.relative_to(directory): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".owner"}
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,8 @@ def test_only_unreadable_checkpoints_are_moved_and_never_all_of_them(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from jaxtrain.run.checkpoint import Checkpointer, UNREADABLE_DIR
+    from jaxtrain.run.checkpoint import Checkpointer
+    from jaxtrain.run.workdir import Layout
     from jaxtrain.config.schema import CheckpointConfig
     from jaxtrain.config.errors import UserError
 
@@ -158,7 +159,7 @@ def test_only_unreadable_checkpoints_are_moved_and_never_all_of_them(tmp_path):
     ckpt = Checkpointer(tmp_path / "checkpoints", cfg)
     with pytest.raises(UserError, match="no checkpoint reads back into this run's state"):
         ckpt.restore_newest(wrong, warn=pytest.fail)
-    assert complete_checkpoints(tmp_path) == [1, 2] and not (tmp_path / UNREADABLE_DIR).exists()
+    assert complete_checkpoints(tmp_path) == [1, 2] and not Layout(tmp_path).unreadable.exists()
     warnings = []
     right = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
     step, state, data, meta = ckpt.restore_newest(right, warn=warnings.append)

@@ -93,7 +93,7 @@ def plan_import(hf_dir: str | Path, workdir: str | Path, config: str | None, ove
 
 def run_import(plan: ImportPlan) -> RunResult:
     """Own the workdir, mark it (process 0), checkpoint and evaluate step 0, unmark it."""
-    lead = jax.process_index() == 0
+    lead, existed = jax.process_index() == 0, plan.workdir.exists()
     with owned(plan.workdir, "import"):
         if lead:
             _mark(plan.workdir)
@@ -103,9 +103,11 @@ def run_import(plan: ImportPlan) -> RunResult:
             multihost_utils.sync_global_devices("jaxtrain import: workdir marked")
         try:
             result = run(plan.cfg, plan.workdir, stop_after=0, command="import")
-        except BaseException:
+        except BaseException:  # nothing of a failed import stays (a workdir it made goes whole)
             if lead:
                 _remove_all_but_the_lock(plan.workdir)
+                if not existed:
+                    shutil.rmtree(plan.workdir)
             raise
         if lead:
             (plan.workdir / MARKER).unlink()
