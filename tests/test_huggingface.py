@@ -24,9 +24,9 @@ from jaxtrain.data.prepare import prepare
 from jaxtrain.data.sources import open_sources, run_tokenizer
 from jaxtrain.huggingface.importer import imported_params
 from jaxtrain.run.loop import run
-from jaxtrain.tools import staging
 from jaxtrain.tools.generate import generate
 from jaxtrain.tools.saved_run import load_run
+from jaxtrain.tools.staging import Staging
 
 
 pytestmark = pytest.mark.slow
@@ -410,12 +410,13 @@ def kill_when(proc, condition, timeout=300):
 def test_a_killed_exports_staging_directory_is_removed_by_the_next_export(trained, tmp_path, capsys):
     out = tmp_path / "hf"
     staged = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf."))
-    kill_when(start_cli("export", str(trained("sp")), "--out", str(out), "--max-shard-size", "20KB"), staged)
+    owned = lambda: any((tmp_path / name / ".owner").exists() for name in staged())  # its writer named in it
+    kill_when(start_cli("export", str(trained("sp")), "--out", str(out), "--max-shard-size", "20KB"), owned)
     leftover = staged()
     assert len(leftover) == 1 and not out.exists()
-    running = staging.make_staging(out)  # another export's, still writing: this process is alive
+    running = Staging(out, "export")  # another export's, still writing: its owner (this process) lives
     export(capsys, trained("sp"), out)
-    assert staged() == [running.name]
+    assert staged() == [running.directory.name]
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 

@@ -237,12 +237,12 @@ def test_a_second_prepare_of_one_output_refuses_while_the_first_writes(tmp_path,
     with StoreWriter(out) as first:
         status, _, err = cli_in_process(capsys, "data", "prepare", "--input", *TINY_INPUTS, "--out", str(out))
         assert status == 2 and len(err.strip().splitlines()) == 1, err
-        assert f"another `jaxtrain data prepare` (pid {os.getpid()} on {socket.gethostname()})" in err
+        assert f"(held by `jaxtrain data prepare` (pid {os.getpid()}, host {socket.gethostname()}) since" in err
         assert f"--out {out}" in err
         with pytest.raises(DataError, match="another `jaxtrain data prepare`"):
             claim(out)  # two prepares past the first check at once: the claim decides
         assert [p.name for p in tmp_path.iterdir()] == [first.staging.name]  # untouched, nothing leaked
-        assert (first.staging / token_store.MARKER).read_text().startswith(f"pid {os.getpid()} ")
+        assert json.loads((first.staging / token_store.MARKER).read_text())["pid"] == os.getpid()
     assert not list(tmp_path.iterdir())
 
 

@@ -4,10 +4,10 @@ one live process, and the check every prepare of the same OUT makes before writi
     .OUT.tmp-<random>    a writer's private directory while it starts
     .OUT.tmp-staging     the claimed staging directory of OUT, renamed to OUT at commit
 
-Every directory a prepare writes holds MARKER, whose text names its writer ("pid 123 on
-host"), and the writer holds an exclusive flock(2) on it for as long as it runs. The
-kernel drops the lock when the process ends however it ends (SIGKILL included), so a free
-lock means exactly "its writer is gone": no pid guessing, no reused pids, no timeouts. A
+Every directory a prepare writes holds MARKER, an owner file (config/ownership.py): its
+writer holds an exclusive flock(2) on it for as long as it runs and names itself in it.
+The kernel drops the lock when the process ends however it ends (SIGKILL included), so a
+free lock means exactly "its writer is gone": no pid guessing, no reused pids, no timeouts. A
 later prepare therefore clears a dead writer's leftovers, and refuses, in one line naming
 the writer, to touch a live one's. A directory holding metadata.json is a finished
 dataset and is never cleared.
@@ -21,21 +21,16 @@ holds the claim and the other refuses.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
 from jaxtrain.config.errors import DataError
+from jaxtrain.config import ownership
 from jaxtrain.data.token_store import MARKER
 
 _CLAIM = "staging"
-
-
-def _identity() -> str:
-    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def _busy(out: Path, writer: str) -> DataError:
@@ -44,26 +39,16 @@ def _busy(out: Path, writer: str) -> DataError:
 
 
 def live_writer(directory: Path) -> str | None:
-    """The live writer of `directory` ("pid N on HOST"), or None when none is: then a dead
-    writer's unfinished directory has been removed."""
+    """Who is writing `directory` ('held by ...'), or None when no live writer is: then a
+    dead writer's unfinished directory has been removed (under its lock, so that no writer
+    can claim it meanwhile)."""
     marker = directory / MARKER
+    fd = ownership.take_if_abandoned(marker)
+    if fd is None:
+        return ownership.describe(marker) if marker.exists() else None  # no marker: nothing to judge
     try:
-        fd = os.open(marker, os.O_RDONLY)
-    except OSError:
-        return None  # no marker (not a prepare's, or already gone): nothing to judge
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.read(fd, 200).decode(errors="replace").strip() or "a process"
-        try:
-            same = os.stat(marker).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            return None  # committed or cleared meanwhile
-        if not same:  # replaced between open and lock: judge the new one
-            return live_writer(directory)
         if not (directory / "metadata.json").exists():
-            shutil.rmtree(directory, ignore_errors=True)  # removed under the lock: no writer can claim it meanwhile
+            shutil.rmtree(directory, ignore_errors=True)
         return None
     finally:
         os.close(fd)
@@ -83,11 +68,9 @@ def prepare_target(out: Path) -> None:
 
 
 def _locked_marker(directory: Path) -> int:
-    """Write MARKER naming this process, locked before it appears under its name."""
+    """Own `directory` through MARKER, locked before it appears under its name."""
     tmp = directory / f"{MARKER}.tmp"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.write(fd, f"{_identity()}\n".encode())
+    fd = ownership.take(tmp, "data prepare")
     tmp.rename(directory / MARKER)
     return fd
 

@@ -108,12 +108,13 @@ def check_source(cfg: Config, table: Table, directory: str | Path, *, values: bo
     return model
 
 
-def imported_params(cfg: Config, table: Table, abstract_params: Any, directory: str | Path) -> Any:
-    """The directory's weights as a jaxtrain params tree (host numpy, float32), preserving
-    its function under `cfg`'s parametrization."""
+def imported_params(cfg: Config, table: Table, like: Any, directory: str | Path) -> Any:
+    """The directory's weights as a jaxtrain params tree shaped like `like` (any tree of the
+    run's parameters: only its structure is read), host numpy float32, preserving their
+    function under `cfg`'s parametrization."""
     model = check_source(cfg, table, directory, values=False)  # read() checks each value as it loads it
     flat = weights.from_hf(model.weights.read, table, weights.fold_factors(table, cfg.model))
-    return jax.tree_util.tree_map_with_path(lambda p, _: flat[path_str(p)], abstract_params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: flat[path_str(p)], like)
 
 
 def place(params: Any, targets: Any) -> Any:

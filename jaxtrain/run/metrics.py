@@ -1,4 +1,5 @@
-"""Run telemetry: `metrics.jsonl`, TensorBoard events, and a progress display.
+"""The run's logs: `metrics.jsonl`, TensorBoard events, and a progress display (what the
+rows measure beyond the loss is run/telemetry.py's).
 
 `metrics.jsonl` holds one JSON object per logged step with at least
   step, tokens, loss, lr, grad_norm, tokens_per_sec   (+ val_loss at evaluation steps).

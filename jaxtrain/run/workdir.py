@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +30,7 @@ import jax
 import numpy as np
 import yaml
 
+from jaxtrain.config import ownership
 from jaxtrain.config.errors import UserError, writing
 from jaxtrain.config.files import from_dict, read_yaml_mapping
 from jaxtrain.config.schema import Config
@@ -120,18 +117,15 @@ def open_at_step(workdir: str | Path, step: int | None = None, step_name: str = 
 
 # ---- one owner -------------------------------------------------------------------------
 #
-# The lock is flock(2) on WORKDIR/.owner, taken without waiting. The kernel drops it when
-# the holder exits in any way, SIGKILL included, so a killed run never blocks its rerun and
-# nothing is left to clean. On NFS (Linux clients since 2.6.12) flock is carried out as a
-# whole-file POSIX lock by the server, so it holds across machines; a crashed client's
-# lock is released when its lease runs out (NFSv4, ~90 s) or its lock daemon recovers
-# (NFSv3). Lustre gives cluster-wide flock only when mounted with `-o flock`; with
-# `localflock` it excludes only processes on the same node, and with neither the call
-# fails (ENOSYS), which is refused in one line: setting JAXTRAIN_UNLOCKED_WORKDIR=1 runs
+# The lock is config/ownership.py's flock on WORKDIR/.owner, taken without waiting; the
+# kernel drops it however the holder ends, so a killed run never blocks its rerun. On NFS it
+# holds across machines (a crashed client's lock goes when its NFSv4 lease ends, ~90 s, or
+# its NFSv3 lock daemon recovers). Lustre gives cluster-wide flock only when mounted with
+# `-o flock`; `localflock` excludes only processes on the same node, and with neither the
+# call fails (ENOSYS), which is refused in one line: JAXTRAIN_UNLOCKED_WORKDIR=1 runs
 # without the lock, on the user's word that nothing else writes the workdir.
 
 UNLOCKED_ENV = "JAXTRAIN_UNLOCKED_WORKDIR"
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _held: dict[Path, list] = {}  # lock file -> [file descriptor, depth]: re-entrant in one process
 
 
@@ -165,30 +159,17 @@ def _acquire(path: Path, command: str) -> None:
     if path in _held:
         _held[path][1] += 1
         return
-    with writing("the workdir's lock file", path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise UserError(f"--workdir {path.parent}: {describe_owner(path)}; it has this workdir "
-                            f"until it exits (one owner per workdir)") from None
-        if err.errno in _NO_LOCKS:
-            raise UserError(f"--workdir {path.parent}: this file system cannot lock {path.name} "
-                            f"({err.strerror}); on Lustre mount with -o flock, or set {UNLOCKED_ENV}=1 "
-                            f"if nothing else writes this workdir") from None
-        raise
-    owner = {"command": command, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
     try:
         with writing("the workdir's lock file", path):
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(owner).encode())
-    except UserError:
-        os.close(fd)
-        raise
-    _held[path] = [fd, 1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _held[path] = [ownership.take(path, command), 1]
+    except ownership.Owned as err:
+        raise UserError(f"--workdir {path.parent}: {err}; it has this workdir until it exits "
+                        f"(one owner per workdir)") from None
+    except ownership.NoLocks as err:
+        raise UserError(f"--workdir {path.parent}: this file system cannot lock {path.name} ({err}); "
+                        f"on Lustre mount with -o flock, or set {UNLOCKED_ENV}=1 if nothing else "
+                        f"writes this workdir") from None
 
 
 def _release(path: Path) -> None:
@@ -197,19 +178,6 @@ def _release(path: Path) -> None:
     if entry[1] == 0:
         del _held[path]
         os.close(entry[0])  # closing the only descriptor drops the flock
-
-
-def describe_owner(path: Path) -> str:
-    """'held by `jaxtrain train` (pid 12, host h) since <UTC time>', from the lock file the
-    holder wrote once it had the lock."""
-    for _ in range(20):  # the holder writes its name right after locking: wait briefly for it
-        try:
-            owner = json.loads(path.read_text())
-            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner["since"]))
-            return f"held by `jaxtrain {owner['command']}` (pid {owner['pid']}, host {owner['host']}) since {since}"
-        except (OSError, ValueError, KeyError, TypeError):
-            time.sleep(0.05)
-    return "held by another process"
 
 
 def _agree(error: str | None) -> str | None:

@@ -14,16 +14,15 @@ writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 The directory is written under a temporary name beside `--out` and renamed when complete,
 so an interrupted or refused export leaves nothing at `--out` (missing parent directories
 are created); an existing `--out` is never overwritten. Nothing in the workdir is written.
-The temporary name carries the exporter's host and process id (jaxtrain/tools/staging.py): a
-killed export's leftover (`.OUT.staging.HOST.PID.*`) is removed by the next export to the
-same `--out` once its process is gone, while a running export's is left alone.
+The temporary directory is owned by its exporter (jaxtrain/tools/staging.py): a killed
+export's leftover (`.OUT.staging-*`) is removed by the next export to the same `--out`,
+while a running export's is left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from jaxtrain.config.errors import UserError
 from jaxtrain.data.sources import run_tokenizer
 from jaxtrain.huggingface import architecture, files, weights
 from jaxtrain.model.parametrization import path_str
-from jaxtrain.tools import staging as staging_dirs
+from jaxtrain.tools.staging import Staging
 from jaxtrain.tools.saved_run import load_run
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -82,9 +81,7 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
         out.absolute().parent.mkdir(parents=True, exist_ok=True)  # as save_pretrained does
     except OSError as err:
         raise UserError(f"--out {out}: cannot create its directory ({err.strerror})") from None
-    staging_dirs.clear_dead_staging(out)
-    staging = staging_dirs.make_staging(out)
-    try:
+    with Staging(out, "export") as staging:
         tensors = weights.to_hf(flat, table, factors, DTYPES[dtype])
         written = files.write_weights(staging, tensors, max_shard_bytes)
         config = architecture.hf_config(cfg.model, max_positions=cfg.data.seq_len, eos_id=tokenizer.eos_id,
@@ -96,10 +93,6 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
         record["files"] = sorted([*written, "config.json", "generation_config.json", "jaxtrain_export.json"])
         _write_json(staging / "jaxtrain_export.json", record)
         _usual_permissions(staging)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return record
 
 
