@@ -1,6 +1,7 @@
 """Several real processes on 127.0.0.1 joined by jax.distributed (gloo collectives on
 CPU), launched the way users launch them: `launch/multiprocess.sh` and the CLI flags."""
 
+import json
 import os
 import re
 import signal
@@ -43,6 +44,8 @@ def process_with_id(launcher: subprocess.Popen, process_id: int) -> int:
 def test_two_processes_of_four_devices_match_one_process_of_eight_and_stop_together(cli_reference, tmp_path):
     launcher = launch_two(tmp_path, free_port())
     wait_for_step(launcher, tmp_path, 10)
+    owner = json.loads((tmp_path / ".owner").read_text())  # process 0 owns the workdir for the group
+    assert owner["pid"] == process_with_id(launcher, 0) and owner["command"] == "train"
     os.kill(process_with_id(launcher, 1), signal.SIGTERM)  # only one process is preempted
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 143, err

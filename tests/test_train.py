@@ -95,8 +95,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_pat
 
 def test_resume_with_a_different_model_is_refused_and_harmless(uninterrupted, capsys):
     _, workdir, _ = uninterrupted
-    run_files = lambda: {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and p.name != ".owner"}
-    before = run_files()  # the lock file records its newest owner; the run's files stay as they were
+    run_files = lambda: {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    before = run_files()  # refused in preflight, before the workdir is owned: not even the lock file changes
     proc = run_in_process(capsys, "train", str(TINY), "--workdir", str(workdir), "--set", "model.d_model=128")
     assert proc.returncode == 2
     assert "'model.d_model'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

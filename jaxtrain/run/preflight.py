@@ -31,7 +31,7 @@ from jaxtrain.model import parametrization, sharding
 from jaxtrain.model.parametrization import Table
 from jaxtrain.model.transformer import check_compute
 from jaxtrain.run import memory, rewarm
-from jaxtrain.run.checkpoint import Checkpointer
+from jaxtrain.run.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.run.metrics import check_wandb
 from jaxtrain.run.workdir import Layout
 
@@ -55,12 +55,20 @@ def preflight(cfg: Config, mesh: Mesh, sources: list[DataSource] | None = None, 
 def preflight_training(cfg: Config, mesh: Mesh, sources: list[DataSource], workdir: Path, *,
                        check_memory: bool = True) -> ts.ModelSpec:
     """`preflight` and what training adds: W&B importable if asked for, the workdir
-    writable, train.init_from readable and compatible. Whether the workdir's run may be
-    resumed needs its checkpoints open: `check_resumable`."""
+    writable, train.init_from readable and compatible, and the workdir's run resumable by
+    this config (read-only, before the workdir is owned: a refused resume leaves even the
+    lock file as it was; the loop checks again once it owns the workdir)."""
     check_wandb(cfg.train.wandb_project)
     spec = preflight(cfg, mesh, sources, check_memory=check_memory)
     check_writable(workdir)
     rewarm.check_before_start(cfg, spec.table, workdir)
+    if Layout(workdir).has_checkpoints():
+        with quiet_absl():
+            ckpt = Checkpointer(Layout(workdir).checkpoints, cfg.checkpoint, read_only=True)
+        try:
+            check_resumable(workdir, cfg, spec.table, ckpt)
+        finally:
+            ckpt.close()
     return spec
 
 
