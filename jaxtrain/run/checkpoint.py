@@ -104,8 +104,8 @@ class Checkpointer:
             code = _os_error_code(err)
             reason, advice = explain_os_error(self._directory, OSError(code, os.strerror(code))) if code \
                 else (_first_line(err), RERUN)
-            raise CheckpointSaveError(f"checkpoint save at step {step} in {self._directory} failed: {reason}; "
-                                      f"intact checkpoints: steps {intact or 'none'}", advice) from None
+            failure = CheckpointSaveError(f"checkpoint save at step {step} in {self._directory} failed: {reason}", advice)
+            raise failure.with_intact(intact) from None
 
     def _remove_partial(self, step: int) -> None:
         """The failed save's temporary directory (process 0: the directory is shared)."""
@@ -200,18 +200,27 @@ class Checkpointer:
         self._manager.close()
 
 
+class _DropReports(logging.Filter):
+    """Drop a logger's records (at `level` and above; those below pass) that mention one of
+    `phrases` or of `directories`: orbax's own reports of a failure this module already
+    reports in one line."""
+
+    def __init__(self, phrases: tuple[str, ...], directories: set[str], level: int = logging.NOTSET):
+        super().__init__()
+        self.phrases, self.directories, self.level = phrases, directories, level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return record.levelno < self.level or not any(
+            text in message for text in (*self.phrases, *self.directories))
+
+
 # A failed orbax read abandons its other in-flight shard reads; each later fails again and
 # prints a traceback (asyncio "exception never retrieved", "Exception ignored in" when the
 # coroutine is collected, "Event loop is closed" when tensorstore completes a read after
 # orbax closed its loop). The one-line warning already says it all.
 _ABANDONED_READ = "_read_array_index_and_device_put"
 _QUIET_DIRECTORIES: set[str] = set()  # checkpoint directories whose late read failures are dropped
-
-
-class _DropAbandonedReads(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (_ABANDONED_READ in message or any(d in message for d in _QUIET_DIRECTORIES))
 
 
 def _drop_abandoned_reads(unraisable: Any) -> None:
@@ -224,10 +233,22 @@ def _drop_abandoned_reads(unraisable: Any) -> None:
 def _silence_abandoned_reads(directory: Path) -> None:
     """Drop only the late reports of failed reads (hooks installed once per process)."""
     if not _QUIET_DIRECTORIES:
-        logging.getLogger("asyncio").addFilter(_DropAbandonedReads())
+        logging.getLogger("asyncio").addFilter(_DropReports((_ABANDONED_READ,), _QUIET_DIRECTORIES))
         _drop_abandoned_reads.previous = sys.unraisablehook
         sys.unraisablehook = _drop_abandoned_reads
     _QUIET_DIRECTORIES.add(str(directory))
+
+
+# orbax logs a failed background save at ERROR, with tracebacks, from each of its threads
+# (not every record names the directory); `Checkpointer.wait` raises it as one line.
+_FAILED_SAVE_PHRASES = ("Save Finalize thread", "_SignalingThread.run() raised")
+_SAVING_DIRECTORIES: set[str] = set()  # checkpoint directories this process saves into
+
+
+def _silence_failed_saves(directory: Path) -> None:
+    if not _SAVING_DIRECTORIES:
+        logging.getLogger("absl").addFilter(_DropReports(_FAILED_SAVE_PHRASES, _SAVING_DIRECTORIES, logging.ERROR))
+    _SAVING_DIRECTORIES.add(str(directory))
 
 
 def _os_error_code(err: BaseException) -> int | None:
@@ -241,28 +262,6 @@ def _os_error_code(err: BaseException) -> int | None:
             return int(found.group(1))
         err = err.__cause__ or err.__context__
     return None
-
-
-class _DropFailedSaves(logging.Filter):
-    """orbax logs a failed background save at ERROR, with tracebacks, from each of its
-    threads; `Checkpointer.wait` raises it as one line, so those records are dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        message = record.getMessage()
-        return not (any(phrase in message for phrase in _FAILED_SAVE_PHRASES)
-                    or any(d in message for d in _SAVING_DIRECTORIES))
-
-
-_SAVING_DIRECTORIES: set[str] = set()
-_FAILED_SAVE_PHRASES = ("Save Finalize thread", "_SignalingThread.run() raised")  # orbax's, not always with a path
-
-
-def _silence_failed_saves(directory: Path) -> None:
-    if not _SAVING_DIRECTORIES:
-        logging.getLogger("absl").addFilter(_DropFailedSaves())
-    _SAVING_DIRECTORIES.add(str(directory))
 
 
 def _first_line(err: BaseException) -> str:

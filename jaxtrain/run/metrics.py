@@ -29,7 +29,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from jaxtrain.config.errors import ConfigError, UserError, WriteError, writing
-from jaxtrain.run.workdir import Layout
+from jaxtrain.run.workdir import Layout, write_atomic
 
 TIMING_KEYS = ("tokens_per_sec", "eta_sec")
 
@@ -117,9 +117,7 @@ def truncate_after(path: Path, step: int, warn: Callable[[str], None] | None = N
     if not path.exists():
         return
     kept = [row for row in read_metrics(path, warn) if row["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def check_wandb(project: str | None) -> None:

@@ -68,6 +68,7 @@ def record_run(workdir: Path, cfg: Config, table: Table) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a reader never sees it half written."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)

@@ -104,10 +104,10 @@ def run_import(plan: ImportPlan) -> RunResult:
         try:
             result = run(plan.cfg, plan.workdir, stop_after=0, command="import")
         except BaseException:  # nothing of a failed import stays (a workdir it made goes whole)
-            if lead:
+            if lead and existed:
                 _remove_all_but_the_lock(plan.workdir)
-                if not existed:
-                    shutil.rmtree(plan.workdir)
+            elif lead:
+                shutil.rmtree(plan.workdir)
             raise
         if lead:
             (plan.workdir / MARKER).unlink()

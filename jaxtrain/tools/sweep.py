@@ -58,7 +58,7 @@ from jaxtrain.config.errors import ConfigError, UserError
 from jaxtrain.config.files import load_config
 from jaxtrain.config.schema import Config
 from jaxtrain.run.metrics import read_metrics
-from jaxtrain.run.workdir import Layout
+from jaxtrain.run.workdir import Layout, write_atomic
 
 
 class StopSweep(Exception):
@@ -127,13 +127,6 @@ def summarize(cfg: Config, workdir: Path, seconds: float, halted: bool = False) 
     chance = math.log(cfg.model.vocab_size)
     diverged = halted or not (math.isfinite(val_loss) and math.isfinite(train_loss)) or val_loss >= chance
     return {"train_loss": train_loss, "val_loss": val_loss, "diverged": diverged, "seconds": seconds}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a reader never sees it half written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _read_result(path: Path) -> dict | None:
@@ -218,7 +211,7 @@ def run_point(assignment: dict, cfg: Config, workdir: Path, replaced: Path, log=
     except NonFiniteError:
         halted = True  # on_nonfinite=halt stopped it: diverged, recorded like any other run
     result = {**assignment, **summarize(cfg, workdir, time.perf_counter() - started, halted)}
-    _write_atomic(workdir / "result.json", json.dumps({**result, "config": cfg.to_dict()}, indent=1))
+    write_atomic(workdir / "result.json", json.dumps({**result, "config": cfg.to_dict()}, indent=1))
     return result
 
 
@@ -301,7 +294,7 @@ def write_table(out: Path, runs: list[dict]) -> None:
     writer = csv.DictWriter(table, fieldnames=list(runs[0]))
     writer.writeheader()
     writer.writerows(runs)
-    _write_atomic(out / "results.csv", table.getvalue())
+    write_atomic(out / "results.csv", table.getvalue())
 
 
 def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = (), x_key: str = "optimizer.lr",
@@ -322,7 +315,7 @@ def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = ()
     results = {"config": str(config), "overrides": list(overrides),
                "grid": {a.key: list(a.values) for a in grid}, "x": x_key, "curve": curve_key,
                "panels": panel_keys, "runs": runs, **analysis}
-    _write_atomic(out / "results.json", json.dumps(results, indent=1))
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_table(out, runs)
     plotting.plot_sweep(results, out / "sweep.png")
     return results
