@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from jaxtrain.config.errors import UserError
-from jaxtrain.tools import accelerators
+from jaxtrain.tools import accelerators, targets
 
 
 @pytest.mark.parametrize("device_kind, key", [
@@ -41,13 +41,15 @@ def test_peak_flops_reads_the_table_for_a_known_kind_and_measures_an_unknown_one
     assert 0 < peak < 121e12 or jax.default_backend() != "cpu"
 
 
-def test_the_roofline_targets_are_rows_of_the_table_mfu_reads():
+def test_the_targets_are_rows_of_the_table_mfu_reads():
     h100 = SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
-    assert accelerators.target("h100") is accelerators.ACCELERATORS[accelerators.table_entry(h100.device_kind)]
-    assert accelerators.peak_flops(h100, "bfloat16")[0] == accelerators.target("h100").bf16_flops
-    assert accelerators.target("tpu-v5p") is accelerators.ACCELERATORS[accelerators.table_entry("TPU v5")]
-    for name in accelerators.TARGETS:  # a target carries what the roofline reads
-        row = accelerators.target(name)
+    assert targets.target("h100").hardware is accelerators.ACCELERATORS[accelerators.table_entry(h100.device_kind)]
+    assert accelerators.peak_flops(h100, "bfloat16")[0] == targets.target("h100x8").hardware.bf16_flops
+    assert targets.target("tpu-v5p-8").hardware is accelerators.ACCELERATORS[accelerators.table_entry("TPU v5")]
+    for t in targets.TARGETS.values():  # a target carries what the roofline and the fit read
+        row = t.hardware
         assert row.link_bytes_per_s and row.devices_per_node and row.internode_bytes_per_s and row.note
-    with pytest.raises(UserError, match="--target abacus: not one of h100, tpu-v5p"):
-        accelerators.target("abacus")
+        assert row.hbm_bytes and row.hbm_note
+    assert [t.devices for t in map(targets.target, ("h100x8x4", "tpu-v5p-8", "tpu-v5p-32", "tpu-v6e-8"))] == [32, 4, 16, 8]
+    with pytest.raises(UserError, match="--target abacus: not one of h100, h100x8, "):
+        targets.target("abacus")

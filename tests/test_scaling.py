@@ -19,7 +19,7 @@ from conftest import REPO, TINY, cli_in_process, run_in_process
 from jaxtrain import step as ts
 from jaxtrain.config.files import load_config
 from jaxtrain.model import parametrization, sharding
-from jaxtrain.tools import accelerators, communication, hlo_collectives
+from jaxtrain.tools import communication, hlo_collectives, targets
 
 SMALL = REPO / "configs" / "small.yaml"
 MESHES = {"fsdp8": ["mesh.fsdp=8"], "data8": ["mesh.data=8", "mesh.fsdp=1"],
@@ -109,26 +109,32 @@ def test_bench_writes_the_hlo_it_counts(capsys, tmp_path):
 
 def test_dry_run_compares_the_model_with_the_compiled_step_and_gives_a_roofline(capsys):
     status, out, err = cli_in_process(capsys, "dry-run", str(SMALL), "--devices", "8", "--compile",
-                                      "--target", "h100", "--set", "mesh.fsdp=2", "--set", "mesh.tensor=4")
+                                      "--set", "mesh.fsdp=2", "--set", "mesh.tensor=4")
     assert status == 0, err
     ratio = float(out.split("compiled / analytic ")[1].split()[0])
     assert 0.75 <= ratio <= 1.25, out
-    assert "tensor all-reduce" in out and "# roofline on 8 x H100 SXM" in out
+    assert "tensor all-reduce" in out
+    status, out, err = cli_in_process(capsys, "dry-run", str(SMALL), "--target", "h100x8",
+                                      "--set", "mesh.fsdp=2", "--set", "mesh.tensor=4")
+    assert status == 0, err
+    assert "# roofline on 8 x H100 SXM" in out and "# mesh over 8 devices" in out
     status, _, err = cli_in_process(capsys, "dry-run", str(SMALL), "--target", "abacus")
     assert status == 2 and "--target abacus" in err
+    status, _, err = cli_in_process(capsys, "dry-run", str(SMALL), "--target", "h100x8", "--devices", "4")
+    assert status == 2 and "--devices 4: --target h100x8 has 8 devices" in err
 
 
 def test_roofline_is_the_slower_of_compute_and_communication():
     cfg = load_config(REPO / "configs" / "gpt350m.yaml")
     mesh = sharding.make_mesh(cfg.mesh, jax.devices())
     model = communication.analytic(cfg, ts.model_spec(cfg), mesh, 2)
-    roof = communication.roofline(cfg, model, 8, accelerators.target("h100"))
+    roof = communication.roofline(cfg, model, 8, targets.target("h100x8").hardware)
     flops_per_device = roof["compute_s"] * 989e12
     assert flops_per_device == pytest.approx(cfg.train.batch_size * cfg.data.seq_len / 8 * 6 * 3.5e8, rel=0.3)
     traffic = sum(entry["traffic"] for entry in model.values())
     assert roof["communication_s"] == pytest.approx(traffic / 450e9)
     assert roof["step_s"] == max(roof["compute_s"], roof["communication_s"])
-    across_nodes = communication.roofline(cfg, model, 64, accelerators.target("h100"))
+    across_nodes = communication.roofline(cfg, model, 64, targets.target("h100x8").hardware)
     assert across_nodes["link_bytes_per_s"] == 50e9
 
 

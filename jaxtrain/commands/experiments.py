@@ -4,7 +4,7 @@ benchmark and the dry run.
     jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
     jaxtrain bench CONFIG [--steps 10 --warmup 2 --hlo-out FILE --set ...]   (one JSON line)
-    jaxtrain dry-run CONFIG [--devices N --backend gpu] [--compile] [--target h100|tpu-v5p] [--schedule-png FILE]
+    jaxtrain dry-run CONFIG [--devices N --backend gpu] [--compile] [--target NAME [--fit]] [--schedule-png FILE]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxtrain.config.errors import UserError
 from jaxtrain.commands.args import add_set, file_to_write, non_negative_int, positive_int, positive_int_list
 from jaxtrain.run import xla_flags
 
@@ -64,10 +65,14 @@ def add_parsers(commands) -> None:
     dry.add_argument("--skip-memory-check", action="store_true",
                      help="print the plan even if it exceeds this machine's memory (planned for its devices)")
     dry.add_argument("--compile", action="store_true",
-                     help="also compile the step on --devices simulated CPU devices and count its collectives")
+                     help="also compile the step (for --target with its compiler, else on --devices simulated "
+                          "CPU devices): its memory, collectives and attention kernel")
     dry.add_argument("--target", default=None, metavar="NAME",
-                     help="roofline of the step on --devices of this accelerator: h100 or tpu-v5p "
-                          "(compute vs communication time; jaxtrain/tools/communication.py)")
+                     help="plan for a named cluster (h100, h100x8, h100x8x4, tpu-v5p-8, tpu-v5p-32, tpu-v6e-8, ...; "
+                          "jaxtrain/tools/targets.py): its devices, platform and roofline")
+    dry.add_argument("--fit", action="store_true",
+                     help="with --target: compile remat x microbatch plans for it, fastest first by the roofline, "
+                          "and print the --set overrides of the first that fits")
     add_set(dry)
     dry.set_defaults(func=dry_run_command)
 
@@ -116,10 +121,20 @@ def dry_run_command(args: argparse.Namespace) -> int:
     from jaxtrain.config.files import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.compile:
+    if args.fit and not args.target:
+        raise UserError("--fit needs --target NAME: the target whose memory the plan must fit")
+    if (args.compile or args.fit) and args.target:
+        xla_flags.compile_for_targets()  # before jax starts: the CPU backend only, the targets' compilers
+    elif args.compile:
         xla_flags.simulate_cpu_devices(args.devices)  # before jax starts its CPU backend
     from jaxtrain.tools import dry_run
 
+    if args.fit:
+        from jaxtrain.tools import fit_plan, targets
+
+        result = fit_plan.fit(cfg, targets.target(args.target))
+        print(json.dumps(result) if args.json else fit_plan.format_fit(result))
+        return 0
     plan = dry_run.dry_run(cfg, args.devices, args.backend, args.target, compile_step=args.compile,
                            check_memory=not args.skip_memory_check)
     print(json.dumps(plan) if args.json else dry_run.format_plan(plan))

@@ -31,3 +31,14 @@ def simulate_cpu_devices(count: int | None) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if count and "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def compile_for_targets() -> None:
+    """This process compiles for accelerators it does not have (`tools/targets.py`); call it
+    before jax starts. The CPU is its only backend (a compiler plugin found installed is not
+    started as a backend), libtpu neither asks a cloud metadata server for its topology nor
+    warns that it could not (the target names it), and several such processes may load
+    libtpu at once (it otherwise takes a machine-wide lock file)."""
+    for key, value in {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                       "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
+        os.environ.setdefault(key, value)

@@ -8,8 +8,8 @@ CPU, or a kind the table does not know, the peak is measured instead: the best o
 timed 2048^3 matmuls in the compute dtype on this machine.
 
 Interconnect figures are what one ring collective gets per device and direction, within a
-node (or slice) and between nodes; only the rows that the roofline offers as a `--target`
-(`TARGETS`) carry them.
+node (or slice) and between nodes, and HBM what one program may use of a device; only the
+rows that `tools/targets.py` names as compile targets carry them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.config.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +35,8 @@ class Accelerator:
     devices_per_node: int | None = None
     internode_bytes_per_s: float | None = None
     note: str = ""  # where the interconnect figures come from
+    hbm_bytes: float | None = None  # what one program may use of a device's memory (`usable`)
+    hbm_note: str = ""
 
 
 # By device kind (matched by `table_entry`).
@@ -43,29 +44,24 @@ ACCELERATORS = {
     "H200": Accelerator("H200", 989e12, 495e12),  # same tensor cores as H100 SXM
     "H100": Accelerator("H100 SXM", 989e12, 495e12, 450e9, 8, 50e9,
                         "NVLink 4: 18 links x 25 GB/s per direction within a node of 8; between "
-                        "nodes one 400 Gb/s InfiniBand NDR port per GPU"),
+                        "nodes one 400 Gb/s InfiniBand NDR port per GPU",
+                        0.75 * 84942979072, "75% of the 79.1 GiB a CUDA H100 80GB reports: what JAX preallocates "
+                                            "by default (XLA_PYTHON_CLIENT_MEM_FRACTION)"),
     "H100 PCIe": Accelerator("H100 PCIe", 756e12, 378e12),
     "A100": Accelerator("A100", 312e12, 156e12),
     "L4": Accelerator("L4", 121e12, 60e12),
     # TPU matmuls run f32 as bf16 passes by default
-    "TPU v6 lite": Accelerator("TPU v6e chip", 918e12, 918e12),
+    "TPU v6 lite": Accelerator("TPU v6e chip", 918e12, 918e12, 224e9, 256, 224e9,
+                               "ICI 3,584 Gb/s per chip over 4 torus links (112 GB/s each); a ring "
+                               "along one torus axis uses 2 of them",
+                               31.25 * 2**30, "the HBM libtpu reports available to a program"),
     "TPU v5": Accelerator("TPU v5p chip", 459e12, 459e12, 200e9, 8960, 200e9,
                           "ICI 4,800 Gb/s per chip over 6 torus links (100 GB/s each); a ring "
-                          "along one torus axis uses 2 of them. A v5p-64 slice is 32 chips"),
+                          "along one torus axis uses 2 of them. A v5p-64 slice is 32 chips",
+                          95.74 * 2**30, "the HBM libtpu reports available to a program"),
     "TPU v5 lite": Accelerator("TPU v5e chip", 197e12, 197e12),
     "TPU v4": Accelerator("TPU v4 chip", 275e12, 275e12),
 }
-
-# The roofline's --target names -> their ACCELERATORS rows (those with interconnect figures).
-TARGETS = {"h100": "H100", "tpu-v5p": "TPU v5"}
-
-
-def target(name: str) -> Accelerator:
-    """The accelerator a roofline `--target` names."""
-    if name not in TARGETS:
-        raise UserError(f"--target {name}: not one of {', '.join(sorted(TARGETS))}")
-    return ACCELERATORS[TARGETS[name]]
-
 
 def _words(name: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", name.lower())

@@ -34,7 +34,7 @@ from jaxtrain.model import sharding
 from jaxtrain.model.transformer import compute_dtype_name
 from jaxtrain.optim.schedules import lr_per_step, resolve
 from jaxtrain.run import memory
-from jaxtrain.tools import accelerators, communication, flops
+from jaxtrain.tools import communication, flops, target_compile, targets
 
 def abstract_mesh(cfg: Config, devices: int) -> AbstractMesh:
     """The config's mesh over `devices` simulated devices."""
@@ -50,29 +50,44 @@ def collective_dtype_bytes(cfg: Config, backend: str) -> int:
 
 def dry_run(cfg: Config, devices: int | None = None, backend: str | None = None, target: str | None = None,
             compile_step: bool = False, check_memory: bool = True) -> dict[str, Any]:
-    """`jaxtrain dry-run`: the plan over `devices` (default: this machine's) for `backend`
-    (default: this machine's). `compile_step`: also compile the step on that many simulated CPU
-    devices, which this process must have (`xla_flags.simulate_cpu_devices` before jax
-    starts). A plan for this machine's own devices is checked against their memory, as
-    `jaxtrain train` would check it, unless `check_memory` is False."""
+    """`jaxtrain dry-run`: the plan over `devices` (default: this machine's, or the target's)
+    for `backend` (default: this machine's, or the target's platform).
+
+    `compile_step` also compiles the step: for `target` (a `targets.TARGETS` name), with that
+    target's compiler, for its devices (this process must have called
+    `xla_flags.compile_for_targets` before jax started); otherwise on that many simulated CPU
+    devices, which this process must have (`xla_flags.simulate_cpu_devices`). A plan for this
+    machine's own devices is checked against their memory, as `jaxtrain train` would check
+    it, unless `check_memory` is False; a plan compiled for a target is checked against the
+    compiler's figure and the target's HBM (`target_compile.DoesNotFit`)."""
+    chosen = targets.target(target) if target else None
+    if chosen is not None:
+        if devices not in (None, chosen.devices):
+            raise UserError(f"--devices {devices}: --target {chosen.name} has {chosen.devices} devices")
+        if backend not in (None, chosen.platform):
+            raise UserError(f"--backend {backend}: --target {chosen.name} is {chosen.platform}")
+        devices, backend = chosen.devices, chosen.platform
     count = devices or jax.device_count()
     compiled_on = None
-    if compile_step:
+    if compile_step and chosen is None:
         compiled_on = jax.devices("cpu")[:count]
         if len(compiled_on) < count:
             raise UserError(f"--compile --devices {count}: this process has {len(compiled_on)} CPU devices "
                             f"(its XLA_FLAGS fix --xla_force_host_platform_device_count)")
-    result = plan(cfg, count, backend="cpu" if compile_step else backend or jax.default_backend(),
-                  target=target, compiled_on=compiled_on)
+    result = plan(cfg, count, backend="cpu" if compiled_on else backend or jax.default_backend(),
+                  target=chosen, compiled_on=compiled_on)
+    if compile_step and chosen is not None:
+        result["compiled"] = report = target_compile.compile_for(cfg, chosen)
+        if not report["fits"]:
+            raise target_compile.DoesNotFit(target_compile.refusal(report))
     if devices is None and backend is None and check_memory:
         memory.check_estimate(result["memory_per_device"], jax.local_devices())
     return result
 
 
-def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = None,
+def plan(cfg: Config, devices: int, backend: str = "gpu", target: targets.Target | None = None,
          compiled_on: list | None = None) -> dict[str, Any]:
-    """Everything the dry run reports, as plain data. `target` (a `accelerators.TARGETS`
-    name) adds the roofline; `compiled_on` (simulated CPU devices) adds the compiled step's
+    """Everything the dry run reports, as plain data. `target` adds the roofline; `compiled_on` (simulated CPU devices) adds the compiled step's
     collective bytes and temporary memory beside the analytic figures."""
     mesh = abstract_mesh(cfg, devices)
     sharding.check_batch_splits(cfg, dict(mesh.shape))  # train's preflight: refused there, refused here
@@ -80,7 +95,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
     comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
-        extra["roofline"] = communication.roofline(cfg, comms, devices, accelerators.target(target))
+        extra["roofline"] = communication.roofline(cfg, comms, devices, target.hardware)
     if compiled_on is not None:
         extra["communication"]["compiled"] = communication.measured(cfg, compiled_on)
     params, roles = [], collections.defaultdict(lambda: collections.defaultdict(set))
@@ -175,7 +190,7 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += [f"{k:<12} {_bytes(v)}" for k, v in m.items()]
     lines += ["", f"# schedule: {s['name']}, peak lr {s['peak_lr']:g}, warmup {s['warmup_steps']:g} steps, "
                   f"lr at step 0 {s['first_lr']:.3g}, at the last step {s['final_lr']:.3g}"]
-    return "\n".join(lines + _format_communication(p))
+    return "\n".join(lines + _format_communication(p) + _format_target_compile(p))
 
 
 def _format_communication(p: dict[str, Any]) -> list[str]:
@@ -198,4 +213,25 @@ def _format_communication(p: dict[str, Any]) -> list[str]:
                   f"compute {r['compute_s'] * 1e3:.3g} ms, communication {r['communication_s'] * 1e3:.3g} ms "
                   f"(ring traffic at {r['link_bytes_per_s'] / 1e9:g} GB/s): step >= {r['step_s'] * 1e3:.3g} ms, "
                   f"{r['bound']}-bound, MFU ceiling {r['mfu_ceiling']:.2f}"]
+    return lines
+
+
+def _format_target_compile(p: dict[str, Any]) -> list[str]:
+    if "compiled" not in p:
+        return []
+    c, estimate = p["compiled"], p["memory_per_device"]["total"]
+    m, kinds, analytic = c["memory"], c["collectives"], p["communication"]["analytic_by_kind"]
+    lines = ["", f"# compiled for {c['target']}: {c['devices']} x {c['device_kind']} ({c['platform']} compiler, "
+                 f"{c['compile_s']:.1f} s)",
+             f"memory per device: arguments {_bytes(m['arguments'])} + outputs {_bytes(m['outputs'])} - aliased "
+             f"{_bytes(m['aliased'])} + temporaries {_bytes(m['temporaries'])} = {_bytes(m['total'])} of "
+             f"{_bytes(c['usable_hbm'])} usable: fits ({m['total'] / c['usable_hbm']:.0%}); the estimate above is "
+             f"{_bytes(estimate)} (compiled / estimate {m['total'] / estimate:.2f})",
+             f"attention kernel: {c['attention']['kernel']} ({c['attention']['custom_calls']} kernel calls)",
+             f"{'HLO op kind':<22} {'analytic':>12} {'compiled':>12}"]
+    lines += [f"{kind:<22} {_bytes(analytic[kind]):>12} {_bytes(kinds[kind]):>12}"
+              for kind in kinds if kinds[kind] or analytic[kind]]
+    total_a, total_m = sum(analytic.values()), sum(kinds.values())
+    lines.append(f"{'total':<22} {_bytes(total_a):>12} {_bytes(total_m):>12}  compiled / analytic "
+                 f"{total_m / total_a if total_a else float('nan'):.3f}")
     return lines
