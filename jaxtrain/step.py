@@ -11,7 +11,8 @@ the plain one is the same program with or without it.
 `build_steps` returns `Steps`: the jitted train step(s), the evaluation (`compile_eval`,
 also what `jaxtrain eval` runs on a saved checkpoint), the sharded init, and the step's
 arguments as sharded ShapeDtypeStructs (`Steps.abstract_arguments`), from which bench,
-dry-run --compile and the collective counts compile the very program the loop runs.
+dry-run --compile and the collective counts compile the very program the loop runs
+(`Steps.compile_train`; under data.packing its batch carries the segment ids).
 
 Params are a plain nested dict of arrays (`nnx.to_pure_dict`); the NNX module is rebuilt
 from the static graph definition inside each step (`nnx.merge`), so no stateful object
@@ -295,6 +296,11 @@ class Steps:
         `train.lower` takes to compile the step without allocating anything."""
         lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(self.mesh))
         return self.abstract_state(), abstract_batch(self.cfg, self.mesh), lr
+
+    def compile_train(self) -> Any:
+        """The plain train step compiled from `abstract_arguments` (nothing allocated): the
+        program `jaxtrain bench` times and `dry-run --compile` counts, the loop's own."""
+        return self.train.lower(*self.abstract_arguments()).compile()
 
 
 def build_steps(cfg: Config, spec: ModelSpec, mesh: Mesh, extra_metrics: ExtraMetrics | None = None) -> Steps:

@@ -1,8 +1,10 @@
 """`jaxtrain bench`: compile and time the real train step, report throughput and MFU.
 
 The step is the one `jaxtrain train` runs (same model, parametrization table, optimizer,
-shardings, donation, microbatching), fed one fixed batch of random tokens already on the
-devices, so the number measures the compiled step and nothing else (the data pipeline has
+shardings, donation, microbatching, and under data.packing the same packed batch: tokens
+and segment ids, `step.Steps.compile_train`), fed one fixed batch of random tokens already
+on the devices (under packing, random documents packed into rows by the pipeline's own
+reader), so the number measures the compiled step and nothing else (the data pipeline has
 its own benchmark). Timing starts after `warmup` steps and ends when the last step's
 result is ready:
 
@@ -33,6 +35,8 @@ import numpy as np
 
 from jaxtrain import step as ts
 from jaxtrain.config.schema import Config
+from jaxtrain.data import pipeline
+from jaxtrain.data.token_store import TokenSplit
 from jaxtrain.model import sharding
 from jaxtrain.model.transformer import compute_dtype_name
 from jaxtrain.run.preflight import preflight
@@ -48,25 +52,33 @@ def _peak_memory() -> tuple[int, str]:
 
 
 BENCH_LR = np.float32(1e-3)  # any rate: the step's cost does not depend on it
+# mean length of the synthetic packed documents: any length, the step's cost does not depend
+# on where the document boundaries fall (attention is masked, never skipped)
+SYNTHETIC_DOC_TOKENS = 32
 
 
 def _compiled_step(cfg: Config, mesh) -> tuple[Any, ts.TrainState, ts.Batch, float]:
     """(compiled step, initial state, device batch, compile seconds), once `cfg` passes the
     checks `jaxtrain train` makes (bench reads no data: it times synthetic tokens)."""
     steps = ts.build_steps(cfg, preflight(cfg, mesh), mesh)
-    arguments = steps.abstract_arguments()
     started = time.perf_counter()
-    compiled = steps.train.lower(*arguments).compile()
-    return compiled, steps.init(), _synthetic(cfg, arguments[1]), time.perf_counter() - started
+    compiled = steps.compile_train()
+    compile_s = time.perf_counter() - started
+    return compiled, steps.init(), _synthetic(cfg, steps.abstract_arguments()[1]), compile_s
 
 
 def _synthetic(cfg: Config, batch: ts.Batch) -> ts.Batch:
-    """Random tokens in the batch's shapes and shardings (packed: one document a row)."""
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1))
-    rows = {"tokens": tokens, "segment_ids": np.zeros_like(tokens)}
-    if not isinstance(batch, dict):
-        return jax.device_put(tokens.astype(np.int32), batch.sharding)
-    return {k: jax.device_put(rows[k].astype(np.int32), b.sharding) for k, b in batch.items()}
+    """A batch of random documents read the way the training pipeline reads its windows
+    (`pipeline.ReadWindows`: tokens, and under data.packing the segment ids of documents
+    of random lengths, mean SYNTHETIC_DOC_TOKENS), on the shardings of `batch`."""
+    rows, length = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, rows * length + 1)
+    starts = np.cumsum(rng.geometric(1 / SYNTHETIC_DOC_TOKENS, tokens.size))  # lengths >= 1
+    doc_starts = np.concatenate([[0], starts[starts < tokens.size], [tokens.size]])
+    split = TokenSplit(tokens, doc_starts, "synthetic")
+    local = pipeline.ReadWindows([split], length, cfg.data.packing)((np.zeros(rows, int), np.arange(rows)))
+    return jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), local, batch)
 
 
 def _timed(step, state, batch, steps: int, warmup: int) -> tuple[Any, float, dict]:

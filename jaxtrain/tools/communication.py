@@ -104,9 +104,9 @@ def roofline(cfg: Config, model: dict[str, dict[str, float]], devices: int, targ
 
 
 def compiled_step(cfg: Config, mesh: Any) -> Any:
-    """The train step compiled for `mesh` from abstract arguments (nothing is allocated)."""
-    steps = ts.build_steps(cfg, ts.model_spec(cfg), mesh)
-    return steps.train.lower(*steps.abstract_arguments()).compile()
+    """The train step compiled for `mesh` from abstract arguments (nothing is allocated): the
+    loop's program, its batch packed under data.packing (`step.Steps.compile_train`)."""
+    return ts.build_steps(cfg, ts.model_spec(cfg), mesh).compile_train()
 
 
 def measured(cfg: Config, devices: list) -> dict[str, Any]:
