@@ -2,6 +2,7 @@
 #   make train   train configs/small.yaml on the Python standard-library sources
 #   make test    run the whole test suite (CPU, 8 simulated devices per worker, one worker per core)
 #   make check   the fast subset for the edit loop (no multi-run or subprocess tests)
+#   make compile-venv  the TPU and H100 compilers in .venv-compile, for dry-run --compile --target
 #   make data    tokenize the default corpus (bytes, BPE 8k) and a second corpus into data/cache/
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: train test check venv clean data train-bpe data-bench
+.PHONY: train test check venv compile-venv clean data train-bpe data-bench
 
 venv: $(STAMP)
 
@@ -26,6 +27,17 @@ $(STAMP): pyproject.toml
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(TEST_STAMP)
+
+# the accelerator compilers, in a venv of their own: `make train`'s jax never finds them
+COMPILE_VENV ?= .venv-compile
+COMPILE_STAMP := $(COMPILE_VENV)/.installed
+$(COMPILE_STAMP): pyproject.toml
+	test -x $(COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(COMPILE_VENV)
+	$(COMPILE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPILE_VENV)/bin/python -m pip install -q -e '.[tpu-compile,gpu-compile]'
+	touch $(COMPILE_STAMP)
+
+compile-venv: $(COMPILE_STAMP)
 
 train: $(STAMP)
 	$(BIN)/jaxtrain train $(CONFIG) --workdir $(WORKDIR)
@@ -51,7 +63,7 @@ data-bench: $(CACHE)/stdlib/metadata.json
 
 # one pytest worker per core (a third worker on 2 cores measured slower: 11m57s vs 11m05s);
 # a test file stays on one worker, so module fixtures are shared
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(COMPILE_STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 check: $(TEST_STAMP)

@@ -61,12 +61,6 @@ def compiled_memory(compiled: Any) -> dict[str, float]:
     return {**parts, "total": parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"]}
 
 
-def lowered_step(cfg: Config, mesh: Any) -> Any:
-    """The train step `jaxtrain train` would compile on `mesh`, lowered from abstract arguments."""
-    steps = ts.build_steps(cfg, ts.model_spec(cfg), mesh)
-    return steps.train.lower(*steps.abstract_arguments())
-
-
 def compile_for(cfg: Config, target: targets.Target) -> dict[str, Any]:
     """The compiled program's report (module docstring); a step the compiler refuses for
     memory is a report with `fits` False and the compiler's words."""
@@ -78,7 +72,7 @@ def compile_for(cfg: Config, target: targets.Target) -> dict[str, Any]:
                               "hbm_note": target.hardware.hbm_note}
     started = time.perf_counter()
     try:
-        compiled = lowered_step(cfg, mesh).compile()
+        compiled = ts.build_steps(cfg, ts.model_spec(cfg), mesh).compile_train()
     except jax.errors.JaxRuntimeError as err:
         refused = _OUT_OF_MEMORY.search(str(err))
         if refused is None:
