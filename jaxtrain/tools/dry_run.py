@@ -31,7 +31,7 @@ from jaxtrain import step as ts
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import Config
 from jaxtrain.model import sharding
-from jaxtrain.model.transformer import compute_dtype_name
+from jaxtrain.model.execution import compute_dtype_name
 from jaxtrain.optim.schedules import lr_per_step, resolve
 from jaxtrain.run import memory
 from jaxtrain.tools import accelerators, communication, flops
