@@ -17,8 +17,9 @@ per token, read off `jax.ad_checkpoint` residuals of this model (d = d_model,
 f = d_ff, H = heads, T = seq_len):
 
     none            11 d + 6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
-                    scores and probabilities; cuDNN and splash flash attention keep neither,
-                    but cuDNN under data.packing keeps its (B, 1, T, T) document bias: + T)
+                    scores and probabilities; cuDNN and splash flash attention keep neither.
+                    cuDNN's packed-document bias, (B, 1, T, T), is one array per step, not
+                    per layer: +8 MB on gpt350m's compiled H100 step, not counted)
     dots_saveable    8 d + 2 f/tp
     full             2 d
 
@@ -63,8 +64,7 @@ def block_activations_per_token(cfg: Config, remat: str, tensor: int, backend: s
     """a(remat): elements one block keeps for the backward pass, per token."""
     d, f, heads, seq = cfg.model.d_model, cfg.model.ff_dim, cfg.model.n_heads, cfg.data.seq_len
     if remat == "none":
-        kernel = execution.kernel(cfg, backend)
-        scores = 4 * heads * seq / tensor if kernel == "xla" else seq if kernel == "cudnn" and cfg.data.packing else 0
+        scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor
         return 11 * d + 6 * f / tensor + scores
     if remat == "dots_saveable":
         return 8 * d + 2 * f / tensor

@@ -105,7 +105,7 @@ def roofline(cfg: Config, model: dict[str, dict[str, float]], devices: int, targ
 
 def compiled_step(cfg: Config, mesh: Any) -> Any:
     """The train step compiled for `mesh` from abstract arguments (nothing is allocated)."""
-    steps = ts.build_steps(cfg, ts.model_spec(cfg), mesh)
+    steps = ts.build_steps(cfg, ts.model_spec(cfg, mesh.devices.flat[0].platform), mesh)
     return steps.train.lower(*steps.abstract_arguments()).compile()
 
 

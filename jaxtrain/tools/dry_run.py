@@ -76,7 +76,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
     collective bytes and temporary memory beside the analytic figures."""
     mesh = abstract_mesh(cfg, devices)
     sharding.check_batch_splits(cfg, dict(mesh.shape))  # train's preflight: refused there, refused here
-    spec = ts.model_spec(cfg)
+    spec = ts.model_spec(cfg, backend)  # the model as compiled for `backend` devices
     comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
