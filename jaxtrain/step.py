@@ -37,8 +37,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxtrain.config.schema import Config
-from jaxtrain.model import parametrization, sharding
+from jaxtrain.config.schema import Config, ModelConfig
+from jaxtrain.model import execution, parametrization, sharding
 from jaxtrain.model.parametrization import Table
 from jaxtrain.model.transformer import Transformer
 from jaxtrain.optim.optimizer import make_optimizer
@@ -68,6 +68,7 @@ class ModelSpec:
     abstract_params: Any  # ShapeDtypeStructs
     logical_axes: Any  # same tree, PartitionSpecs of logical names
     table: Table  # the resolved parametrization: one rule per parameter path
+    model: ModelConfig  # the model section as compiled: dtype and attention concrete for the target
 
     def params_by_path(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
         """Dotted parameter path -> (logical axes, stored shape), in model order."""
@@ -81,12 +82,17 @@ def _unit_model(cfg: Config, rngs: nnx.Rngs) -> Transformer:
     return Transformer(cfg.model, rngs, parametrization.forward_scales(cfg))
 
 
-def model_spec(cfg: Config) -> ModelSpec:
+def model_spec(cfg: Config, platform: str | None = None) -> ModelSpec:
+    """The model as compiled for devices of `platform` ("cpu", "gpu", "tpu"; None: this
+    process's backend, jax.default_backend()): `model.dtype` and `model.attention` are
+    resolved for it once (model/execution.py), and the model built from that config, so
+    a deviceless compile for a GPU / TPU mesh passes mesh.devices.flat[0].platform."""
+    cfg = execution.resolve(cfg, platform)
     abstract_model = nnx.eval_shape(lambda: _unit_model(cfg, nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     return ModelSpec(graphdef, nnx.to_pure_dict(abstract_state),
                      nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)),
-                     parametrization.build_table(cfg, abstract_state))
+                     parametrization.build_table(cfg, abstract_state), cfg.model)
 
 
 def init_params(cfg: Config, spec: ModelSpec, key: jax.Array) -> Any:

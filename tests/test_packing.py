@@ -70,9 +70,10 @@ def test_packed_rows_give_every_document_its_unpacked_loss(short_documents):
 
 
 def test_segment_positions_restart_at_every_document():
-    from jaxtrain.model.transformer import segment_positions_and_mask
+    from jaxtrain.model.attention import document_mask
+    from jaxtrain.model.transformer import segment_positions
 
     segments = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3]])
-    positions, mask = segment_positions_and_mask(segments, segments.shape)
+    positions, mask = segment_positions(segments, segments.shape), document_mask(segments)
     np.testing.assert_array_equal(positions[0], [0, 1, 2, 0, 1, 0, 1, 2])
     assert mask.shape == (1, 1, 8, 8) and bool(mask[0, 0, 4, 3]) and not bool(mask[0, 0, 5, 4])

@@ -11,7 +11,7 @@ from conftest import TINY
 from jaxtrain import step as ts
 from jaxtrain.config.files import load_config
 from jaxtrain.model import sharding
-from jaxtrain.model import transformer as model_lib
+from jaxtrain.model import attention as attention_lib
 from jaxtrain.model.transformer import rms
 from jaxtrain.run import telemetry
 from jaxtrain.run.loop import run
@@ -39,7 +39,7 @@ def by_hand(model, tokens, segment_ids):
         k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
         logits = block.attn.scale * jnp.einsum("btnh,bsnh->bnts", q, k)
         out["max_logit"].append(jnp.max(jnp.where(mask, logits, -jnp.inf)))
-        attended = block.attn(block.attn_norm(x), positions, mask=mask)[0]
+        attended = block.attn(block.attn_norm(x), positions, segment_ids=jnp.asarray(segment_ids))[0]
         x = x + block.residual * attended
         branch = block.mlp(block.mlp_norm(x))
         x = x + block.residual * branch
@@ -101,7 +101,7 @@ def test_telemetry_and_coord_check_of_a_packed_batch_see_its_document_mask(monke
     """Under data.packing the telemetry step and the coordinate check read the forward pass
     that is trained: each document sees only itself. The batch is such that ignoring the
     mask changes every quantity compared, so each comparison would catch it."""
-    monkeypatch.setattr(model_lib, "_SCORE_CHUNK", 16)  # 4 query chunks of T = 64, each with its mask rows
+    monkeypatch.setattr(attention_lib, "_SCORE_CHUNK", 16)  # 4 query chunks of T = 64, each with its mask rows
     cfg = load_config(TINY, ["data.packing=true"])
     spec, steps = telemetry_steps(cfg)
     rng = np.random.default_rng(0)

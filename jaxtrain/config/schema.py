@@ -37,12 +37,15 @@ class ModelConfig(_Section):
     norm_eps: float = Field(1e-6, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     # How the step is computed, not what is learned: a checkpoint resumes under any of these.
-    # Compute dtype of matmuls and attention (auto: bfloat16 on GPU/TPU, float32 on CPU);
+    # Compute dtype of matmuls and attention (auto: bfloat16 on GPU/TPU, float32 on CPU,
+    # by the platform of the devices the step is compiled for: jaxtrain/model/execution.py);
     # parameters, optimizer state and the loss stay float32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # jax.nn.dot_product_attention implementation: auto lets JAX pick (cuDNN flash
-    # attention on GPU when the dtype and shapes allow), xla forces the plain path.
-    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # Attention kernel (jaxtrain/model/attention.py): auto is cuDNN flash attention on GPU in
+    # bfloat16 where its shapes allow, the Pallas splash kernel on TPU where its tiles divide
+    # data.seq_len, XLA's quadratic attention otherwise; xla / cudnn / splash force one
+    # (refused in one line where the target cannot run it).
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     # Rematerialisation of each block in the backward pass: none keeps all activations,
     # dots_saveable keeps matmul outputs and recomputes the rest, full keeps only the
     # block inputs.

@@ -19,7 +19,9 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
   what it sows, `nnx.Intermediate`, asked by name, via `forward_sown`): embedding_rms; attn_rms,
   mlp_rms (L,) of the branches; max_attn_logit (L,); attention_weights (L, B, N, T, T); log_z (B, T).
 * Execution options (`model.dtype/attention/remat/scan_layers`) change how the step is
-  computed, never the parameter tree.
+  computed, never the parameter tree; the model reads `dtype` and `attention` already
+  resolved for the target devices (model/execution.py). The attention kernels (XLA, cuDNN,
+  splash) and the scores telemetry reads are in model/attention.py.
 * Incremental decoding (`Transformer.decode`) keeps each layer's keys and values in a
   `KVCache`: new tokens attend to every cached position up to their own.
 
@@ -48,8 +50,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.config.errors import ConfigError
 from jaxtrain.config.schema import ModelConfig
+from jaxtrain.model import attention
+from jaxtrain.model.execution import compute_dtype_name
 from jaxtrain.model.parametrization import ForwardScales
 from jaxtrain.model.sharding import constrain, keep_stored, splits
 
@@ -68,24 +71,10 @@ _REMAT_POLICIES = {"none": _save_all_but_layouts,
                    "full": jax.checkpoint_policies.nothing_saveable}
 
 
-def compute_dtype_name(cfg: ModelConfig, backend: str) -> str:
-    """The matmul/attention dtype on `backend` (a run planned for another platform asks for
-    its own); `auto` is bfloat16 on accelerators, float32 on CPU."""
-    if cfg.dtype == "auto":
-        return "float32" if backend == "cpu" else "bfloat16"
-    return cfg.dtype
-
-
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
-    """The compute dtype on this process's backend."""
-    return jnp.dtype(compute_dtype_name(cfg, jax.default_backend()))
-
-
-def check_compute(cfg: ModelConfig) -> None:
-    """Execution options this backend cannot run, as a one-line config error."""
-    if cfg.attention == "cudnn" and (jax.default_backend() != "gpu" or compute_dtype(cfg) == jnp.float32):
-        raise ConfigError("model.attention", "cudnn needs a GPU and model.dtype bfloat16 "
-                                             f"(backend {jax.default_backend()}, dtype {cfg.dtype})")
+    """The compute dtype: the resolved `model.dtype` (step.model_spec resolves it for the
+    target devices); an unresolved `auto` means this process's backend."""
+    return jnp.dtype(compute_dtype_name(cfg))
 
 
 def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_in_dims: int) -> nnx.Param:
@@ -113,7 +102,6 @@ def _laid_out(weight: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 ACTIVATION = ("batch", "sequence", "embed")  # the residual stream's axes
 SOWABLE = frozenset({"embedding_rms", "attn_rms", "mlp_rms", "max_attn_logit", "attention_weights", "log_z"})
-_SCORE_CHUNK = 256  # queries per piece of the max attention logit: no (T, T) scores held at once
 
 
 def rms(x: jax.Array) -> jax.Array:  # sqrt(mean(x^2)) over all entries, in float32
@@ -217,17 +205,18 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta), v
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 mask: jax.Array | None = None, sow: Collection[str] = ()) -> tuple[jax.Array, KVCache | None]:
-        """Causal self-attention over x; `mask` (B, 1, T, T), if given, also hides keys of
-        other documents. With a cache, over the cached positions and x (x's positions
-        must continue the cache: cache.length, cache.length + 1, ...)."""
+                 segment_ids: jax.Array | None = None,
+                 sow: Collection[str] = ()) -> tuple[jax.Array, KVCache | None]:
+        """Causal self-attention over x by the `model.attention` kernel; `segment_ids` (B, T),
+        if given, also hide keys of other documents. With a cache, over the cached positions
+        and x (x's positions must continue the cache: cache.length, cache.length + 1, ...)."""
         q, k, v = self._qkv(x, positions)
         if cache is None:
-            implementation = None if self.cfg.attention == "auto" else self.cfg.attention
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=self.scale,
-                                               implementation=implementation)
-            _sow(self, sow, "max_attn_logit", lambda: self._max_logit(q, k, mask))
-            _sow(self, sow, "attention_weights", lambda: jax.nn.softmax(self._scores(q, k, mask), axis=-1))
+            kernel = self.cfg.attention if self.cfg.attention != "auto" else attention.kernel_for(
+                "auto", jax.default_backend(), q.dtype.name, q.shape[-1], q.shape[1])  # unresolved: here
+            out = attention.attend(kernel, q, k, v, segment_ids, self.scale)
+            _sow(self, sow, "max_attn_logit", lambda: attention.max_logit(q, k, segment_ids, self.scale))
+            _sow(self, sow, "attention_weights", lambda: attention.weights(q, k, segment_ids, self.scale))
         else:
             cache = cache.extend(k, v)
             visible = jnp.arange(cache.k.shape[1])[None, :] <= positions[0][:, None]  # (T, max_len)
@@ -235,20 +224,6 @@ class Attention(nnx.Module):
         out = constrain(out, _Q)
         return constrain(jnp.einsum("btnh,nhd->btd", out, _read(self.wo, x.dtype)), ACTIVATION), cache
 
-    def _scores(self, q: jax.Array, k: jax.Array, mask: jax.Array | None, start: int = 0) -> jax.Array:
-        """scale * q.k (B, N, Tq, Tk) in float32 of queries start.., -inf where a key is hidden (later,
-        by index as `is_causal`, or by `mask`); query head n reads kv head n // (N / K)."""
-        k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
-        logits = self.scale * jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-        visible = ((start + jnp.arange(q.shape[1]))[:, None] >= jnp.arange(k.shape[1]))[None, None]
-        visible = visible if mask is None else visible & mask[:, :, start:start + q.shape[1]]
-        return jnp.where(visible, logits, -jnp.inf)
-
-    def _max_logit(self, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """The largest logit a query gives a key it sees: its growth precedes attention-logit
-        divergence (Wortsman et al. 2023). Queries go `_SCORE_CHUNK` at a time."""
-        chunks = range(0, q.shape[1], _SCORE_CHUNK)
-        return jnp.max(jnp.stack([jnp.max(self._scores(q[:, s:s + _SCORE_CHUNK], k, mask, s)) for s in chunks]))
 
 
 class SwiGLU(nnx.Module):
@@ -284,9 +259,10 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None, cache: KVCache | None = None,
-                 mask: jax.Array | None = None, sow: Collection[str] = ()) -> tuple[jax.Array, KVCache | None]:
+                 segment_ids: jax.Array | None = None,
+                 sow: Collection[str] = ()) -> tuple[jax.Array, KVCache | None]:
         keys = jax.random.split(key) if key is not None else (None, None)
-        attended, cache = self.attn(self.attn_norm(x), positions, cache, mask, sow)
+        attended, cache = self.attn(self.attn_norm(x), positions, cache, segment_ids, sow)
         _sow(self, sow, "attn_rms", lambda: rms(attended))  # the branch before dropout and residual scale
         x = x + self.residual * dropout(attended, self.dropout_rate, keys[0])
         branch = self.mlp(self.mlp_norm(x))
@@ -319,10 +295,10 @@ class Transformer(nnx.Module):
         """tokens: (B, T) int -> logits (B, T, vocab) float32. With `segment_ids` (B, T)
         (packed documents), positions restart at every document and no token attends to
         another document's. `sow`: the intermediates of this pass to record (`forward_sown`)."""
-        positions, mask = segment_positions_and_mask(segment_ids, tokens.shape)
+        positions = segment_positions(segment_ids, tokens.shape)
         x = self.embed_tokens(tokens)
         _sow(self, sow, "embedding_rms", lambda: rms(x))
-        logits = self.logits(self._scan_blocks(x, positions, dropout_key, mask, sow))
+        logits = self.logits(self._scan_blocks(x, positions, dropout_key, segment_ids, sow))
         _sow(self, sow, "log_z", lambda: jax.nn.logsumexp(logits, axis=-1))
         return logits
 
@@ -352,7 +328,7 @@ class Transformer(nnx.Module):
         return self.logits(x), extended
 
     def _scan_blocks(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None,
-                     mask: jax.Array | None, sow: Collection[str]) -> jax.Array:
+                     segment_ids: jax.Array | None, sow: Collection[str]) -> jax.Array:
         """x through every layer: one `lax.scan` over the stacked weights (unrolled when
         `scan_layers` is off), each layer rematerialised by `model.remat` (`_REMAT_POLICIES`);
         what the layers sow leaves it stacked on a leading layers axis."""
@@ -362,7 +338,8 @@ class Transformer(nnx.Module):
             weights, index = layer
             block = nnx.merge(graphdef, weights)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-            (x, _), found = nnx.capture(block, nnx.Intermediate)(x, positions, key, mask=mask, sow=sow)
+            (x, _), found = nnx.capture(block, nnx.Intermediate)(x, positions, key, segment_ids=segment_ids,
+                                                                        sow=sow)
             return x, {path[-1]: variable.get_value() for path, variable in nnx.to_flat_state(found)}
 
         one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
@@ -373,19 +350,17 @@ class Transformer(nnx.Module):
         return x
 
 
-def segment_positions_and_mask(segment_ids: jax.Array | None,
-                               shape: tuple[int, int]) -> tuple[jax.Array, jax.Array | None]:
-    """Positions (B, T) and the attention mask (B, 1, T, T) of packed rows: a token's
-    position counts from the first token of its document, and it sees only its own
-    document's tokens. Without segment ids: positions 0..T-1 and no mask."""
+def segment_positions(segment_ids: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+    """Positions (B, T) of packed rows: a token's position counts from the first token of its
+    document (which documents a token sees is the attention kernel's: segment ids, not a
+    T x T mask). Without segment ids: positions 0..T-1."""
     index = jnp.broadcast_to(jnp.arange(shape[1]), shape)
     if segment_ids is None:
-        return index, None
+        return index
     starts_here = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
                                    segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     document_start = jax.lax.cummax(jnp.where(starts_here, index, 0), axis=1)
-    same_document = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return index - document_start, same_document[:, None]
+    return index - document_start
 
 
 def forward_sown(model: Transformer, tokens: jax.Array, names: Collection[str],

@@ -17,12 +17,15 @@ per token, read off `jax.ad_checkpoint` residuals of this model (d = d_model,
 f = d_ff, H = heads, T = seq_len):
 
     none            11 d + 6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
-                    scores and probabilities; cuDNN flash attention keeps neither)
+                    scores and probabilities; cuDNN and splash flash attention keep neither.
+                    cuDNN's packed-document bias, (B, 1, T, T), is one array per step, not
+                    per layer: +8 MB on gpt350m's compiled H100 step, not counted)
     dots_saveable    8 d + 2 f/tp
     full             2 d
 
-`model.attention: auto` counts as cuDNN on GPU in bfloat16 (what JAX picks there) and as
-XLA otherwise. The compute dtype and attention follow `--backend` (default: this machine's).
+The attention kernel is the one the step compiles (model/execution.py: `auto` is cuDNN on GPU
+in bfloat16, splash on TPU, XLA on CPU, where shapes allow). The compute dtype and attention
+follow `--backend` (default: this machine's).
 
 It is an estimate: XLA's buffer assignment may fuse away or add temporaries; the test
 suite holds it to the compiled step's own memory analysis for small configs.
@@ -45,15 +48,16 @@ from jax.sharding import Mesh
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import Config
 from jaxtrain.model import sharding
-from jaxtrain.model.transformer import compute_dtype_name
+from jaxtrain.model import execution
+from jaxtrain.model.execution import compute_dtype_name
 
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def flash_attention(cfg: Config, backend: str) -> bool:
-    if cfg.model.attention == "auto":
-        return backend == "gpu" and compute_dtype_name(cfg.model, backend) == "bfloat16"
-    return cfg.model.attention == "cudnn"
+    """Whether the step on `backend` devices runs a flash kernel (cuDNN or splash), which keeps
+    no T x T scores: the kernel model/execution.py chooses, the one the step compiles."""
+    return execution.kernel(cfg, backend) != "xla"
 
 
 def block_activations_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:

@@ -3,7 +3,7 @@ place for the commands that build a step from a config: `jaxtrain train` (and co
 import), `jaxtrain bench` and `jaxtrain eval`. A config one of them refuses, the others
 refuse with the same line.
 
-    compute      model.check_compute: dtype / attention kernel available on this backend
+    compute      model/execution.check: the attention kernel runs on the mesh's devices
     mesh         sharding.check_batch_divides: batch and its microbatches split over the mesh
     data         pipeline.check_fits: every source has windows of seq_len+1 for the splits read
     memory       memory.check_fits: the estimate fits the devices (train only, opt-out)
@@ -29,7 +29,7 @@ from jaxtrain.data import pipeline
 from jaxtrain.data.sources import DataSource
 from jaxtrain.model import parametrization, sharding
 from jaxtrain.model.parametrization import Table
-from jaxtrain.model.transformer import check_compute
+from jaxtrain.model import execution
 from jaxtrain.run import memory, rewarm
 from jaxtrain.run.checkpoint import Checkpointer, quiet_absl
 from jaxtrain.run.metrics import check_wandb
@@ -42,11 +42,12 @@ def preflight(cfg: Config, mesh: Mesh, sources: list[DataSource] | None = None, 
               splits: Sequence[str] = BOTH_SPLITS, check_memory: bool = False) -> ts.ModelSpec:
     """The model spec of `cfg` once every check has passed. `sources`: the data the command
     reads (None: bench, which times synthetic tokens), of which it reads `splits`."""
-    check_compute(cfg.model)
+    platform = mesh.devices.flat[0].platform  # the devices compiled for, maybe not this process's
+    execution.check(cfg, platform)
     sharding.check_batch_divides(cfg, mesh)
     if sources is not None:
         pipeline.check_fits(cfg, sources, splits)
-    spec = ts.model_spec(cfg)
+    spec = ts.model_spec(cfg, platform)
     if check_memory:
         memory.check_fits(cfg, spec, mesh)
     return spec

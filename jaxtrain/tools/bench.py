@@ -38,7 +38,7 @@ from jaxtrain.config.schema import Config
 from jaxtrain.data import pipeline
 from jaxtrain.data.token_store import TokenSplit
 from jaxtrain.model import sharding
-from jaxtrain.model.transformer import compute_dtype_name
+from jaxtrain.model.execution import compute_dtype_name
 from jaxtrain.run.preflight import preflight
 from jaxtrain.tools import accelerators, flops, hlo_collectives
 
@@ -121,8 +121,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 2, hlo_out: Path | None = 
     state, step_time, metrics = _timed(step, state, batch, steps, warmup)
     versus = _versus_adamw(cfg, mesh, step, state, batch, steps, warmup) if cfg.optimizer.name == "muon" else {}
 
-    dtype = compute_dtype_name(cfg.model, jax.default_backend())
     devices = mesh.devices.flatten().tolist()
+    dtype = compute_dtype_name(cfg.model, devices[0].platform)
     peak, peak_source = accelerators.peak_flops(devices[0], dtype)
     if devices[0].platform != "cpu":
         peak *= len(devices)

@@ -105,8 +105,9 @@ def roofline(cfg: Config, model: dict[str, dict[str, float]], devices: int, targ
 
 def compiled_step(cfg: Config, mesh: Any) -> Any:
     """The train step compiled for `mesh` from abstract arguments (nothing is allocated): the
-    loop's program, its batch packed under data.packing (`step.Steps.compile_train`)."""
-    return ts.build_steps(cfg, ts.model_spec(cfg), mesh).compile_train()
+    loop's program for the platform of `mesh`'s devices, its batch packed under data.packing
+    (`step.Steps.compile_train`)."""
+    return ts.build_steps(cfg, ts.model_spec(cfg, mesh.devices.flat[0].platform), mesh).compile_train()
 
 
 def measured(cfg: Config, devices: list) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from jaxtrain import step as ts
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import Config
 from jaxtrain.model import sharding
-from jaxtrain.model.transformer import compute_dtype_name
+from jaxtrain.model.execution import compute_dtype_name
 from jaxtrain.optim.schedules import lr_per_step, resolve
 from jaxtrain.run import memory
 from jaxtrain.tools import communication, flops, target_compile, targets
@@ -91,7 +91,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: targets.Target
     collective bytes and temporary memory beside the analytic figures."""
     mesh = abstract_mesh(cfg, devices)
     sharding.check_batch_splits(cfg, dict(mesh.shape))  # train's preflight: refused there, refused here
-    spec = ts.model_spec(cfg)
+    spec = ts.model_spec(cfg, backend)  # the model as compiled for `backend` devices
     comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:

@@ -55,7 +55,7 @@ def candidates(cfg: Config, devices: int) -> list[Config]:
 def predict(cfg: Config, target: targets.Target) -> dict[str, Any]:
     """The plan's roofline step time and shape-only memory estimate."""
     mesh = abstract_mesh(cfg, target.devices)
-    spec = ts.model_spec(cfg)
+    spec = ts.model_spec(cfg, target.platform)
     comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, target.platform))
     roof = communication.roofline(cfg, comms, target.devices, target.hardware)
     compute_s = roof["compute_s"] * RECOMPUTE[cfg.model.remat]

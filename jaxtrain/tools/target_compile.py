@@ -27,11 +27,10 @@ from typing import Any
 
 import jax
 
-from jaxtrain import step as ts
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import Config
 from jaxtrain.model import sharding
-from jaxtrain.tools import hlo_collectives, targets
+from jaxtrain.tools import communication, hlo_collectives, targets
 
 # The compiler's own words when a program exceeds HBM (libtpu; XLA:GPU compiles and reports sizes instead).
 _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: (Ran out of memory[^\n]*?)(?:\.\s|\n|$)")
@@ -72,7 +71,7 @@ def compile_for(cfg: Config, target: targets.Target) -> dict[str, Any]:
                               "hbm_note": target.hardware.hbm_note}
     started = time.perf_counter()
     try:
-        compiled = ts.build_steps(cfg, ts.model_spec(cfg), mesh).compile_train()
+        compiled = communication.compiled_step(cfg, mesh)
     except jax.errors.JaxRuntimeError as err:
         refused = _OUT_OF_MEMORY.search(str(err))
         if refused is None:
