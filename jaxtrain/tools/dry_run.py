@@ -77,7 +77,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: str | None = N
     mesh = abstract_mesh(cfg, devices)
     sharding.check_batch_splits(cfg, dict(mesh.shape))  # train's preflight: refused there, refused here
     spec = ts.model_spec(cfg)
-    comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
+    comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend), backend)
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
         extra["roofline"] = communication.roofline(cfg, comms, devices, accelerators.target(target))
