@@ -268,8 +268,9 @@ def compile_steps(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation
                              z_loss=cfg.train.z_loss, dropout=cfg.model.dropout > 0,
                              microbatches=cfg.train.microbatches,
                              skip_nonfinite=cfg.train.on_nonfinite == "skip")
-    jit_step = lambda fn: jax.jit(sharding.traced_on(mesh, fn), in_shardings=(shardings, batch_sh, rep),
-                                  out_shardings=(shardings, rep), donate_argnums=0)
+    jit_step = lambda fn: jax.jit(sharding.traced_on(mesh, fn, cfg.train.grad_reduce_dtype),
+                                  in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep),
+                                  donate_argnums=0)
     train = jit_step(step)
     # compiled on first use only, i.e. only on the steps that ask for the extra metrics
     train_extra = None if extra_metrics is None else jit_step(functools.partial(step, extra_metrics=extra_metrics))

@@ -1,6 +1,10 @@
 """Communication counted from compiled HLO: real XLA:CPU programs on 8 devices, and hand-written
 HLO for what XLA:CPU does not emit (async start/done pairs, loops without a trip count)."""
 
+import gzip
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -271,3 +275,56 @@ def test_loop_without_trip_count_around_a_collective_is_refused():
     hlo = LOOPS_HLO.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
     with pytest.raises(ValueError, match="'inner' in 'outer_body'"):
         collectives(hlo)
+
+
+FIXTURES = Path(__file__).parent / "data" / "hlo"
+# Real train steps compiled deviceless (gpt350m.yaml with model.remat=full, train.batch_size=8,
+# n_layers=2, d_model=256, 4 heads, 2 kv heads, d_ff=512, vocab 1024, seq_len 128; mesh fsdp=8)
+# for TPU v5p (libtpu 0.0.42) and H100 (jax-cuda12-plugin 0.10.2), metadata, backend_config
+# (except on while loops) and TPU tiling annotations stripped to keep them small.
+
+
+def fixture(name: str) -> str:
+    return gzip.decompress((FIXTURES / f"step_{name}.hlo.gz").read_bytes()).decode()
+
+
+def test_tpu_loops_without_known_trip_count_are_counted_from_their_condition():
+    hlo = fixture("tpu")
+    assert "known_trip_count" not in hlo
+    layer_loop = [c for c in collectives(hlo) if c.times > 1]
+    assert layer_loop and {c.times for c in layer_loop} == {2}  # n_layers, read off the compare
+    assert {c.kind for c in layer_loop} == {"all-gather", "all-reduce"}
+    # the weight gradients are summed in train.grad_reduce_dtype's float32, the gathers in bf16
+    assert all(c.shape.startswith("(f32[") or c.shape.startswith("f32[") for c in layer_loop if c.kind == "all-reduce")
+    assert all("bf16" in c.shape for c in layer_loop if c.kind == "all-gather" and c.bytes > 4096)
+
+
+def test_gpu_async_pairs_count_once_and_gradients_reduce_scatter_in_float32():
+    hlo = fixture("gpu")
+    assert "all-gather-start" in hlo and "reduce-scatter-start" in hlo
+    kinds = bytes_by_kind(hlo)
+    assert kinds["reduce-scatter"] > 0 and kinds["all-gather"] > 0
+    scattered = [c for c in collectives(hlo) if c.kind == "reduce-scatter"]
+    assert all(dtype == "f32" for c in scattered for dtype in re.findall(r"([a-z0-9]+)\[", c.shape))
+    assert any(c.times == 2 for c in scattered)  # one per layer, inside the scanned backward loop
+
+
+def test_a_counted_loop_in_any_direction_without_known_trip_count():
+    hlo = LOOPS_HLO.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+    counted = hlo.replace("%no_comms (p: f32[4]) -> pred[] {\n  %p = f32[4]{0} parameter(0)\n  ROOT %t = pred[] constant(true)",
+                          "%no_comms (p: (s32[], f32[4])) -> pred[] {\n  %p = (s32[], f32[4]) parameter(0)\n"
+                          "  %i = s32[] get-tuple-element(%p), index=0\n  %n = s32[] constant(7)\n"
+                          "  ROOT %t = pred[] compare(%n, %i), direction=GT")
+    counted = counted.replace("%inner_body (p: f32[4]) -> f32[4] {\n  %p = f32[4]{0} parameter(0)\n"
+                              "  ROOT %ar = f32[4]{0} all-reduce(%p), replica_groups={}, to_apply=%add",
+                              "%inner_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {\n  %p = (s32[], f32[4]) parameter(0)\n"
+                              "  %i = s32[] get-tuple-element(%p), index=0\n  %two = s32[] constant(2)\n"
+                              "  %next = s32[] add(%two, %i)\n  %x = f32[4]{0} get-tuple-element(%p), index=1\n"
+                              "  %ar = f32[4]{0} all-reduce(%x), replica_groups={}, to_apply=%add\n"
+                              "  ROOT %out = (s32[], f32[4]) tuple(%next, %ar)")
+    counted = counted.replace("  ROOT %inner = f32[4]{0} while(%p), condition=%no_comms, body=%inner_body",
+                              "  %one = s32[] constant(1)\n  %start = s32[] copy(%one)\n"
+                              "  %init = (s32[], f32[4]) tuple(%start, %p)\n"
+                              "  ROOT %inner = (s32[], f32[4]) while(%init), condition=%no_comms, body=%inner_body")
+    times = {c.computation: c.times for c in collectives(counted)}
+    assert times["inner_body"] == 3 * 3  # i = 1, 3, 5 < 7, in each of the outer loop's 3 trips

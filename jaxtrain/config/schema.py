@@ -310,6 +310,12 @@ class TrainConfig(_Section):
     # Gradient accumulation: each step averages the gradients of this many equal slices of
     # the batch, computed one after another (activation memory of one slice).
     microbatches: int = Field(1, gt=0)
+    # The dtype the weight gradients are summed over the batch devices in (FSDP's
+    # reduce-scatter, data parallel's all-reduce), whatever the compute dtype: float32 sums
+    # bf16 per-device gradients without rounding each partial sum (torchtitan's reduce_dtype);
+    # bfloat16 halves the bytes. How the step is computed, not what is learned: a run
+    # resumes under either (train is no identity section, jaxtrain/config/resume.py).
+    grad_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, gt=0)
     # After SIGTERM/SIGINT: finish the step, checkpoint it, exit; if that takes longer than

@@ -37,9 +37,11 @@ kept. `constrain` outside a mesh context (one device, generate, notebooks) does 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -120,14 +122,34 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     return P(*spec)
 
 
-def traced_on(mesh: Mesh, fn: Callable) -> Callable:
-    """fn, traced with `mesh` as the mesh that `constrain` lays arrays out on (wrap a step
-    in this before `jax.jit`: the constraints are read when jit traces it)."""
+def traced_on(mesh: Mesh, fn: Callable, grad_reduce_dtype: str | None = None) -> Callable:
+    """fn, traced with `mesh` as the mesh that `constrain` lays arrays out on, and with the
+    weight gradients that `model.fsdp` reads summed over the batch devices in
+    `grad_reduce_dtype` (None: the compute dtype). Wrap a step in this before `jax.jit`:
+    both are read when jit traces it."""
     @functools.wraps(fn)
     def on_mesh(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), _reducing_in(grad_reduce_dtype):
             return fn(*args, **kwargs)
     return on_mesh
+
+
+_GRAD_REDUCE_DTYPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("grad_reduce_dtype", default=None)
+
+
+@contextlib.contextmanager
+def _reducing_in(dtype: str | None) -> Iterator[None]:
+    token = _GRAD_REDUCE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _GRAD_REDUCE_DTYPE.reset(token)
+
+
+def grad_reduce_dtype(compute_dtype: Any) -> Any:
+    """The dtype weight gradients are summed over the batch devices in while a step is traced
+    (`traced_on`); outside one, or where it set none, the compute dtype (plain autodiff's)."""
+    return jax.numpy.dtype(_GRAD_REDUCE_DTYPE.get() or compute_dtype)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

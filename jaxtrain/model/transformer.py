@@ -30,8 +30,9 @@ Every parameter is created with logical axis names (`out_sharding` metadata):
 and matrices also say how many axes after `layers` they contract (`fan_in_dims`).
 Activations are named too (batch, sequence, embed, heads, kv_heads, head_dim, mlp, vocab)
 wherever their layout changes: `sharding.constrain` maps both to mesh axes by its compute
-rules, and every weight is read through `_read` (cast to the compute dtype, then laid out
-for compute: the FSDP all-gather happens there, in that dtype). `parametrization.py` reads
+rules, and every weight is read through `model/fsdp.py` (cast to the compute dtype, then laid
+out for compute: the FSDP all-gather happens there, in that dtype; its gradient is
+reduce-scattered in train.grad_reduce_dtype). `parametrization.py` reads
 the parameter names to give each parameter its role. Eager sharding is off: placement is
 decided by `sharding.py`.
 
@@ -54,7 +55,8 @@ from jaxtrain.config.schema import ModelConfig
 from jaxtrain.model import attention
 from jaxtrain.model.execution import compute_dtype_name
 from jaxtrain.model.parametrization import ForwardScales
-from jaxtrain.model.sharding import constrain, keep_stored, splits
+from jaxtrain.model import fsdp
+from jaxtrain.model.sharding import constrain, splits
 
 def _save_all_but_layouts(primitive, *_, **__) -> bool:
     """remat none: keep every value for the backward pass except the outputs of layout
@@ -83,21 +85,17 @@ def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_i
     return nnx.Param(value, out_sharding=axes, eager_sharding=False, fan_in_dims=fan_in_dims)
 
 
-def _cast(param: nnx.Param, dtype: jnp.dtype) -> jax.Array:
-    """A weight's shard, cast to the compute dtype (still in its storage layout)."""
-    return keep_stored(param[...], param.get_metadata()["out_sharding"]).astype(dtype)
+def _project(subscripts: str, x: jax.Array, params: list[nnx.Param], axes: tuple[str | None, ...] | None = None,
+             combine: Callable | None = None, **einsum_kwargs) -> jax.Array:
+    """einsum(subscripts, x, W): W the weights `params` cast to x's dtype and `combine`d in their storage layout
+    (`axes`: W's; default the one param's), then laid out for compute (`fsdp.project`: the FSDP all-gather in the
+    compute dtype, the gradient's reduce-scatter in train.grad_reduce_dtype). The backward pass gathers W again."""
+    return fsdp.project(subscripts, x, [p[...] for p in params], [_axes(p) for p in params], axes or _axes(params[0]),
+                        combine, **einsum_kwargs)
 
 
-def _read(param: nnx.Param, dtype: jnp.dtype) -> jax.Array:
-    """A weight as a matmul reads it: cast to the compute dtype, then laid out by the compute
-    rules (under FSDP this is the all-gather of the shard, in the compute dtype)."""
-    return _laid_out(_cast(param, dtype), param.get_metadata()["out_sharding"])
-
-
-def _laid_out(weight: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """A weight (in its storage layout) moved to its compute layout; the backward pass
-    gathers it again instead of keeping it from the forward pass (`_REMAT_POLICIES`)."""
-    return constrain(keep_stored(weight, axes), axes)
+def _axes(param: nnx.Param) -> tuple[str | None, ...]:
+    return param.get_metadata()["out_sharding"]
 
 
 ACTIVATION = ("batch", "sequence", "embed")  # the residual stream's axes
@@ -191,15 +189,15 @@ class Attention(nnx.Module):
         Elsewhere three matmuls, which skip the grouping's copies (faster on CPU)."""
         n, k, h = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
         if splits("kv_heads", k):
-            wq = _cast(self.wq, x.dtype).reshape(-1, k, n // k, h)  # grouped while still sharded
-            wk, wv = _cast(self.wk, x.dtype)[:, :, None], _cast(self.wv, x.dtype)[:, :, None]
-            w = _laid_out(jnp.concatenate([wq, wk, wv], axis=2), ("embed", "kv_heads", None, "head_dim"))
-            qkv = constrain(jnp.einsum("btd,dkgh->btkgh", x, w), ("batch", "sequence", "kv_heads", None, "head_dim"))
+            group = lambda wq, wk, wv, g=(k, n // k, h): jnp.concatenate(  # noqa: E731 (k is reassigned below)
+                [wq.reshape(-1, *g), wk[:, :, None], wv[:, :, None]], axis=2)
+            qkv = _project("btd,dkgh->btkgh", x, [self.wq, self.wk, self.wv], ("embed", "kv_heads", None, "head_dim"), group)
+            qkv = constrain(qkv, ("batch", "sequence", "kv_heads", None, "head_dim"))
             q, k, v = qkv[:, :, :, :-2].reshape(*x.shape[:2], n, h), qkv[:, :, :, -2], qkv[:, :, :, -1]
         else:
-            q = constrain(jnp.einsum("btd,dnh->btnh", x, _read(self.wq, x.dtype)), _Q)
-            k = constrain(jnp.einsum("btd,dkh->btkh", x, _read(self.wk, x.dtype)), _KV)
-            v = constrain(jnp.einsum("btd,dkh->btkh", x, _read(self.wv, x.dtype)), _KV)
+            q = constrain(_project("btd,dnh->btnh", x, [self.wq]), _Q)
+            k = constrain(_project("btd,dkh->btkh", x, [self.wk]), _KV)
+            v = constrain(_project("btd,dkh->btkh", x, [self.wv]), _KV)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, self.cfg.rope_theta), apply_rope(k, positions, self.cfg.rope_theta), v
@@ -222,7 +220,7 @@ class Attention(nnx.Module):
             visible = jnp.arange(cache.k.shape[1])[None, :] <= positions[0][:, None]  # (T, max_len)
             out = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=visible[None, None], scale=self.scale)
         out = constrain(out, _Q)
-        return constrain(jnp.einsum("btnh,nhd->btd", out, _read(self.wo, x.dtype)), ACTIVATION), cache
+        return constrain(_project("btnh,nhd->btd", out, [self.wo]), ACTIVATION), cache
 
 
 
@@ -236,16 +234,16 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Where the tensor axis splits the MLP width, gate and up are one matmul over the
         stacked (embed, 2, mlp) weights, so the input's gradient is all-reduced once."""
-        dtype, hidden_axes = x.dtype, ("batch", "sequence", "mlp")
+        hidden_axes = ("batch", "sequence", "mlp")
         if not splits("mlp", self.w_up.shape[-1]):
-            gate = constrain(x @ _read(self.w_gate, dtype), hidden_axes)
-            up = constrain(x @ _read(self.w_up, dtype), hidden_axes)
-            return constrain((jax.nn.silu(gate) * up) @ _read(self.w_down, dtype), ACTIVATION)
-        w = _laid_out(jnp.stack([_cast(self.w_gate, dtype), _cast(self.w_up, dtype)], axis=1),
-                      ("embed", None, "mlp"))
-        gate_up = constrain(jnp.einsum("btd,dcf->btcf", x, w), ("batch", "sequence", None, "mlp"))
+            gate = constrain(_project("btd,df->btf", x, [self.w_gate]), hidden_axes)
+            up = constrain(_project("btd,df->btf", x, [self.w_up]), hidden_axes)
+            return constrain(_project("btf,fd->btd", jax.nn.silu(gate) * up, [self.w_down]), ACTIVATION)
+        gate_up = _project("btd,dcf->btcf", x, [self.w_gate, self.w_up], ("embed", None, "mlp"),
+                           lambda g, u: jnp.stack([g, u], axis=1))
+        gate_up = constrain(gate_up, ("batch", "sequence", None, "mlp"))
         hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-        return constrain(hidden @ _read(self.w_down, dtype), ACTIVATION)
+        return constrain(_project("btf,fd->btd", hidden, [self.w_down]), ACTIVATION)
 
 
 class Block(nnx.Module):
@@ -287,7 +285,8 @@ class Transformer(nnx.Module):
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """The lookup reads the whole table (gathered once per step, like a weight), so its
         output is batch-sharded with no activation traffic over the tensor axis."""
-        table = constrain(_cast(self.embed, compute_dtype(self.cfg)), (None, None))
+        table = fsdp.gathered([self.embed[...]], [_axes(self.embed)], _axes(self.embed), compute_dtype(self.cfg),
+                              compute_axes=(None, None))
         return constrain(jnp.take(table, tokens, axis=0), ACTIVATION)
 
     def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None,
@@ -304,7 +303,7 @@ class Transformer(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
-        logits = jnp.einsum("btd,dv->btv", x, _read(self.lm_head, x.dtype), preferred_element_type=jnp.float32)
+        logits = _project("btd,dv->btv", x, [self.lm_head], preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "sequence", "vocab"))
 
     def layer(self, index: int) -> Block:

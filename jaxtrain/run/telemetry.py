@@ -175,5 +175,5 @@ def compile_diagnose(cfg: Config, spec: ts.ModelSpec, shardings: ts.TrainState, 
     loss = lambda params, batch: ts.loss_and_metrics(params, spec, batch, cfg.train.z_loss)[0]
     diagnose = make_diagnose(cfg.diagnostics, spec.table, loss)
     rep = sharding.replicated(mesh)
-    return jax.jit(sharding.traced_on(mesh, diagnose), in_shardings=(shardings.params, sharding.batch_sharding(mesh), rep),
-                   out_shardings=rep)
+    return jax.jit(sharding.traced_on(mesh, diagnose, cfg.train.grad_reduce_dtype),
+                   in_shardings=(shardings.params, sharding.batch_sharding(mesh), rep), out_shardings=rep)

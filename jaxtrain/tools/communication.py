@@ -12,9 +12,14 @@ m microbatches, b = bytes of the dtype the collectives move:
                          gains (gathered in the forward pass and again in the backward:
                          ZeRO-3, `model._REMAT_POLICIES`), g = 1 for the token embedding and
                          the LM head (their gathered copy serves the backward pass too).
-  gradient reduction     c * 4 per parameter when D * F > 1: float32 gradients summed over
-                         the batch devices (XLA:CPU emits all-reduce + slice, which counts
-                         the full c; GPU/TPU turn it into a reduce-scatter onto s).
+  gradient reduction     when D * F > 1, per parameter, in r = bytes of train.grad_reduce_dtype
+                         (`model/fsdp.py`; XLA:CPU always sums in float32, r = 4): GPU and
+                         TPU reduce-scatter onto the shard, s * r (the token embedding's
+                         gradient moves as an all-to-all of the device's tokens x d in the
+                         compute dtype instead); XLA:CPU emits all-reduce + slice, c * r;
+                         a weight stored whole (pure data parallel) is all-reduced, c * r.
+                         (The TPU compiler may run a reduce-scatter as a ring of
+                         collective-permutes fused with the matmul, `hlo_collectives`.)
   tensor all-reduces     m * (4 L + 1) * (B / (D F m)) * S * d * b when T > 1: Megatron's
                          two per layer forward (attention and MLP outputs) and two backward
                          (their inputs' gradients; q/k/v and gate/up are fused matmuls, so
@@ -51,16 +56,21 @@ _GATHERED_ONCE = ("embed", "lm_head")
 
 
 def _compute_spec(path: str, axes: tuple, shape: tuple, mesh: Any) -> Any:
-    if path == "embed":  # the lookup reads the whole table (model.Transformer.embed_tokens)
+    if path == "embed":  # both accelerators  # the lookup reads the whole table (model.Transformer.embed_tokens)
         return jax.sharding.PartitionSpec()
     return sharding.logical_to_spec(axes, shape, mesh, sharding.COMPUTE_RULES)
 
 
-def analytic(cfg: Config, spec: ts.ModelSpec, mesh: Any, collective_bytes: int) -> dict[str, dict[str, float]]:
-    """{category: {"bytes", "traffic", "kind"}} per device per step (module docstring)."""
+def analytic(cfg: Config, spec: ts.ModelSpec, mesh: Any, collective_bytes: int,
+             backend: str = "cpu") -> dict[str, dict[str, float]]:
+    """{category: {"bytes", "traffic", "kind"}} per device per step (module docstring) of the
+    step as `backend` ("cpu", "gpu" or "tpu") compiles it."""
     d, f, t = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]
     micro = cfg.train.microbatches
-    gather = gather_traffic = grads = grads_traffic = 0.0
+    tokens = cfg.train.batch_size * cfg.data.seq_len / (d * f)
+    gather = gather_traffic = 0.0
+    grads = {"all-reduce": 0.0, "reduce-scatter": 0.0, "all-to-all": 0.0}
+    grads_traffic = 0.0
     for path, (axes, shape) in spec.params_by_path().items():
         stored = sharding.shard_count(sharding.logical_to_spec(axes, shape, mesh), mesh)
         computed = sharding.shard_count(_compute_spec(path, axes, shape, mesh), mesh)
@@ -71,15 +81,40 @@ def analytic(cfg: Config, spec: ts.ModelSpec, mesh: Any, collective_bytes: int) 
             gather += times * c * collective_bytes
             gather_traffic += times * c * collective_bytes * (n - 1) / n
         if d * f > 1:
-            grads += c * 4
-            grads_traffic += c * 4 * (d * f - 1) / (d * f) * (1 if f > 1 else 2)
-    tokens = cfg.train.batch_size * cfg.data.seq_len / (d * f)
+            kind, size, traffic = _gradient_reduction(cfg, path, c, stored // computed, d * f, tokens, backend,
+                                                      collective_bytes)
+            grads[kind] += size
+            grads_traffic += traffic
     tensor = (4 * cfg.model.n_layers + 1) * tokens * cfg.model.d_model * collective_bytes if t > 1 else 0.0
     return {
         "parameter all-gather": {"bytes": gather, "traffic": gather_traffic, "kind": "all-gather"},
-        "gradient reduction": {"bytes": grads, "traffic": grads_traffic, "kind": "all-reduce"},
+        **{f"gradient {kind}": {"bytes": size, "traffic": grads_traffic * size / sum(grads.values()), "kind": kind}
+           for kind, size in grads.items() if size},
         "tensor all-reduce": {"bytes": tensor, "traffic": tensor * 2 * (t - 1) / t, "kind": "all-reduce"},
     }
+
+
+def _gradient_reduction(cfg: Config, path: str, c: float, n: int, batch_devices: int, tokens: float,
+                        backend: str, collective_bytes: int) -> tuple[str, float, float]:
+    """(kind, output bytes, ring traffic) of one parameter's gradient sum over the batch devices.
+
+    XLA:CPU sums every gradient in float32 as an all-reduce of the whole compute-layout
+    gradient c (then slices its shard). GPU and TPU reduce-scatter a weight stored sharded
+    (n > 1) onto its shard c / n, in train.grad_reduce_dtype (`model/fsdp.py`); the token
+    embedding's gradient (a scatter-add of the batch's rows) is instead moved as an
+    all-to-all of the device's tokens x d_model in the compute dtype, each device adding up
+    its own columns; a weight stored whole (pure data parallel) is all-reduced. The TPU
+    compiler (libtpu 0.0.42) emits no reduce-scatter for it either: it all-reduces the whole
+    gradient and slices (fsdp x tensor), or fuses the sum into the matmul as a ring of
+    collective-permutes whose outputs add up to about c (fsdp alone), so c * r there too."""
+    reduce_bytes = 4 if backend == "cpu" else {"float32": 4, "bfloat16": 2}[cfg.train.grad_reduce_dtype]
+    ring = (batch_devices - 1) / batch_devices
+    if path == "embed" and backend != "cpu" and n > 1:
+        size = tokens * cfg.model.d_model * collective_bytes
+        return "all-to-all", size, size * ring
+    if backend in ("cpu", "tpu") or n == 1:
+        return "all-reduce", c * reduce_bytes, 2 * c * reduce_bytes * ring
+    return "reduce-scatter", c / n * reduce_bytes, c * reduce_bytes * ring
 
 
 def by_kind(model: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -92,7 +92,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: targets.Target
     mesh = abstract_mesh(cfg, devices)
     sharding.check_batch_splits(cfg, dict(mesh.shape))  # train's preflight: refused there, refused here
     spec = ts.model_spec(cfg, backend)  # the model as compiled for `backend` devices
-    comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend))
+    comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, backend), backend)
     extra: dict[str, Any] = {"communication": {"analytic": comms, "analytic_by_kind": communication.by_kind(comms)}}
     if target is not None:
         extra["roofline"] = communication.roofline(cfg, comms, devices, target.hardware)

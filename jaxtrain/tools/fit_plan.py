@@ -56,7 +56,7 @@ def predict(cfg: Config, target: targets.Target) -> dict[str, Any]:
     """The plan's roofline step time and shape-only memory estimate."""
     mesh = abstract_mesh(cfg, target.devices)
     spec = ts.model_spec(cfg, target.platform)
-    comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, target.platform))
+    comms = communication.analytic(cfg, spec, mesh, collective_dtype_bytes(cfg, target.platform), target.platform)
     roof = communication.roofline(cfg, comms, target.devices, target.hardware)
     compute_s = roof["compute_s"] * RECOMPUTE[cfg.model.remat]
     estimate = memory.per_device(cfg, memory.params_per_device(spec, mesh), dict(mesh.shape), target.platform,

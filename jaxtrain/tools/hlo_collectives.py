@@ -10,9 +10,15 @@ program after SPMD partitioning. Every collective instruction is counted with
 
 `times` follows the call graph from ENTRY (1): a `while` with multiplicity m gives its
 body m * n and its condition m * (n + 1) (the condition is evaluated once more to exit),
-n being the `"known_trip_count":{"n":"..."}` XLA writes into the loop's backend_config.
-A loop without one raises ValueError if anything under it communicates (a count would be
-a guess); otherwise it is harmless and its computations count zero times. Every other
+n being the `"known_trip_count":{"n":"..."}` XLA writes into the loop's backend_config
+(XLA:CPU and GPU do). TPU loops carry none (the layer scan, and the ring loops into which
+the TPU compiler decomposes a collective matmul, `windowed_dot_general_*`): there n is read
+off the loop itself (`_derived_trip_count`), when it is a counted loop: the condition's ROOT
+compares one tuple element i of its parameter with a constant (LT, LE, GT, GE, NE, either
+side), element i starts as a constant (the while's operand is a tuple whose i-th operand
+is one, through copies and bitcasts) and the body's ROOT tuple sets it to itself plus a
+constant. A loop neither way counted raises ValueError if anything under it communicates
+(a count would be a guess); otherwise it is harmless and its computations count zero times. Every other
 reference (`calls=`, `to_apply=`, `branch_computations=`, `true_/false_computation=`,
 `called_computations=`) passes m on, so each conditional branch counts as if it ran: an
 upper bound. A computation reached from several places adds up their multiplicities.
@@ -47,7 +53,7 @@ _ELEMENT_BYTES = {
 }
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*[({]")
-_INSTRUCTION = re.compile(r"^(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_INSTRUCTION = re.compile(r"^(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"([\w\-]+)\(")
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([^\]]*)\]")
 _LAYOUT = re.compile(r"\{[^{}]*\}")
@@ -73,6 +79,7 @@ class _Instruction:
     shape: str
     opcode: str
     attributes: str  # everything after the opcode: operands and attributes
+    root: bool = False  # the computation's ROOT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +136,12 @@ def _parse_instruction(line: str) -> _Instruction | None:
     match = _INSTRUCTION.match(line)
     if not match:
         return None
-    shape, rest = _split_shape(match.group(2))
+    shape, rest = _split_shape(match.group(3))
     opcode = _OPCODE.match(rest)
     if not opcode:
         return None
-    return _Instruction(match.group(1), _LAYOUT.sub("", shape), opcode.group(1), rest[opcode.end():])
+    return _Instruction(match.group(2), _LAYOUT.sub("", shape), opcode.group(1), rest[opcode.end():],
+                        bool(match.group(1)))
 
 
 def _split_shape(text: str) -> tuple[str, str]:
@@ -162,7 +170,7 @@ def _element_bytes(dtype: str) -> int:
     raise ValueError(f"unknown HLO element type {dtype!r}")
 
 
-def _calls(instruction: _Instruction) -> list[_Call]:
+def _calls(instruction: _Instruction, computations: dict[str, list[_Instruction]], caller: str) -> list[_Call]:
     """The computations an instruction runs, each with how many times per execution."""
     if instruction.opcode in ("async-update", "async-done"):
         return []  # they repeat the async-start's calls=
@@ -170,7 +178,8 @@ def _calls(instruction: _Instruction) -> list[_Call]:
     if instruction.opcode == "while":
         references = dict(_SINGLE_REF.findall(attributes))
         trip_count = _TRIP_COUNT.search(instruction.attributes.replace("\\", ""))
-        n = int(trip_count.group(1)) if trip_count else None
+        n = int(trip_count.group(1)) if trip_count else _derived_trip_count(
+            instruction, computations, caller, references["condition"], references["body"])
         return [_Call(references["body"], n, instruction.name),
                 _Call(references["condition"], None if n is None else n + 1, instruction.name)]
     names = [name for _, name in _SINGLE_REF.findall(attributes)]
@@ -179,9 +188,89 @@ def _calls(instruction: _Instruction) -> list[_Call]:
     return [_Call(name, 1, instruction.name) for name in names]
 
 
+_COMPARISONS = {"LT": lambda i, n: i < n, "LE": lambda i, n: i <= n, "GT": lambda i, n: i > n,
+                "GE": lambda i, n: i >= n, "NE": lambda i, n: i != n}
+_MIRRORED = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE"}
+_PASS_THROUGH = ("copy", "bitcast", "convert", "reshape")
+
+
+def _derived_trip_count(loop: _Instruction, computations: dict[str, list[_Instruction]], caller: str,
+                        condition: str, body: str) -> int | None:
+    """n of a counted loop without known_trip_count (module docstring), or None."""
+    by_name = {name: {i.name: i for i in computations.get(name, ())} for name in (caller, condition, body)}
+    compare = next((i for i in computations.get(condition, ()) if i.root), None)
+    direction = re.search(r"direction=(\w+)", compare.attributes) if compare and compare.opcode == "compare" else None
+    if direction is None or direction.group(1) not in _COMPARISONS:
+        return None
+    left, right = (_through(by_name[condition], name) for name in _operands(compare)[:2])
+    if _constant(left) is not None:
+        left, right, op = right, left, _MIRRORED[direction.group(1)]
+    else:
+        op = direction.group(1)
+    index, bound = _tuple_index(left), _constant(right)
+    init_tuple = by_name[caller].get(_operands(loop)[0])
+    update = next((i for i in computations.get(body, ()) if i.root), None)
+    if None in (index, bound, init_tuple, update) or "tuple" not in (init_tuple.opcode, update.opcode):
+        return None
+    start = _constant(_through(by_name[caller], _operands(init_tuple)[index]))
+    step = _increment(by_name[body], _operands(update)[index], index)
+    if start is None or not step:
+        return None
+    value, n = start, 0
+    while _COMPARISONS[op](value, bound) and n <= 1_000_000:  # a counted loop, by simulation: no sign cases
+        value, n = value + step, n + 1
+    return n if n <= 1_000_000 else None
+
+
+def _operands(instruction: _Instruction) -> list[str]:
+    """The operand names (without % and types) of an instruction."""
+    depth, end = 1, 0
+    for end, char in enumerate(instruction.attributes):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            break
+    return [piece.split()[-1].lstrip("%") for piece in instruction.attributes[:end].split(",") if piece.strip()]
+
+
+def _through(scope: dict[str, _Instruction], name: str) -> _Instruction | None:
+    """The instruction `name` stands for, through copies, bitcasts and converts."""
+    instruction = scope.get(name)
+    while instruction is not None and instruction.opcode in _PASS_THROUGH:
+        instruction = scope.get(_operands(instruction)[0])
+    return instruction
+
+
+def _constant(instruction: _Instruction | None) -> int | None:
+    if instruction is None or instruction.opcode != "constant":
+        return None
+    literal = instruction.attributes.split(")")[0].strip()
+    return int(literal) if re.fullmatch(r"-?\d+", literal) else None
+
+
+def _tuple_index(instruction: _Instruction | None) -> int | None:
+    """i, where `instruction` is get-tuple-element(parameter, index=i)."""
+    if instruction is None or instruction.opcode != "get-tuple-element":
+        return None
+    index = re.search(r"index=(\d+)", instruction.attributes)
+    return int(index.group(1)) if index else None
+
+
+def _increment(scope: dict[str, _Instruction], name: str, index: int) -> int | None:
+    """k, where `name` is add(element `index` of the body's parameter, constant k)."""
+    add = _through(scope, name)
+    if add is None or add.opcode != "add":
+        return None
+    a, b = (_through(scope, operand) for operand in _operands(add)[:2])
+    if _tuple_index(a) == index and _constant(b) is not None:
+        return _constant(b)
+    if _tuple_index(b) == index and _constant(a) is not None:
+        return _constant(a)
+    return None
+
+
 def _multiplicities(computations: dict[str, list[_Instruction]], entry: str) -> dict[str, int]:
     """How many times each computation runs per execution of `entry`."""
-    calls = {name: [call for instruction in instructions for call in _calls(instruction)]
+    calls = {name: [call for instruction in instructions for call in _calls(instruction, computations, name)]
              for name, instructions in computations.items()}
     callers: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for caller, outgoing in calls.items():
