@@ -123,8 +123,8 @@ def _parse(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
             current = header.group(2)
             computations[current] = []
             entry = current if header.group(1) else entry
-        elif line.startswith("}"):
-            current = None
+        elif line == "}":  # a computation's end; a line like "}}, metadata=..." ends a
+            current = None  # string attribute that spans lines (a Mosaic kernel's config)
         elif current is not None and (instruction := _parse_instruction(line)):
             computations[current].append(instruction)
     if entry is None:

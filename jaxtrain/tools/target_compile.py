@@ -44,8 +44,7 @@ class DoesNotFit(UserError):
 def attention_kernel(hlo_text: str) -> dict[str, Any]:
     """Which attention the compiled program runs, and how many of its kernels it calls."""
     cudnn = len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text))
-    splash = len([line for line in hlo_text.splitlines()
-                  if 'custom_call_target="tpu_custom_call"' in line and "splash" in line])
+    splash = len(re.findall(r"^\s*(?:ROOT )?%splash_\w*\.?\d* = .* custom-call\(", hlo_text, re.MULTILINE))
     if cudnn:
         return {"kernel": "cudnn", "custom_calls": cudnn}
     if splash:
