@@ -133,6 +133,6 @@ def test_memory_model_follows_the_kernel():
     assert memory.flash_attention(cfg, "gpu") and memory.flash_attention(cfg, "tpu")
     assert not memory.flash_attention(cfg, "cpu") and not memory.flash_attention(_config(attention="xla"), "gpu")
     heads_term = 4 * cfg.model.n_heads * cfg.data.seq_len
-    gap = lambda backend: memory.block_activations_per_token(_config(attention="xla"), "none", 1, backend) - \
-        memory.block_activations_per_token(cfg, "none", 1, backend)
-    assert gap("gpu") == gap("tpu") == heads_term and gap("cpu") == 0
+    gap = lambda backend: memory.block_bytes_per_token(_config(attention="xla"), "none", 1, backend) - \
+        memory.block_bytes_per_token(cfg, "none", 1, backend)
+    assert gap("gpu") == gap("tpu") == heads_term * 2 and gap("cpu") == 0  # bfloat16 there under dtype auto

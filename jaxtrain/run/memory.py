@@ -7,21 +7,33 @@ sum over parameters of size / product of the mesh axes sharding it; P_adam and P
 it by the table's update rule: Adam keeps two moments, Muon one momentum):
 
     params 4P + optimizer state 8P_adam + 4P_muon + gradients 4P       (all float32)
-  + saved activations   L * t * a(remat) * b                 (b = compute-dtype bytes)
-  + recomputation       t * a(none) * b                      (one block, if remat != none)
-  + logits              3 * t * V/tp * 4                     (logits, softmax, their gradient)
+  + saved activations   L * t * s(remat)                      (what the layer scan keeps)
+  + the larger of       logits   t * V/tp * 4                  (float32, at the loss; the
+                                                               softmax and its gradient fuse
+                                                               into that buffer)
+                        recompute t * s(none)                  (one block's residuals rebuilt
+                                                               in the backward pass, if remat
+                                                               is not none)
+
+The logits live before the backward pass reaches the blocks and the recomputed block
+after, so the peak holds one or the other, not both. That, and a block's norm and
+residual-stream values kept in float32 (the RMSNorm computes in float32) where the
+compute dtype is bfloat16, is what the TPU v5p and H100 compilers' buffer assignments of
+gpt350m and llama1b show (docs/performance.md "Compiled for real targets": compiled /
+estimate 0.9-1.2 over remat x microbatch plans, where 3 logit-sized buffers and a recompute
+on top of them had read 0.44-0.68).
 
 t = tokens per device per microbatch = batch * seq_len / (data * fsdp * microbatches),
-tp = the tensor axis. a(remat) counts the elements one block saves for the backward pass
-per token, read off `jax.ad_checkpoint` residuals of this model (d = d_model,
-f = d_ff, H = heads, T = seq_len):
+tp = the tensor axis, b = compute-dtype bytes. s(remat) is the bytes one block saves for
+the backward pass per token, read off `jax.ad_checkpoint` residuals of this model (d =
+d_model, f = d_ff, H = heads, T = seq_len):
 
-    none            11 d + 6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
+    none            11 d * 4 + (6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
                     scores and probabilities; cuDNN and splash flash attention keep neither.
                     cuDNN's packed-document bias, (B, 1, T, T), is one array per step, not
-                    per layer: +8 MB on gpt350m's compiled H100 step, not counted)
-    dots_saveable    8 d + 2 f/tp
-    full             2 d
+                    per layer: +8 MB on gpt350m's compiled H100 step, not counted)) * b
+    dots_saveable   (8 d + 2 f/tp) * b
+    full             2 d * b
 
 The attention kernel is the one the step compiles (model/execution.py: `auto` is cuDNN on GPU
 in bfloat16, splash on TPU, XLA on CPU, where shapes allow). The compute dtype and attention
@@ -60,15 +72,16 @@ def flash_attention(cfg: Config, backend: str) -> bool:
     return execution.kernel(cfg, backend) != "xla"
 
 
-def block_activations_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
-    """a(remat): elements one block keeps for the backward pass, per token."""
+def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
+    """s(remat): bytes one block keeps for the backward pass, per token."""
     d, f, heads, seq = cfg.model.d_model, cfg.model.ff_dim, cfg.model.n_heads, cfg.data.seq_len
+    b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
     if remat == "none":
         scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor
-        return 11 * d + 6 * f / tensor + scores
+        return 11 * d * 4 + (6 * f / tensor + scores) * b
     if remat == "dots_saveable":
-        return 8 * d + 2 * f / tensor
-    return 2 * d
+        return (8 * d + 2 * f / tensor) * b
+    return 2 * d * b
 
 
 MOMENTS = {"adam": 2, "muon": 1}  # float32 optimizer-state arrays per parameter, by update rule
@@ -81,14 +94,13 @@ def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
     model, tensor = cfg.model, mesh_shape["tensor"]
     batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
     tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
-    b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
-    per_token = functools.partial(block_activations_per_token, cfg, tensor=tensor, backend=backend)
-    saved = model.n_layers * tokens * per_token(model.remat) * b
-    recompute = 0.0 if model.remat == "none" else tokens * per_token("none") * b
+    per_token = functools.partial(block_bytes_per_token, cfg, tensor=tensor, backend=backend)
+    logits = tokens * model.vocab_size / tensor * 4
+    recompute = 0.0 if model.remat == "none" else tokens * per_token("none")
     optimizer = 8.0 * params_per_device if optimizer_bytes is None else optimizer_bytes
     parts = {"params": 4.0 * params_per_device, "optimizer": optimizer,
-             "gradients": 4.0 * params_per_device, "activations": saved + recompute,
-             "logits": 3.0 * tokens * model.vocab_size / tensor * 4}
+             "gradients": 4.0 * params_per_device, "activations": model.n_layers * tokens * per_token(model.remat),
+             "logits or recompute": max(logits, recompute)}
     return {**parts, "total": sum(parts.values())}
 
 
