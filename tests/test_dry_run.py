@@ -44,7 +44,7 @@ def test_cluster_config_plan_from_the_cli(tmp_path):
     assert panel["title"].startswith("wsd") and panel["y"] == "learning rate"
     plan = json.loads(run_cli("dry-run", str(CLUSTER), "--devices", "32", "--json").stdout)
     assert plan["mesh"] == {"data": 1, "fsdp": 32, "tensor": 1}
-    assert plan["tokens_per_step"] == 256 * 2048
+    assert plan["tokens_per_step"] == 64 * 2048
 
 
 def test_parameter_counts_and_shards_match_the_model():
@@ -85,7 +85,7 @@ def test_memory_estimate_matches_compiled_memory(overrides):
 
 
 def test_remat_and_microbatches_shrink_the_activation_estimate():
-    memory = lambda *o: dry_run.plan(load_config(CLUSTER, ["train.microbatches=1", *o]), 64, "gpu")[
+    memory = lambda *o: dry_run.plan(load_config(CLUSTER, ["train.microbatches=1", *o]), 32, "gpu")[
         "memory_per_device"]["activations"]
     plain, dots, full = memory("model.remat=none"), memory("model.remat=dots_saveable"), memory("model.remat=full")
     assert plain > dots > full

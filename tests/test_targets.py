@@ -62,7 +62,7 @@ def test_collectives_of_the_target_hlo_match_the_analytic_model(target, mesh):
 
 
 def test_a_plan_that_does_not_fit_is_refused_and_fit_finds_one_that_does():
-    request = ("--set=model.remat=none", "--set=train.batch_size=256")
+    request = ("--set=model.remat=none", "--set=train.batch_size=256")  # the shipped plan: dots_saveable, batch 64
     refused = target_dry_run(GPT350M, "tpu-v5p-8", "--compile", *request)
     assert refused.returncode == 2 and refused.stdout == ""
     (line,) = [ln for ln in refused.stderr.splitlines() if ln.startswith("jaxtrain: error:")]
