@@ -13,13 +13,12 @@ m microbatches, b = bytes of the dtype the collectives move:
                          ZeRO-3, `model._REMAT_POLICIES`), g = 1 for the token embedding and
                          the LM head (their gathered copy serves the backward pass too).
   gradient reduction     when D * F > 1, per parameter, in r = bytes of train.grad_reduce_dtype
-                         (`model/fsdp.py`; XLA:CPU always sums in float32, r = 4): GPU and
-                         TPU reduce-scatter onto the shard, s * r (the token embedding's
-                         gradient moves as an all-to-all of the device's tokens x d in the
-                         compute dtype instead); XLA:CPU emits all-reduce + slice, c * r;
-                         a weight stored whole (pure data parallel) is all-reduced, c * r.
-                         (The TPU compiler may run a reduce-scatter as a ring of
-                         collective-permutes fused with the matmul, `hlo_collectives`.)
+                         (`model/fsdp.py`; XLA:CPU always sums in float32, r = 4):
+                         reduce-scattered onto the shard, s * r, on every backend (an
+                         explicit psum_scatter); the token embedding's gradient moves as an
+                         all-to-all of the device's tokens x d in the compute dtype on GPU
+                         and TPU, as an all-reduce + slice (c * r) on XLA:CPU; a weight
+                         stored whole (pure data parallel) is all-reduced, c * r.
   tensor all-reduces     m * (4 L + 1) * (B / (D F m)) * S * d * b when T > 1: Megatron's
                          two per layer forward (attention and MLP outputs) and two backward
                          (their inputs' gradients; q/k/v and gate/up are fused matmuls, so
@@ -98,21 +97,20 @@ def _gradient_reduction(cfg: Config, path: str, c: float, n: int, batch_devices:
                         backend: str, collective_bytes: int) -> tuple[str, float, float]:
     """(kind, output bytes, ring traffic) of one parameter's gradient sum over the batch devices.
 
-    XLA:CPU sums every gradient in float32 as an all-reduce of the whole compute-layout
-    gradient c (then slices its shard). GPU and TPU reduce-scatter a weight stored sharded
-    (n > 1) onto its shard c / n, in train.grad_reduce_dtype (`model/fsdp.py`); the token
-    embedding's gradient (a scatter-add of the batch's rows) is instead moved as an
-    all-to-all of the device's tokens x d_model in the compute dtype, each device adding up
-    its own columns; a weight stored whole (pure data parallel) is all-reduced. The TPU
-    compiler (libtpu 0.0.42) emits no reduce-scatter for it either: it all-reduces the whole
-    gradient and slices (fsdp x tensor), or fuses the sum into the matmul as a ring of
-    collective-permutes whose outputs add up to about c (fsdp alone), so c * r there too."""
+    A weight stored sharded (n > 1) is reduce-scattered onto its shard c / n, in
+    train.grad_reduce_dtype (`model/fsdp.py`'s explicit psum_scatter; XLA:CPU computes and
+    sums in float32); the token embedding's gradient (a scatter-add of the batch's rows) is
+    instead moved on GPU and TPU as an all-to-all of the device's tokens x d_model in the
+    compute dtype, each device adding up its own columns, and all-reduced whole (then
+    sliced) by XLA:CPU; a weight stored whole (pure data parallel) is all-reduced. (The TPU
+    compiler emits the reduce-scatter only because `model/fsdp.py` writes it as an explicit
+    psum_scatter: left to its partitioner it all-reduced the whole gradient and sliced.)"""
     reduce_bytes = 4 if backend == "cpu" else {"float32": 4, "bfloat16": 2}[cfg.train.grad_reduce_dtype]
     ring = (batch_devices - 1) / batch_devices
     if path == "embed" and backend != "cpu" and n > 1:
         size = tokens * cfg.model.d_model * collective_bytes
         return "all-to-all", size, size * ring
-    if backend in ("cpu", "tpu") or n == 1:
+    if n == 1 or path == "embed":
         return "all-reduce", c * reduce_bytes, 2 * c * reduce_bytes * ring
     return "reduce-scatter", c / n * reduce_bytes, c * reduce_bytes * ring
 
