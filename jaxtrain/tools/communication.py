@@ -12,11 +12,13 @@ m microbatches, b = bytes of the dtype the collectives move:
                          gains (gathered in the forward pass and again in the backward:
                          ZeRO-3, `model._REMAT_POLICIES`), g = 1 for the token embedding and
                          the LM head (their gathered copy serves the backward pass too).
-  gradient reduction     when D * F > 1, per parameter, in r = bytes of train.grad_reduce_dtype
+  gradient reduction     when D * F > 1, per parameter and microbatch (each backward pass
+                         sums its own gradients, as FSDP2 does; the TPU compiler sums
+                         the LM head's once, after the loop), in r = bytes of train.grad_reduce_dtype
                          (`model/fsdp.py`; XLA:CPU always sums in float32, r = 4):
                          reduce-scattered onto the shard, s * r, on every backend (an
                          explicit psum_scatter); the token embedding's gradient moves as an
-                         all-to-all of the device's tokens x d in the compute dtype on GPU
+                         all-to-all of the device's tokens x d (all microbatches' together) in the compute dtype on GPU
                          and TPU, as an all-reduce + slice (c * r) on XLA:CPU; a weight
                          stored whole (pure data parallel) is all-reduced, c * r.
   tensor all-reduces     m * (4 L + 1) * (B / (D F m)) * S * d * b when T > 1: Megatron's
@@ -82,8 +84,14 @@ def analytic(cfg: Config, spec: ts.ModelSpec, mesh: Any, collective_bytes: int,
         if d * f > 1:
             kind, size, traffic = _gradient_reduction(cfg, path, c, stored // computed, d * f, tokens, backend,
                                                       collective_bytes)
-            grads[kind] += size
-            grads_traffic += traffic
+            # each microbatch's backward pass sums its gradients, except where the compiler
+            # sums once after the microbatch loop: the all-to-all's tokens are all
+            # microbatches' already, and the TPU compiler hoists the LM head's
+            # reduce-scatter out of the loop (a sum of reduce-scatters is one of the sum)
+            once = kind == "all-to-all" or (backend == "tpu" and path == "lm_head")
+            times = 1 if once else micro
+            grads[kind] += times * size
+            grads_traffic += times * traffic
     tensor = (4 * cfg.model.n_layers + 1) * tokens * cfg.model.d_model * collective_bytes if t > 1 else 0.0
     return {
         "parameter all-gather": {"bytes": gather, "traffic": gather_traffic, "kind": "all-gather"},
