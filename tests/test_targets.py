@@ -1,7 +1,7 @@
 """The shipped accelerator configs compiled for their real targets, deviceless, by the TPU and
 GPU compilers of `.venv-compile` (`make compile-venv`, which `make test` runs): they fit,
-they run the fused attention kernel, the compiler's memory agrees with the dry-run's
-estimate, and the collectives of each target's HLO with the analytic model.
+they run the fused attention kernel, and the compiler's memory agrees with the dry-run's
+estimate (collectives and refusals: `tests/test_target_plans.py`).
 
 Each compile runs `jaxtrain dry-run --compile --target NAME --json` in the compile venv, as a
 user would: this test process's own jax knows only the CPU.
@@ -19,7 +19,6 @@ COMPILE_VENV = REPO / ".venv-compile"
 GPT350M, LLAMA1B = REPO / "configs" / "gpt350m.yaml", REPO / "configs" / "llama1b.yaml"
 KERNEL = {"tpu": "splash", "gpu": "cudnn"}
 ESTIMATE_WITHIN = 1.3  # compiled memory / estimate, either way
-ANALYTIC_WITHIN = 1.25  # compiled collective bytes / analytic model, either way
 
 pytestmark = pytest.mark.slow
 
@@ -48,28 +47,3 @@ def test_a_shipped_config_fits_its_target_with_the_fused_attention_kernel(config
     assert report["attention"]["kernel"] == KERNEL[report["platform"]] and report["attention"]["custom_calls"] > 0
     ratio = report["memory"]["total"] / plan["memory_per_device"]["total"]
     assert 1 / ESTIMATE_WITHIN <= ratio <= ESTIMATE_WITHIN, (report["memory"], plan["memory_per_device"])
-
-
-@pytest.mark.parametrize("target", ["tpu-v5p-8", "h100x8"])
-@pytest.mark.parametrize("mesh", [("mesh.fsdp=-1",), ("mesh.fsdp=-1", "mesh.tensor=2")], ids=["fsdp", "fsdp_tensor"])
-def test_collectives_of_the_target_hlo_match_the_analytic_model(target, mesh):
-    plan = compiled(GPT350M, target, "model.n_layers=4", "train.batch_size=16", *mesh)
-    analytic, counted = plan["communication"]["analytic_by_kind"], plan["compiled"]["collectives"]
-    total_a, total_c = sum(analytic.values()), sum(counted.values())
-    assert 1 / ANALYTIC_WITHIN <= total_c / total_a <= ANALYTIC_WITHIN, (analytic, counted)
-    assert counted["reduce-scatter"] > 0 and 1 / ANALYTIC_WITHIN <= counted["reduce-scatter"] / analytic[
-        "reduce-scatter"] <= ANALYTIC_WITHIN, (analytic, counted)
-
-
-def test_a_plan_that_does_not_fit_is_refused_and_fit_finds_one_that_does():
-    request = ("--set=model.remat=none", "--set=train.batch_size=256")  # the shipped plan: dots_saveable, batch 64
-    refused = target_dry_run(GPT350M, "tpu-v5p-8", "--compile", *request)
-    assert refused.returncode == 2 and refused.stdout == ""
-    (line,) = [ln for ln in refused.stderr.splitlines() if ln.startswith("jaxtrain: error:")]
-    assert "--target tpu-v5p-8: the train step needs" in line and "95.74 GiB usable" in line, line
-    assert "Ran out of memory" in line  # the compiler's own words
-    fit = target_dry_run(GPT350M, "tpu-v5p-8", "--fit", "--json", *request)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    overrides = json.loads(fit.stdout)["overrides"].replace("--set ", "--set=").split()
-    assert compiled(GPT350M, "tpu-v5p-8", *[o.removeprefix("--set=") for o in request + tuple(overrides)])[
-        "compiled"]["fits"]
