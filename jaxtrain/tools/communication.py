@@ -44,7 +44,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxtrain import step as ts
 from jaxtrain.config.schema import Config
