@@ -56,7 +56,7 @@ _GATHERED_ONCE = ("embed", "lm_head")
 
 
 def _compute_spec(path: str, axes: tuple, shape: tuple, mesh: Any) -> Any:
-    if path == "embed":  # both accelerators  # the lookup reads the whole table (model.Transformer.embed_tokens)
+    if path == "embed":  # the lookup reads the whole table (model.Transformer.embed_tokens)
         return jax.sharding.PartitionSpec()
     return sharding.logical_to_spec(axes, shape, mesh, sharding.COMPUTE_RULES)
 

@@ -87,7 +87,8 @@ def dry_run(cfg: Config, devices: int | None = None, backend: str | None = None,
 
 def plan(cfg: Config, devices: int, backend: str = "gpu", target: targets.Target | None = None,
          compiled_on: list | None = None) -> dict[str, Any]:
-    """Everything the dry run reports, as plain data. `target` adds the roofline; `compiled_on` (simulated CPU devices) adds the compiled step's
+    """Everything the dry run reports, as plain data. `target` adds the roofline;
+    `compiled_on` (simulated CPU devices) adds the compiled step's
     collective bytes and temporary memory beside the analytic figures."""
     mesh = abstract_mesh(cfg, devices)
     sharding.check_batch_splits(cfg, dict(mesh.shape))  # train's preflight: refused there, refused here
@@ -198,15 +199,9 @@ def _format_communication(p: dict[str, Any]) -> list[str]:
     lines = ["", "# collectives per device per step (analytic model, jaxtrain/communication.py)"]
     lines += [f"{name:<22} {_bytes(entry['bytes']):>12}  ({entry['kind']})" for name, entry in comms["analytic"].items()]
     if "compiled" in comms:
-        measured = comms["compiled"]["bytes_by_kind"]
-        lines += ["", f"{'HLO op kind':<22} {'analytic':>12} {'compiled':>12}  (step compiled on "
-                      f"{p['devices']} simulated CPU devices)"]
-        lines += [f"{kind:<22} {_bytes(comms['analytic_by_kind'][kind]):>12} {_bytes(measured[kind]):>12}"
-                  for kind in measured if measured[kind] or comms["analytic_by_kind"][kind]]
-        total_a, total_m = sum(comms["analytic_by_kind"].values()), sum(measured.values())
-        lines += [f"{'total':<22} {_bytes(total_a):>12} {_bytes(total_m):>12}  compiled / analytic "
-                  f"{total_m / total_a if total_a else float('nan'):.3f}",
-                  f"compiled temporary memory per device {_bytes(comms['compiled']['temp_bytes'])}"]
+        lines += [""] + _by_kind_lines(comms["analytic_by_kind"], comms["compiled"]["bytes_by_kind"],
+                                       f"  (step compiled on {p['devices']} simulated CPU devices)")
+        lines.append(f"compiled temporary memory per device {_bytes(comms['compiled']['temp_bytes'])}")
     if "roofline" in p:
         r = p["roofline"]
         lines += ["", f"# roofline on {r['devices']} x {r['target']} ({r['assumptions']})",
@@ -220,18 +215,23 @@ def _format_target_compile(p: dict[str, Any]) -> list[str]:
     if "compiled" not in p:
         return []
     c, estimate = p["compiled"], p["memory_per_device"]["total"]
-    m, kinds, analytic = c["memory"], c["collectives"], p["communication"]["analytic_by_kind"]
+    m = c["memory"]
     lines = ["", f"# compiled for {c['target']}: {c['devices']} x {c['device_kind']} ({c['platform']} compiler, "
                  f"{c['compile_s']:.1f} s)",
              f"memory per device: arguments {_bytes(m['arguments'])} + outputs {_bytes(m['outputs'])} - aliased "
              f"{_bytes(m['aliased'])} + temporaries {_bytes(m['temporaries'])} = {_bytes(m['total'])} of "
              f"{_bytes(c['usable_hbm'])} usable: fits ({m['total'] / c['usable_hbm']:.0%}); the estimate above is "
              f"{_bytes(estimate)} (compiled / estimate {m['total'] / estimate:.2f})",
-             f"attention kernel: {c['attention']['kernel']} ({c['attention']['custom_calls']} kernel calls)",
-             f"{'HLO op kind':<22} {'analytic':>12} {'compiled':>12}"]
-    lines += [f"{kind:<22} {_bytes(analytic[kind]):>12} {_bytes(kinds[kind]):>12}"
-              for kind in kinds if kinds[kind] or analytic[kind]]
-    total_a, total_m = sum(analytic.values()), sum(kinds.values())
-    lines.append(f"{'total':<22} {_bytes(total_a):>12} {_bytes(total_m):>12}  compiled / analytic "
-                 f"{total_m / total_a if total_a else float('nan'):.3f}")
+             f"attention kernel: {c['attention']['kernel']} ({c['attention']['custom_calls']} kernel calls)"]
+    return lines + _by_kind_lines(p["communication"]["analytic_by_kind"], c["collectives"])
+
+
+def _by_kind_lines(analytic: dict[str, float], compiled: dict[str, float], heading_note: str = "") -> list[str]:
+    """Collective bytes by HLO op kind, the analytic model's beside a compiled step's, and their totals."""
+    lines = [f"{'HLO op kind':<22} {'analytic':>12} {'compiled':>12}{heading_note}"]
+    lines += [f"{kind:<22} {_bytes(analytic[kind]):>12} {_bytes(compiled[kind]):>12}"
+              for kind in compiled if compiled[kind] or analytic[kind]]
+    total_a, total_c = sum(analytic.values()), sum(compiled.values())
+    lines.append(f"{'total':<22} {_bytes(total_a):>12} {_bytes(total_c):>12}  compiled / analytic "
+                 f"{total_c / total_a if total_a else float('nan'):.3f}")
     return lines
