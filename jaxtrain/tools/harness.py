@@ -23,8 +23,8 @@ whose `loglikelihood` is the one HFLM runs):
 * generate_until: greedy, KV-cached (tools/generate.py), the context left-truncated to
   max_length - max_gen_toks; the text is cut at the first end-of-document token and then
   at the first stop string of `until` (HFLM adds the end-of-document text to `until`).
-  Requests with the same context length and max_gen_toks run as one batch; each distinct
-  (batch, length) compiles once.
+  Requests with the same context length and max_gen_toks run as one batch (its rows padded
+  to a power of two); the decoding loop compiles once per distinct (rows, length, budget).
 
 batch_size (lm-eval's --batch_size) counts rows of seq_len tokens per forward, rounded up
 to a multiple of the mesh's data x fsdp; "auto" is the run's train.batch_size. lm-eval's
@@ -62,6 +62,10 @@ def _rows(batch_size: int | str | None, train_batch: int, shards: int) -> int:
         if wanted < 1:
             raise ValueError(f"batch_size {batch_size}: expected a positive integer or 'auto'")
     return -(-wanted // shards) * shards
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def cut_generation(tokens: list[int], eot: int, decode, until: list[str]) -> str:
@@ -157,9 +161,11 @@ class JaxtrainLM(TemplateLM):
         for (_, max_gen_toks), members in sorted(groups.items(), reverse=True):
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                prompt = np.asarray([ids for _, ids, _ in chunk], np.int32)
-                new = np.asarray(generate(self.run.model(), prompt, max_new_tokens=max_gen_toks, temperature=0))
-                for (i, _, until), tokens in zip(chunk, new.tolist(), strict=True):
+                rows = [ids for _, ids, _ in chunk]
+                rows += rows[-1:] * (_power_of_two(len(rows)) - len(rows))  # fewer batch shapes to compile
+                new = np.asarray(generate(self.run.model(), np.asarray(rows, np.int32), max_new_tokens=max_gen_toks,
+                                          temperature=0))
+                for (i, _, until), tokens in zip(chunk, new.tolist()):
                     out[i] = cut_generation(tokens, self.eot_token_id, self.tok_decode, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
                 progress.update(len(chunk))
