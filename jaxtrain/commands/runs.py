@@ -1,6 +1,7 @@
 """Commands that read saved runs (nothing in a workdir is written).
 
     jaxtrain eval WORKDIR [--data GLOB ...] [--step N]
+    jaxtrain eval WORKDIR [--step N] [--tasks [NAME ...]] [--text FILE ...]
     jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
     jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
 """
@@ -27,6 +28,11 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--data", nargs="+", default=None, metavar="GLOB",
                           help="prepared dataset directories, or text files/globs, to evaluate on "
                                "(default: the run's own data); text files are split by the rule of data.paths")
+    evaluate.add_argument("--tasks", nargs="*", default=None, metavar="NAME",
+                          help="score the config's eval.tasks (all, or those named) instead of the validation loss")
+    evaluate.add_argument("--text", nargs="+", default=(), metavar="FILE",
+                          help="bits per byte of these text files / globs / jsonl files ({\"text\": ...} lines), "
+                               "as task 'text'")
     evaluate.set_defaults(func=eval_command)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (KV-cached)")
@@ -52,10 +58,18 @@ def add_parsers(commands) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from jaxtrain.tools.evaluate_checkpoint import evaluate_run
+    from jaxtrain.tools.evaluate_checkpoint import evaluate_run, evaluate_tasks
     from jaxtrain.tools.saved_run import load_run
 
-    print(json.dumps(evaluate_run(load_run(args.workdir, args.step), args.data)))
+    scoring = args.tasks is not None or bool(args.text)
+    if scoring and args.data:
+        raise UserError("--data (validation loss) and --tasks / --text (task scores) are separate evaluations")
+    run = load_run(args.workdir, args.step)
+    if scoring:  # bare --tasks: all the config's tasks; no --tasks: none of them
+        names = [] if args.tasks is None else (args.tasks or None)
+        print(json.dumps(evaluate_tasks(run, names, tuple(args.text))))
+    else:
+        print(json.dumps(evaluate_run(run, args.data)))
     return 0
 
 

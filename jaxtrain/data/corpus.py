@@ -43,7 +43,7 @@ def _is_val(relative_path: str, val_fraction: float) -> bool:
     return digest % 1_000_000 < val_fraction * 1_000_000
 
 
-def _read_text_file(path: str) -> bytes:
+def read_text_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -58,7 +58,7 @@ def _read_text_file(path: str) -> bytes:
 def iter_documents(files: list[tuple[str, str]], val_fraction: float) -> Iterator[tuple[str, bytes]]:
     """("train" | "val", contents) of every non-empty file, read one at a time."""
     for root, path in files:
-        data = _read_text_file(path)
+        data = read_text_file(path)
         if data:
             yield ("val" if _is_val(os.path.relpath(path, root), val_fraction) else "train"), data
 
