@@ -63,6 +63,11 @@ def iter_documents(files: list[tuple[str, str]], val_fraction: float) -> Iterato
             yield ("val" if _is_val(os.path.relpath(path, root), val_fraction) else "train"), data
 
 
+def validation_files(patterns: tuple[str, ...], val_fraction: float, key: str = "data.paths") -> list[str]:
+    """The files of the patterns that the split holds out (validation), sorted by path."""
+    return [path for root, path in expand_paths(patterns, key) if _is_val(os.path.relpath(path, root), val_fraction)]
+
+
 def check_split(key: str, n_files: int, n_train: int, n_val: int, val_fraction: float) -> None:
     if not n_train and not n_val:
         raise DataError(f"{key}: the {n_files} files matched are all empty")

@@ -89,8 +89,12 @@ class MultipleChoice:
                 requests.append((context, continuation))
         return cls(name, questions, requests)
 
+    def loglikelihoods(self, scorer: Scorer, params: Any) -> list[float]:
+        """log p(delimiter + choice | context) of every choice of every question, in order."""
+        return [ll for ll, _ in scorer.continuations(params, self.requests)]
+
     def score(self, scorer: Scorer, params: Any, eos_id: int) -> dict[str, float]:
-        lls = iter([ll for ll, _ in scorer.continuations(params, self.requests)])
+        lls = iter(self.loglikelihoods(scorer, params))
         right = right_norm = 0
         for question in self.questions:
             ll = np.array([next(lls) for _ in question.choices])
