@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TINY, cli_in_process, run_in_process
+from conftest import TINY, cli_in_process, figure_panels, run_in_process
 from jaxtrain.config.errors import ConfigError, DataError
 from jaxtrain.config.files import load_config
 from jaxtrain.data.tokenizer import ByteTokenizer
@@ -57,7 +57,7 @@ def test_builder_is_deterministic_and_holds_out_the_runs_validation_files(tmp_pa
 
 
 @pytest.mark.slow
-def test_loop_scores_at_steps_0_and_n_are_jaxtrain_evals(evaluated, capsys):
+def test_loop_scores_at_steps_0_and_n_are_jaxtrain_evals(evaluated, capsys, tmp_path):
     workdir, _, _ = evaluated
     rows = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
     keys = ["eval/next_line/acc", "eval/next_line/acc_norm", "eval/heldout/bits_per_byte"]
@@ -71,6 +71,11 @@ def test_loop_scores_at_steps_0_and_n_are_jaxtrain_evals(evaluated, capsys):
         assert {k: result[k] for k in keys} == {k: rows[step][k] for k in keys}
     status, out, _ = cli_in_process(capsys, "eval", str(workdir), "--tasks", "heldout")
     assert status == 0 and set(json.loads(out)) == {"step", "tokens_seen", "eval/heldout/bits_per_byte"}
+    status, _, err = cli_in_process(capsys, "plot", str(workdir), "--out", str(tmp_path / "eval.png"),
+                                    "--metric", "eval/*")
+    assert status == 0, err
+    assert [(p["title"], list(p["curves"].values())) for p in figure_panels(tmp_path / "eval.png")] == [
+        (key, [2]) for key in keys]  # steps 0 and STEPS
 
 
 @pytest.mark.slow

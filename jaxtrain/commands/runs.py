@@ -3,7 +3,7 @@
     jaxtrain eval WORKDIR [--data GLOB ...] [--step N]
     jaxtrain eval WORKDIR [--step N] [--tasks [NAME ...]] [--text FILE ...]
     jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
-    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
+    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr,'eval/*'] [--x step|tokens] [--log-y METRIC,...]
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def add_parsers(commands) -> None:
     plot = commands.add_parser("plot", help="overlay the logged curves of several runs in one PNG")
     plot.add_argument("workdirs", nargs="+", metavar="WORKDIR")
     plot.add_argument("--out", required=True, type=file_to_write, help="PNG file to write")
-    plot.add_argument("--metric", default="loss,val_loss,lr", help="comma-separated metrics.jsonl keys")
+    plot.add_argument("--metric", default="loss,val_loss,lr",
+                      help="comma-separated metrics.jsonl keys; a glob names every key it matches ('eval/*')")
     plot.add_argument("--x", choices=("step", "tokens"), default="step")
     plot.add_argument("--log-y", default="", metavar="METRIC,...", help="metrics drawn on a log y axis")
     plot.set_defaults(func=plot_command)
@@ -100,9 +101,19 @@ def plot_command(args: argparse.Namespace) -> int:
         if not rows:
             raise UserError(f"{workdir}: no metrics.jsonl rows (not a jaxtrain workdir, or no step logged yet)")
         runs[Path(workdir).name if Path(workdir).name not in runs else workdir] = rows
-    for metric in metrics:
-        if not any(metric in row for rows in runs.values() for row in rows):
-            raise UserError(f"--metric {metric}: not logged by any of the runs")
+    logged = list(dict.fromkeys(key for rows in runs.values() for row in rows for key in row))
+    metrics = [m for pattern in metrics for m in _matching(pattern, logged)]
     plot_runs(runs, metrics, args.x, Path(args.out), log_y=set(args.log_y.split(",")))
     print(f"wrote {args.out}")
     return 0
+
+
+def _matching(pattern: str, logged: list[str]) -> list[str]:
+    """The logged keys a --metric item names: itself, or those its glob matches, in logged order."""
+    import fnmatch
+
+    found = [key for key in logged if fnmatch.fnmatchcase(key, pattern)] if any(c in pattern for c in "*?[") else (
+        [pattern] if pattern in logged else [])
+    if not found:
+        raise UserError(f"--metric {pattern}: not logged by any of the runs")
+    return found
