@@ -2,9 +2,9 @@
 parser next to its handler (`set_defaults(func=...)`). Handlers import the library lazily,
 so `jaxtrain --help` and a bad argument answer without loading JAX."""
 
-from jaxtrain.commands import data, experiments, huggingface, runs, schedules, training
+from jaxtrain.commands import data, experiments, harness, huggingface, runs, schedules, training
 
-MODULES = (training, schedules, experiments, runs, data, huggingface)
+MODULES = (training, schedules, experiments, runs, data, huggingface, harness)
 
 
 def add_all(commands) -> None:

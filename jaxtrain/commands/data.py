@@ -3,6 +3,8 @@
     jaxtrain data prepare --input PATH_OR_GLOB... --out DIR [--tokenizer byte | bpe:VOCAB | FILE.json]
                           [--val-fraction F] [--name NAME] [--token-dtype auto|uint8|uint16|uint32]
     jaxtrain data bench DIR --config CONFIG [--seconds S] [--no-train] [--set ...]   (one JSON line)
+    jaxtrain data make-tasks --out DIR [--input PATH_OR_GLOB...] [--val-fraction F] [--questions N]
+                             [--documents N] [--seed S]   (evaluation tasks from held-out files)
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxtrain.commands.args import add_set, open_fraction, positive_float
+from jaxtrain.commands.args import add_set, open_fraction, positive_float, positive_int
 
 
 def add_parsers(commands) -> None:
@@ -32,8 +34,18 @@ def add_parsers(commands) -> None:
     bench.add_argument("--seconds", type=positive_float, default=20.0, help="how long to drain the pipeline")
     bench.add_argument("--no-train", action="store_true", help="skip timing the train step")
     add_set(bench, "override a config value (repeatable)")
+    tasks = sub.add_parser("make-tasks", help="evaluation tasks (next-line multiple choice, held-out text) "
+                                              "from the validation files of a text corpus")
+    tasks.add_argument("--out", required=True, help="directory to write the task files into")
+    tasks.add_argument("--input", nargs="+", default=["{stdlib}/**/*.py"], metavar="PATH_OR_GLOB",
+                       help="the run's data.paths (default: the standard library)")
+    tasks.add_argument("--val-fraction", type=open_fraction, default=0.05, help="the run's data.val_fraction")
+    tasks.add_argument("--questions", type=positive_int, default=200, help="multiple-choice questions")
+    tasks.add_argument("--documents", type=positive_int, default=24, help="held-out documents")
+    tasks.add_argument("--seed", type=int, default=0)
     prep.set_defaults(func=prepare_command)
     bench.set_defaults(func=bench_command)
+    tasks.set_defaults(func=make_tasks_command)
 
 
 def prepare_command(args: argparse.Namespace) -> int:
@@ -50,4 +62,12 @@ def bench_command(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, [*args.overrides, f"data.sources=[{{path: '{args.dataset}'}}]"])
     print(json.dumps(bench_data(cfg, args.seconds, train=not args.no_train)))
+    return 0
+
+
+def make_tasks_command(args: argparse.Namespace) -> int:
+    from jaxtrain.tools.make_task import make_tasks
+
+    print(json.dumps(make_tasks(args.out, tuple(args.input), args.val_fraction, args.questions, args.documents,
+                                args.seed)))
     return 0

@@ -1,8 +1,9 @@
 """Commands that read saved runs (nothing in a workdir is written).
 
     jaxtrain eval WORKDIR [--data GLOB ...] [--step N]
+    jaxtrain eval WORKDIR [--step N] [--tasks [NAME ...]] [--text FILE ...]
     jaxtrain generate WORKDIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --seed S]
-    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr] [--x step|tokens] [--log-y METRIC,...]
+    jaxtrain plot WORKDIR... --out FILE.png [--metric loss,val_loss,lr,'eval/*'] [--x step|tokens] [--log-y METRIC,...]
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--data", nargs="+", default=None, metavar="GLOB",
                           help="prepared dataset directories, or text files/globs, to evaluate on "
                                "(default: the run's own data); text files are split by the rule of data.paths")
+    evaluate.add_argument("--tasks", nargs="*", default=None, metavar="NAME",
+                          help="score the config's eval.tasks (all, or those named) instead of the validation loss")
+    evaluate.add_argument("--text", nargs="+", default=(), metavar="FILE",
+                          help="bits per byte of these text files / globs / jsonl files ({\"text\": ...} lines), "
+                               "as task 'text'")
     evaluate.set_defaults(func=eval_command)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (KV-cached)")
@@ -45,17 +51,26 @@ def add_parsers(commands) -> None:
     plot = commands.add_parser("plot", help="overlay the logged curves of several runs in one PNG")
     plot.add_argument("workdirs", nargs="+", metavar="WORKDIR")
     plot.add_argument("--out", required=True, type=file_to_write, help="PNG file to write")
-    plot.add_argument("--metric", default="loss,val_loss,lr", help="comma-separated metrics.jsonl keys")
+    plot.add_argument("--metric", default="loss,val_loss,lr",
+                      help="comma-separated metrics.jsonl keys; a glob names every key it matches ('eval/*')")
     plot.add_argument("--x", choices=("step", "tokens"), default="step")
     plot.add_argument("--log-y", default="", metavar="METRIC,...", help="metrics drawn on a log y axis")
     plot.set_defaults(func=plot_command)
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from jaxtrain.tools.evaluate_checkpoint import evaluate_run
+    from jaxtrain.tools.evaluate_checkpoint import evaluate_run, evaluate_tasks
     from jaxtrain.tools.saved_run import load_run
 
-    print(json.dumps(evaluate_run(load_run(args.workdir, args.step), args.data)))
+    scoring = args.tasks is not None or bool(args.text)
+    if scoring and args.data:
+        raise UserError("--data (validation loss) and --tasks / --text (task scores) are separate evaluations")
+    run = load_run(args.workdir, args.step)
+    if scoring:  # bare --tasks: all the config's tasks; no --tasks: none of them
+        names = [] if args.tasks is None else (args.tasks or None)
+        print(json.dumps(evaluate_tasks(run, names, tuple(args.text))))
+    else:
+        print(json.dumps(evaluate_run(run, args.data)))
     return 0
 
 
@@ -86,9 +101,19 @@ def plot_command(args: argparse.Namespace) -> int:
         if not rows:
             raise UserError(f"{workdir}: no metrics.jsonl rows (not a jaxtrain workdir, or no step logged yet)")
         runs[Path(workdir).name if Path(workdir).name not in runs else workdir] = rows
-    for metric in metrics:
-        if not any(metric in row for rows in runs.values() for row in rows):
-            raise UserError(f"--metric {metric}: not logged by any of the runs")
+    logged = list(dict.fromkeys(key for rows in runs.values() for row in rows for key in row))
+    metrics = [m for pattern in metrics for m in _matching(pattern, logged)]
     plot_runs(runs, metrics, args.x, Path(args.out), log_y=set(args.log_y.split(",")))
     print(f"wrote {args.out}")
     return 0
+
+
+def _matching(pattern: str, logged: list[str]) -> list[str]:
+    """The logged keys a --metric item names: itself, or those its glob matches, in logged order."""
+    import fnmatch
+
+    found = [key for key in logged if fnmatch.fnmatchcase(key, pattern)] if any(c in pattern for c in "*?[") else (
+        [pattern] if pattern in logged else [])
+    if not found:
+        raise UserError(f"--metric {pattern}: not logged by any of the runs")
+    return found

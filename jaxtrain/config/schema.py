@@ -347,6 +347,36 @@ class DiagnosticsConfig(_Section):
     telemetry_every: int = Field(0, ge=0)
 
 
+class TaskConfig(_Section):
+    """One evaluation task (jaxtrain/run/tasks.py, docs/evaluation.md), read from local files:
+    `bits_per_byte` scores held-out text (a prepared dataset's validation split, a jsonl
+    file's `text_field`, or text files / globs, one document each); `multiple_choice` a
+    jsonl of {"context", "choices", "gold"} questions, as lm-evaluation-harness scores them."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # logged as eval/<name>/<metric>
+    kind: Literal["bits_per_byte", "multiple_choice"]
+    path: str
+    limit: int | None = Field(None, gt=0)  # the first `limit` documents / questions (None: all)
+    text_field: str = "text"  # bits_per_byte from a jsonl file: the field holding each document
+    target_delimiter: str = " "  # multiple_choice: put between the context and each choice
+
+
+class EvalConfig(_Section):
+    """Evaluation tasks scored during training (and by `jaxtrain eval --tasks`)."""
+
+    every: int | None = Field(None, gt=0)  # None: train.eval_every
+    batch_size: int | None = Field(None, gt=0)  # rows of seq_len tokens per scoring call; None: train.batch_size
+    tasks: tuple[TaskConfig, ...] = ()
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_names(cls, tasks: tuple[TaskConfig, ...]) -> tuple[TaskConfig, ...]:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must differ (got {names})")
+        return tasks
+
+
 class Config(_Section):
     model: ModelConfig = ModelConfig()
     parametrization: ParametrizationConfig = ParametrizationConfig()
@@ -357,6 +387,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     train: TrainConfig = TrainConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

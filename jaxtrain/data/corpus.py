@@ -43,7 +43,7 @@ def _is_val(relative_path: str, val_fraction: float) -> bool:
     return digest % 1_000_000 < val_fraction * 1_000_000
 
 
-def _read_text_file(path: str) -> bytes:
+def read_text_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -58,9 +58,14 @@ def _read_text_file(path: str) -> bytes:
 def iter_documents(files: list[tuple[str, str]], val_fraction: float) -> Iterator[tuple[str, bytes]]:
     """("train" | "val", contents) of every non-empty file, read one at a time."""
     for root, path in files:
-        data = _read_text_file(path)
+        data = read_text_file(path)
         if data:
             yield ("val" if _is_val(os.path.relpath(path, root), val_fraction) else "train"), data
+
+
+def validation_files(patterns: tuple[str, ...], val_fraction: float, key: str = "data.paths") -> list[str]:
+    """The files of the patterns that the split holds out (validation), sorted by path."""
+    return [path for root, path in expand_paths(patterns, key) if _is_val(os.path.relpath(path, root), val_fraction)]
 
 
 def check_split(key: str, n_files: int, n_train: int, n_val: int, val_fraction: float) -> None:

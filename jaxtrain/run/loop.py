@@ -31,6 +31,7 @@ from jaxtrain.data.sources import DataSource, open_sources
 from jaxtrain.model import sharding
 from jaxtrain.optim.schedules import make_schedule
 from jaxtrain.run import periodic, rewarm, telemetry
+from jaxtrain.run.tasks import Tasks, every as tasks_every
 from jaxtrain.run.checkpoint import Checkpointer, CheckpointSaveError
 from jaxtrain.run.evaluate import Evaluator
 from jaxtrain.run.metrics import MetricsLogger
@@ -92,6 +93,7 @@ class _Parts:
     steps: ts.Steps  # jitted .train, .train_extra (with telemetry), .evaluate (one batch's loss); .init
     diagnose: Callable | None  # jitted; every diagnostics.every_steps steps
     evaluator: Evaluator  # the validation set through steps.evaluate: val_loss, val_bits_per_byte
+    tasks: Tasks | None  # eval.tasks, read and tokenized once (None without any)
     iterator: Any  # grain DatasetIterator, checkpointable
     to_global: Callable  # process-local numpy batch -> global jax.Array
     sources: list[DataSource]
@@ -107,7 +109,8 @@ def _build(cfg: Config, spec: ts.ModelSpec, mesh, sources: list[DataSource]) -> 
     iterator = pipeline.TrainBatches(cfg, sources, rows, row_blocks, warn=_warn)
     diagnose = telemetry.compile_diagnose(cfg, spec, steps.shardings, mesh)
     evaluator = Evaluator(steps.evaluate, cfg, sources, mesh)
-    return _Parts(spec, steps, diagnose, evaluator, iterator, to_global, sources)
+    tasks = Tasks.for_config(cfg, spec, mesh) if cfg.eval.tasks else None
+    return _Parts(spec, steps, diagnose, evaluator, tasks, iterator, to_global, sources)
 
 
 @dataclasses.dataclass
@@ -146,7 +149,7 @@ def _train(cfg: Config, parts: _Parts, ckpt: Checkpointer, stop: StopRequest, st
     start = _restore_or_init(cfg, parts, ckpt)
     logger = MetricsLogger(workdir, start.step, cfg.train.steps, enabled=jax.process_index() == 0,
                            console=console, wandb_project=cfg.train.wandb_project,
-                           run_config=cfg.to_dict(), warn=_warn)
+                           run_config=cfg.to_dict(), warn=_warn, fresh=start.resumed_from is None)
     try:
         record_run(workdir, cfg, parts.spec.table)
         if start.resumed_from is not None:
@@ -170,6 +173,7 @@ class TrainingRun:
             cfg, parts, ckpt, logger, stop, stop_after)
         self.state, self.step, self.tokens, self.resumed_from = start.state, start.step, start.tokens, start.resumed_from
         self.val, self.val_step, self.stopped_by = None, None, None
+        self.scores: dict[str, float] = {}  # of the newest task evaluation
         self.guard = NonFiniteGuard(cfg.train.on_nonfinite, ckpt.latest_step, start.skipped_steps)
         self.vote = StopVote()
         self.rows = _Rows(cfg, logger, self.guard)
@@ -196,6 +200,8 @@ class TrainingRun:
             if self.step not in self.ckpt.all_steps():
                 self._save()
             return
+        if self.step == 0 and self.resumed_from is None and self.parts.tasks is not None:
+            self._evaluate_start()
         actions = self._actions()
         self.rows.start(self.tokens)
         while self.step < self.cfg.train.steps:
@@ -216,10 +222,12 @@ class TrainingRun:
             Action("write previous row", self._write_previous_row, every=1),
             # Both read this step's params and pause the tokens/s clock.
             Action("evaluate", self._evaluate_paused, every=cfg.train.eval_every, also=lambda t: t.last),
+            Action("tasks", self._score_tasks_paused, every=tasks_every(cfg),
+                   also=lambda t: t.last and self.parts.tasks is not None),
             Action("diagnose", self._diagnose, every=diagnose_every),
             # After those two, so the row carries their results; telemetry steps are logged too.
             Action("log", self._hold_row, every=cfg.train.log_every,
-                   also=lambda t: t.telemetry or bool(t.fired & {"evaluate", "diagnose"})),
+                   also=lambda t: t.telemetry or bool(t.fired & {"evaluate", "tasks", "diagnose"})),
             # Every step, before the checkpoint, so that a stop is checkpointed at this step.
             Action("stop vote", self._vote, every=1),
             # Last: the guard, then this step's row, then the save: a saved state is finite
@@ -251,6 +259,20 @@ class TrainingRun:
         with self.rows.paused():
             self._evaluate()
 
+    def _score_tasks_paused(self, tick: periodic.Tick) -> None:
+        """Every eval.every steps and at the last: the eval.tasks, paused like the evaluation."""
+        jax.block_until_ready(tick.metrics)
+        with self.rows.paused():
+            self.scores = self.parts.tasks(self.state.params)
+
+    def _evaluate_start(self) -> None:
+        """A new run with eval.tasks: evaluate and checkpoint the initial params (step 0), so
+        the curves start there and `jaxtrain eval --step 0` can reproduce the row."""
+        self._evaluate()
+        self.scores = self.parts.tasks(self.state.params)
+        self.logger.write({"step": 0, "tokens": self.tokens, **self.val, **self.scores})
+        self._save()
+
     def _diagnose(self, tick: periodic.Tick) -> None:
         """Every diagnostics.every_steps steps: singular values, sharpness into the step's metrics."""
         jax.block_until_ready(tick.metrics)
@@ -261,7 +283,8 @@ class TrainingRun:
     def _hold_row(self, tick: periodic.Tick) -> None:
         """Every train.log_every steps, and steps evaluated, diagnosed or with telemetry: hold
         the row, written once the next step is dispatched (or before this step's checkpoint)."""
-        self.rows.hold(tick.step, tick.tokens, tick.metrics, self.val if "evaluate" in tick.fired else None)
+        found = {**(self.val if "evaluate" in tick.fired else {}), **(self.scores if "tasks" in tick.fired else {})}
+        self.rows.hold(tick.step, tick.tokens, tick.metrics, found or None)
 
     def _vote(self, tick: periodic.Tick) -> None:
         """Every step: the same answer on every process after the same step; halt on a

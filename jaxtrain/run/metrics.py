@@ -2,7 +2,9 @@
 rows measure beyond the loss is run/telemetry.py's).
 
 `metrics.jsonl` holds one JSON object per logged step with at least
-  step, tokens, loss, lr, grad_norm, tokens_per_sec   (+ val_loss at evaluation steps).
+  step, tokens, loss, lr, grad_norm, tokens_per_sec   (+ val_loss at evaluation steps,
+  eval/<task>/<metric> at task evaluations; a new run with eval.tasks starts with a row
+  of its step-0 evaluation: step, tokens, val_loss, eval/...).
 On resume, rows after the restored checkpoint are dropped (they will be recomputed), so
 the file of a resumed run equals that of an uninterrupted one except for timing fields.
 TensorBoard events go to `WORKDIR/tb` (tensorboardX, no TensorFlow needed); a resumed
@@ -144,7 +146,9 @@ class MetricsLogger:
 
     def __init__(self, workdir: Path, start_step: int, total_steps: int, enabled: bool = True,
                  console: bool = True, wandb_project: str | None = None, run_config: dict | None = None,
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, fresh: bool = False):
+        """Rows after `start_step` are dropped; `fresh` (a run without a checkpoint) drops
+        those at start_step too (a new run's step-0 evaluation row is written again)."""
         self.enabled = enabled
         self.path, self._tb_dir = Layout(workdir).metrics, Layout(workdir).tensorboard
         self._tty = console and sys.stderr.isatty()
@@ -153,10 +157,10 @@ class MetricsLogger:
         if not enabled:
             return
         with writing("metrics file", self.path):
-            truncate_after(self.path, start_step, warn)
+            truncate_after(self.path, start_step - fresh, warn)
             self._file = self.path.open("a")
         with writing("TensorBoard directory", self._tb_dir):
-            self._tb = _summary_writer(self._tb_dir, start_step + 1)
+            self._tb = _summary_writer(self._tb_dir, start_step + 1 - fresh)
         self._wandb = _wandb_run(workdir, wandb_project, run_config or {}) if wandb_project else None
         if self._tty:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -188,9 +192,9 @@ class MetricsLogger:
             self._muted = True
 
     def _show(self, row: dict) -> None:
-        parts = [f"loss {row['loss']:.4f}", f"{row['tokens_per_sec']:,.0f} tok/s"]
-        if "val_loss" in row:
-            parts.append(f"val_loss {row['val_loss']:.4f}")
+        parts = [f"loss {row['loss']:.4f}", f"{row['tokens_per_sec']:,.0f} tok/s"] if "loss" in row else []
+        parts += [f"{key.removeprefix('eval/')} {row[key]:.4f}" for key in row
+                  if key == "val_loss" or key.startswith("eval/")]
         if self._bar is not None:
             self._bar.set_postfix_str(", ".join(parts), refresh=False)
             self._bar.update(row["step"] - self._bar.n)

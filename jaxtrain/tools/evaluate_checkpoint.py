@@ -1,6 +1,9 @@
 """`jaxtrain eval`: the validation metrics of any saved checkpoint, on the run's own data or
 on other prepared datasets / text files, computed by the same Evaluator the training loop
-calls, so `jaxtrain eval WORKDIR --step N` reproduces the `val_loss` logged at step N."""
+calls, so `jaxtrain eval WORKDIR --step N` reproduces the `val_loss` logged at step N; and
+(`evaluate_tasks`) the config's evaluation tasks or any text's bits per byte, scored by the
+same Tasks the loop calls (jaxtrain/run/tasks.py), so `--tasks` reproduces its
+eval/<task>/<metric> values at step N."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from jaxtrain.config.schema import Config
 from jaxtrain.data.sources import open_sources
 from jaxtrain.run.evaluate import Evaluator
 from jaxtrain.run.preflight import preflight
+from jaxtrain.run.tasks import Tasks
 from jaxtrain.tools.saved_run import SavedRun
 
 
@@ -42,6 +46,18 @@ def evaluate_run(run: SavedRun, data_paths: tuple[str, ...] | None = None) -> di
         bits_per_byte=result["val_bits_per_byte"], val_tokens=tokens,
         data=[s.path for s in cfg.data.sources] or list(cfg.data.paths))),
         **{k: v for k, v in result.items() if k.startswith("val_loss/")}}
+
+
+def evaluate_tasks(run: SavedRun, names: list[str] | None = None, text: tuple[str, ...] = ()) -> dict[str, Any]:
+    """eval/<task>/<metric> of a saved checkpoint: the config's eval.tasks (`names`: those;
+    None: all; []: none) and, with `text`, the bits per byte of those files as task "text"
+    (any number of documents: the last scoring call's batch is padded)."""
+    if names == [] and not text:
+        raise UserError("nothing to evaluate: give --tasks, or --text FILE")
+    if names is None and not run.cfg.eval.tasks:
+        raise UserError(f"{run.workdir}: its config has no eval.tasks (give --text FILE to score text)")
+    tasks = Tasks.for_config(run.cfg, run.spec, run.mesh, names, text)
+    return {"step": run.step, "tokens_seen": run.tokens, **tasks(run.params)}
 
 
 def _other_data(cfg: Config, data_paths: tuple[str, ...]):
