@@ -38,12 +38,14 @@ class Documents:
     val: list[bytes]
 
 
-def _is_val(relative_path: str, val_fraction: float) -> bool:
-    digest = int(hashlib.sha1(relative_path.encode()).hexdigest(), 16)
+def is_val(key: str, val_fraction: float) -> bool:
+    """Does the document keyed `key` (a text file's relative path, or a record's id,
+    records.py) go to validation?"""
+    digest = int(hashlib.sha1(key.encode()).hexdigest(), 16)
     return digest % 1_000_000 < val_fraction * 1_000_000
 
 
-def _read_text_file(path: str) -> bytes:
+def read_text_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -58,9 +60,9 @@ def _read_text_file(path: str) -> bytes:
 def iter_documents(files: list[tuple[str, str]], val_fraction: float) -> Iterator[tuple[str, bytes]]:
     """("train" | "val", contents) of every non-empty file, read one at a time."""
     for root, path in files:
-        data = _read_text_file(path)
+        data = read_text_file(path)
         if data:
-            yield ("val" if _is_val(os.path.relpath(path, root), val_fraction) else "train"), data
+            yield ("val" if is_val(os.path.relpath(path, root), val_fraction) else "train"), data
 
 
 def check_split(key: str, n_files: int, n_train: int, n_val: int, val_fraction: float) -> None:
