@@ -94,7 +94,7 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
         directory = str(adopt_units(store.out, store.staging))
         plan = plan_hash(units, {"val_fraction": val_fraction, "text_field": text_field, "id_field": id_field,
                                  "tokenizer": described, "token_dtype": dtype})
-        clear_stale(directory, plan)
+        resumed = clear_stale(directory, plan)  # finished units a killed prepare of this plan left
         job = Job(directory, plan, val_fraction, fields, TokenizerSpec.of(tokenizer), dtype)
         writers = {split: store.split(split, dtype, tokenizer.vocab_size) for split in SPLITS}
         bad, empty = Counter(), 0
@@ -113,7 +113,7 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
             "token_dtype": dtype, "val_fraction": val_fraction,
             "inputs": list(inputs), "text_field": text_field, "id_field": id_field, "files": n_files,
             "units": len(units), "skipped": {**listed.skipped(), **dict(sorted(bad.items()))},
-            "empty_documents": empty, "splits": splits, "content_sha256": digest,
+            "empty_documents": empty, "resumed_units": resumed, "splits": splits, "content_sha256": digest,
             "unigram_entropy": entropy_of_counts(writers["train"].counts),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }, tokenizer)
@@ -132,4 +132,5 @@ def summary(metadata: dict, out: str) -> str:
             f"train {s['train']['tokens']:,} tokens / {s['train']['documents']} documents, "
             f"val {s['val']['tokens']:,} / {s['val']['documents']}; "
             f"{s['train']['tokens'] / max(s['train']['bytes'], 1):.3f} tokens per byte"
-            + (f"; skipped: {skipped}" if skipped else ""))
+            + (f"; skipped: {skipped}" if skipped else "")
+            + (f"; resumed {metadata['resumed_units']} staged units" if metadata.get("resumed_units") else ""))
