@@ -144,3 +144,19 @@ def test_a_workers_memory_does_not_grow_with_its_unit(tmp_path, monkeypatch):
     monkeypatch.setattr(units, "_READ_TOKENS", 10_000)
     slices = list(units.read_tokens(str(tmp_path / "units12"), 0, "train", "uint8"))
     assert len(slices) > 100 and max(len(s) for s in slices) == 10_000
+
+
+@pytest.mark.slow
+def test_the_throughput_script_runs_end_to_end_at_a_tiny_size(tmp_path):
+    """docs/data/prepare_throughput.py at 1 MB (the lead runs it at 1.1 GB with Ray too; the
+    Ray engine's store is tested above, and each of its runs here would cost ~10 s of start-up)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SIZE_MB": "1", "SHARDS": "4", "TOKENIZER": "byte",
+           "ENGINES": "1,all", "OUT": str(tmp_path / "table.md"), "WORK": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(REPO / "docs" / "data" / "prepare_throughput.py")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|") for line in (tmp_path / "table.md").read_text().splitlines() if " MB, 4 shards" in line]
+    assert [row[2].strip() for row in rows] == ["local, 1 worker", f"local, {os.cpu_count()} workers"] * 2
+    assert rows[0][3] == rows[1][3] != rows[2][3] == rows[3][3]  # tokens: per corpus, whatever the workers
+    assert all(float(row[5].replace(",", "")) > 0 and row[6].strip().endswith("MiB") for row in rows)
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]  # the corpora and stores removed
