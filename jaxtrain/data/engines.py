@@ -24,14 +24,15 @@ independent units, whose only shared state is a file system, so the engine needs
 start workers with no setup on a laptop, and run the same code over many nodes.
 * Ray: `ray.init()` starts a local instance in the process, with nothing configured, and
   the same tasks run on a cluster made with `ray start`, KubeRay on Kubernetes, or a SLURM
-  allocation; Levanter (a JAX LLM trainer) builds its tokenized caches with Ray, so the
-  approach is proven on this exact job.
-* Apache Beam: multi-node needs a Flink, Spark or Dataflow runner to be set up; its
-  DirectRunner is documented as built for checking pipelines, not for efficient
-  execution.
-* datatrove: splits work by file per task (a parquet row group cannot be a task) and
-  brings its own Document and pipeline-block model, which would replace the readers and
-  the split here rather than run them.
+  allocation. Levanter, a JAX LLM trainer, builds its tokenized caches this way
+  (stanford-crfm/levanter, src/levanter/store/cache.py, `build_or_load_cache`: "a
+  sharded cache of the dataset using Ray for distributed processing").
+* Apache Beam: multi-node needs a Flink, Spark or Dataflow runner set up; its
+  DirectRunner is documented as validating pipelines against the Beam model "instead of
+  focusing on efficient pipeline execution" (beam.apache.org, Direct Runner).
+* datatrove: runs locally or on SLURM (and Ray, in recent releases) but brings its own
+  Document and pipeline-block model with readers that split work by file per task, which
+  would replace the readers, the split and the row-group units here rather than run them.
 Ray stays optional (`pip install 'jaxtrain[distributed]'`): the local pool needs nothing.
 """
 
