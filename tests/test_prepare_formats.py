@@ -260,3 +260,30 @@ def test_a_store_of_records_opens_and_feeds_windows(corpus, tmp_path):
     store = token_store.open_store(tmp_path / "ds")
     windows = store.train.read(np.array([0, 100]), 64)
     assert windows.shape == (2, 64) and store.metadata["files"] == 1
+
+
+def test_only_bad_records_is_one_line_and_a_dataset_dict_reads_its_splits(corpus, tmp_path):
+    import datasets
+
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(_lines([{"body": "x"}] * 5))
+    with pytest.raises(DataError, match=r"--input: no documents in the 1 files matched, only bad records "
+                                        r"\(5 missing_text_field\); see --text-field"):
+        prepare([str(path)], str(tmp_path / "ds"))
+    _, records, reference = corpus
+    half = len(records) // 2
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:half]),
+                          "test": datasets.Dataset.from_list(records[half:])}).save_to_disk(str(tmp_path / "dd"))
+    meta = prepare([str(tmp_path / "dd")], str(tmp_path / "ds"), val_fraction=0.2, id_field="id")
+    assert meta["files"] == 2 and meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == \
+        reference["splits"]["train"]["documents"] + reference["splits"]["val"]["documents"]
+
+
+def test_an_arrow_file_in_the_ipc_file_format_reads_like_a_stream(corpus, tmp_path):
+    root, records, _ = corpus
+    table = pa.Table.from_pylist(records)
+    (tmp_path / "in").mkdir()
+    with pa.ipc.new_file(str(tmp_path / "in" / "c.arrow"), table.schema) as writer:
+        writer.write_table(table, max_chunksize=5)
+    meta = prepare([str(tmp_path / "in")], str(tmp_path / "ds"), val_fraction=0.2, id_field="id")
+    assert store_files(tmp_path / "ds") == store_files(root / "reference") and meta["units"] == 1

@@ -74,9 +74,16 @@ def _local(job: Job, units: list[Unit], workers: int) -> Iterator[dict]:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
+    def wait(future):
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise DataError(f"--workers {workers}: a worker process died (killed, or out of memory: "
+                            f"try fewer --workers)") from None
+
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         try:
-            yield from _in_order(lambda u: pool.submit(run_unit, job, u), lambda f: f.result(), units, 4 * workers)
+            yield from _in_order(lambda u: pool.submit(run_unit, job, u), wait, units, 4 * workers)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -99,9 +106,10 @@ def _ray(job: Job, units: list[Unit], workers: int, address: str | None) -> Iter
     address = address or os.environ.get("RAY_ADDRESS")
     started = not ray.is_initialized()
     if started:
-        options = {"address": address} if address else {"num_cpus": workers}
-        ray.init(**options, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}})
+        local = {"num_cpus": workers,  # a local instance's workers import jaxtrain from where this one does
+                 "runtime_env": {"env_vars": {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}}
+        ray.init(**({"address": address} if address else local), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     task = ray.remote(num_cpus=1, max_retries=2)(run_unit)
 
     def wait(ref):

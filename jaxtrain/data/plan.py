@@ -14,7 +14,8 @@ Units follow the sorted file list (files.py), so their order, and with it the st
 function of the inputs alone: not of the number of workers, nor of which finishes first.
 A directory holding `state.json` and `*.arrow` files is a saved `datasets` dataset: its
 Arrow files are read and its JSON files (state, dataset_info) are its description, not
-documents.
+documents; a saved DatasetDict is its splits' directories, all read (and split again by
+the hash here), its `dataset_dict.json` left out.
 
 `plan_hash` names the plan together with everything a unit's result depends on (each
 file's size and modification time, the fields, the split fraction, the tokenizer's
@@ -50,10 +51,13 @@ def _saved_datasets(files: list[tuple[str, str]]) -> set[str]:
 
 
 def _kept(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The files that hold documents: a saved dataset's JSON description left out."""
+    """The files that hold documents: a saved dataset's JSON description left out, and a
+    saved DatasetDict's `dataset_dict.json` above its splits' directories."""
     saved = _saved_datasets(files)
+    dicts = {os.path.dirname(d) for d in saved}
     return [(root, path) for root, path in files
-            if not (os.path.dirname(path) in saved and path.endswith(".json"))]
+            if not (os.path.dirname(path) in saved and path.endswith(".json"))
+            and not (os.path.dirname(path) in dicts and os.path.basename(path) == "dataset_dict.json")]
 
 
 def make_plan(files: list[tuple[str, str]]) -> list[Unit]:

@@ -106,6 +106,9 @@ def prepare(inputs: list[str], out: str, tokenizer_flag: str = "byte", val_fract
                 bad.update(info["skipped"])
                 empty += info["empty"]
         splits = {split: writer.close() for split, writer in writers.items()}
+        if bad and not splits["train"]["documents"] + splits["val"]["documents"]:
+            raise DataError(f"--input: no documents in the {n_files} files matched, only bad records "
+                            f"({', '.join(f'{n} {r}' for r, n in sorted(bad.items()))}); see --text-field")
         check_split("--input", n_files, splits["train"]["documents"], splits["val"]["documents"], val_fraction)
         digest = hashlib.sha256(b"".join(writers[n].digest.digest() for n in SPLITS)).hexdigest()
         return store.commit({

@@ -99,6 +99,15 @@ def _open_lines(path: str):
     return open(path, "rb")
 
 
+def _damaged_stream_errors(path: str) -> tuple[type, ...]:
+    """What reading a jsonl file raises when it cannot be read or its compression is damaged."""
+    if path.lower().endswith(".zst"):
+        import zstandard
+
+        return OSError, EOFError, zstandard.ZstdError
+    return OSError, EOFError  # gzip raises BadGzipFile (an OSError) or EOFError
+
+
 def iter_jsonl(path: str, relative: str, fields: Fields) -> Iterator:
     """Every line of a jsonl file as a document, EMPTY or Bad (blank lines are no record)."""
     try:
@@ -120,12 +129,9 @@ def iter_jsonl(path: str, relative: str, fields: Fields) -> Iterator:
                     continue
                 key = record.get(fields.id) if fields.id else f"{relative}#{index}"
                 yield _document(record.get(fields.text), key, where, fields)
-    except (OSError, EOFError) as err:  # unreadable, or a damaged .gz / .zst stream
-        raise DataError(f"{path}: cannot read ({str(err).splitlines()[0][:200] or type(err).__name__})") from None
-    except Exception as err:  # zstandard.ZstdError is a plain Exception subclass
-        if type(err).__name__ != "ZstdError":
-            raise
-        raise DataError(f"{path}: cannot read (damaged zstd stream: {err})") from None
+    except _damaged_stream_errors(path) as err:  # unreadable, or a damaged .gz / .zst stream
+        words = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise DataError(f"{path}: cannot read ({words})") from None
 
 
 def _columns(schema, path: str, fields: Fields) -> list[str]:
@@ -176,12 +182,18 @@ def parquet_row_groups(path: str) -> int:
 
 
 def iter_arrow(path: str, relative: str, fields: Fields) -> Iterator:
-    """The rows of an Arrow IPC stream file (a `datasets` save_to_disk shard), memory-mapped."""
+    """The rows of an Arrow IPC stream file (a `datasets` save_to_disk shard; the IPC file
+    format is read too), memory-mapped."""
     import pyarrow as pa
 
     try:
         with pa.memory_map(path) as source:
-            reader = pa.ipc.open_stream(source)
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:  # not a stream: the IPC file format (Feather v2)?
+                reader = pa.ipc.open_file(source)
+                reader = pa.RecordBatchReader.from_batches(reader.schema, map(reader.get_batch,
+                                                                               range(reader.num_record_batches)))
             columns = _columns(reader.schema, path, fields)
             batches = (batch.select(columns) for batch in reader)
             yield from _table_rows(batches, 0, path, relative, fields)
