@@ -5,9 +5,10 @@ Default corpus: the Python standard-library sources of the running interpreter
 machine, so nothing is downloaded. Which files the inputs name (each once, directory links
 not followed): files.py.
 
-* A document is one file. Split: a document goes to validation iff
-  sha1(relative path) mod 10^6 < val_fraction * 10^6, so the split is deterministic,
-  independent of file order, and stable as files are added.
+* A document is one file (or, for `data prepare`, one record of a record file: records.py).
+  Split: a document goes to validation iff sha1(key) mod 10^6 < val_fraction * 10^6, the
+  key being a file's relative path (a record's id, or FILE#ROW), so the split is
+  deterministic, independent of file order and workers, and stable as files are added.
 * Files that cannot be read, and binary files (a NUL byte in the first 8000 bytes, as git
   decides), are errors naming the file.
 * Tokenized, a split is its documents' tokens each followed by the end-of-document token
