@@ -120,6 +120,10 @@ def test_staged_units_of_another_plan_are_not_reused(mixed, tmp_path):
     job = units.Job(str(tmp_path / "units"), "plan-a", 0.5, Fields(id="id"), units.TokenizerSpec("byte"), "uint8")
     info = units.run_unit(job, plan[0])
     assert units.finished(job.directory, 0, "plan-a") == info
+    with open(tmp_path / "units" / "0" / "train.tokens", "r+b") as f:
+        f.truncate(10)  # a short file (a machine crash after the rename): not finished
+    assert units.finished(job.directory, 0, "plan-a") is None
+    assert units.run_unit(job, plan[0]) == info and units.finished(job.directory, 0, "plan-a") == info  # redone
     (tmp_path / "units" / "3.tmp-1-abc").mkdir()  # a killed worker's unfinished unit
     assert units.clear_stale(job.directory, "plan-b") == 0 and not list((tmp_path / "units").iterdir())
 
@@ -133,7 +137,8 @@ def test_a_workers_memory_does_not_grow_with_its_unit(tmp_path, monkeypatch):
         path = tmp_path / f"c{copies}.jsonl"
         path.write_bytes(b"".join(json.dumps({**r, "id": f"{c}{r['id']}"}).encode() + b"\n"
                                   for c in range(copies) for r in records))
-        job = units.Job(str(tmp_path / f"units{copies}"), "p", 0.1, Fields(id="id"), units.TokenizerSpec("byte"), "uint8")
+        job = units.Job(str(tmp_path / f"units{copies}"), "p", 0.1, Fields(id="id"), units.TokenizerSpec("byte"),
+                        "uint8")
         tracemalloc.start()
         info = units.run_unit(job, make_plan([(str(tmp_path), str(path))])[0])
         peaks[copies] = (tracemalloc.get_traced_memory()[1], path.stat().st_size)

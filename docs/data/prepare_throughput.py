@@ -97,7 +97,8 @@ def run(command: list[str]) -> dict:
     out, err = proc.communicate()
     if proc.returncode:
         sys.exit(f"{shlex.join(command)} failed ({proc.returncode}): {err.strip()[-2000:]}")
-    return {"seconds": time.perf_counter() - started, "peak_one": peak_one, "peak_sum": peak_sum, "summary": out.strip()}
+    return {"seconds": time.perf_counter() - started, "peak_one": peak_one, "peak_sum": peak_sum,
+            "summary": out.strip()}
 
 
 def main() -> None:
@@ -130,7 +131,8 @@ def main() -> None:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
     header = (f"`jaxtrain data prepare --tokenizer {tokenizer}` on jsonl.zst shards of the standard library "
               f"(docs/data/prepare_throughput.py, {cores} cores, {time.strftime('%Y-%m-%d')}):\n\n"
-              "| corpus (text) | engine | tokens | time | tokens/s | peak RSS, largest process | peak RSS, all processes |\n"
+              "| corpus (text) | engine | tokens | time | tokens/s | peak RSS, largest process "
+              "| peak RSS, all processes |\n"
               "|---|---|---|---|---|---|---|\n")
     out_page.write_text(header + "\n".join(rows) + "\n")
     print(f"wrote {out_page}")

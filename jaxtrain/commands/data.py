@@ -23,14 +23,15 @@ def byte_size(text: str) -> int:
     """BYTES, or a number with K, M, G or T (powers of 1024, an optional "iB" or "B")."""
     match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not match or int(match[1]) == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of bytes such as 1073741824 or 1G, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, e.g. 1073741824 or 1G, not {text!r}")
     return int(match[1]) * _UNITS[match[2].upper()]
 
 
 def add_parsers(commands) -> None:
     data = commands.add_parser("data", help="prepare token stores; benchmark the input pipeline")
     sub = data.add_subparsers(dest="data_command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text, jsonl(.gz/.zst), parquet or saved datasets once into a token store")
+    prep = sub.add_parser("prepare",
+                          help="tokenize text, jsonl(.gz/.zst), parquet or saved datasets once into a token store")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
                       help="files, directories or globs ('{stdlib}/**/*.py' = the Python standard library)")
     prep.add_argument("--out", required=True, help="dataset directory to create (must not exist)")

@@ -145,17 +145,23 @@ def _write(job: Job, unit: Unit, tmp: Path) -> dict:
         for files in outputs.values():
             for f in files:
                 f.close()
+    sizes = {f"{name}.{kind}": os.path.getsize(tmp / f"{name}.{kind}")
+             for name in SPLITS for kind in ("tokens", "lengths")}
     return {"plan": job.plan, "index": unit.index, "splits": counts, "empty": tally["empty"],
-            "skipped": dict(sorted(tally["skipped"].items())), "first_bad": tally["first_bad"]}
+            "skipped": dict(sorted(tally["skipped"].items())), "first_bad": tally["first_bad"], "files": sizes}
 
 
 def finished(directory: str, index: int, plan: str) -> dict | None:
-    """A staged unit's info when it is complete and of this plan, else None."""
+    """A staged unit's info when it is complete (its files of the sizes it recorded: a
+    crash of the machine can leave a renamed directory with short files) and of this
+    plan, else None."""
+    unit = Path(directory) / str(index)
     try:
-        info = json.loads((Path(directory) / str(index) / "info.json").read_text())
-    except (OSError, ValueError):
+        info = json.loads((unit / "info.json").read_text())
+        complete = all((unit / name).stat().st_size == size for name, size in info["files"].items())
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
-    return info if info.get("plan") == plan else None
+    return info if complete and info.get("plan") == plan else None
 
 
 def run_unit(job: Job, unit: Unit) -> dict:
