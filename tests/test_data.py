@@ -8,7 +8,7 @@ import pytest
 
 from jaxtrain.config.files import load_config
 from jaxtrain.data import pipeline
-from jaxtrain.data.corpus import _is_val, expand_paths, load_corpus
+from jaxtrain.data.corpus import is_val, expand_paths, load_corpus
 from jaxtrain.data.files import list_files
 from jaxtrain.data.tokenizer import ByteTokenizer
 
@@ -35,7 +35,7 @@ def test_split_is_deterministic_disjoint_and_by_document(tiny_cfg):
     corpus = load_corpus(tuple(tiny_cfg.data.paths), tiny_cfg.data.val_fraction)
     assert corpus.n_train_docs > 0 and corpus.n_val_docs > 0
     files = expand_paths(tiny_cfg.data.paths)
-    n_val = sum(_is_val(path[len(root) + 1:], tiny_cfg.data.val_fraction) for root, path in files)
+    n_val = sum(is_val(path[len(root) + 1:], tiny_cfg.data.val_fraction) for root, path in files)
     assert n_val == corpus.n_val_docs
     assert np.count_nonzero(corpus.val == DOC_SEPARATOR) == corpus.n_val_docs
     assert np.count_nonzero(corpus.train == DOC_SEPARATOR) == corpus.n_train_docs

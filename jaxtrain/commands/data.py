@@ -2,6 +2,8 @@
 
     jaxtrain data prepare --input PATH_OR_GLOB... --out DIR [--tokenizer byte | bpe:VOCAB | FILE.json]
                           [--val-fraction F] [--name NAME] [--token-dtype auto|uint8|uint16|uint32]
+                          [--text-field NAME] [--id-field NAME] [--strict] [--tokenizer-sample BYTES]
+                          [--workers N] [--engine local|ray] [--ray-address ADDR]
     jaxtrain data bench DIR --config CONFIG [--seconds S] [--no-train] [--set ...]   (one JSON line)
     jaxtrain data make-tasks --out DIR [--input PATH_OR_GLOB...] [--val-fraction F] [--questions N]
                              [--documents N] [--seed S]   (evaluation tasks from held-out files)
@@ -11,14 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 
 from jaxtrain.commands.args import add_set, open_fraction, positive_float, positive_int
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """BYTES, or a number with K, M, G or T (powers of 1024, an optional "iB" or "B")."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, e.g. 1073741824 or 1G, not {text!r}")
+    return int(match[1]) * _UNITS[match[2].upper()]
 
 
 def add_parsers(commands) -> None:
     data = commands.add_parser("data", help="prepare token stores; benchmark the input pipeline")
     sub = data.add_subparsers(dest="data_command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text files once into a token store")
+    prep = sub.add_parser("prepare",
+                          help="tokenize text, jsonl(.gz/.zst), parquet or saved datasets once into a token store")
     prep.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
                       help="files, directories or globs ('{stdlib}/**/*.py' = the Python standard library)")
     prep.add_argument("--out", required=True, help="dataset directory to create (must not exist)")
@@ -28,6 +43,21 @@ def add_parsers(commands) -> None:
     prep.add_argument("--name", default=None, help="dataset name (default: the --out directory's name)")
     prep.add_argument("--token-dtype", default="auto", choices=("auto", "uint8", "uint16", "uint32"),
                       help="auto: the smallest that fits the vocabulary")
+    prep.add_argument("--text-field", default="text", metavar="NAME",
+                      help="jsonl / parquet / Arrow: the field holding a document's text (default: text)")
+    prep.add_argument("--id-field", default=None, metavar="NAME",
+                      help="the field whose value the train/val split hashes (default: FILE#ROW)")
+    prep.add_argument("--strict", action="store_true",
+                      help="stop at the first bad record (default: skip bad records and count them per reason)")
+    prep.add_argument("--tokenizer-sample", type=byte_size, default="1G", metavar="BYTES",
+                      help="train a BPE on at most this many bytes of training documents, chosen by hash (default 1G)")
+    prep.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
+                      help="processes tokenizing in parallel (default: every core); the store is the same for any N")
+    prep.add_argument("--engine", default="local", choices=("local", "ray"),
+                      help="local: a process pool; ray: Ray tasks (pip install 'jaxtrain[distributed]')")
+    prep.add_argument("--ray-address", default=None, metavar="ADDR",
+                      help="with --engine ray: a running cluster (auto, or HOST:PORT; default RAY_ADDRESS, else a "
+                           "local instance); --out must be on a file system every node mounts")
     bench = sub.add_parser("bench", help="pipeline tokens/s and memory, next to the train step's tokens/s")
     bench.add_argument("dataset", metavar="DIR", help="a prepared dataset")
     bench.add_argument("--config", required=True, help="the run's config (seq_len, batch size, model)")
@@ -51,7 +81,9 @@ def add_parsers(commands) -> None:
 def prepare_command(args: argparse.Namespace) -> int:
     from jaxtrain.data.prepare import prepare, summary
 
-    metadata = prepare(args.input, args.out, args.tokenizer, args.val_fraction, args.name, args.token_dtype)
+    metadata = prepare(args.input, args.out, args.tokenizer, args.val_fraction, args.name, args.token_dtype,
+                       text_field=args.text_field, id_field=args.id_field, strict=args.strict, workers=args.workers,
+                       engine=args.engine, ray_address=args.ray_address, tokenizer_sample=args.tokenizer_sample)
     print(summary(metadata, args.out))
     return 0
 

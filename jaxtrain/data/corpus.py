@@ -5,9 +5,10 @@ Default corpus: the Python standard-library sources of the running interpreter
 machine, so nothing is downloaded. Which files the inputs name (each once, directory links
 not followed): files.py.
 
-* A document is one file. Split: a document goes to validation iff
-  sha1(relative path) mod 10^6 < val_fraction * 10^6, so the split is deterministic,
-  independent of file order, and stable as files are added.
+* A document is one file (or, for `data prepare`, one record of a record file: records.py).
+  Split: a document goes to validation iff sha1(key) mod 10^6 < val_fraction * 10^6, the
+  key being a file's relative path (a record's id, or FILE#ROW), so the split is
+  deterministic, independent of file order and workers, and stable as files are added.
 * Files that cannot be read, and binary files (a NUL byte in the first 8000 bytes, as git
   decides), are errors naming the file.
 * Tokenized, a split is its documents' tokens each followed by the end-of-document token
@@ -38,8 +39,10 @@ class Documents:
     val: list[bytes]
 
 
-def _is_val(relative_path: str, val_fraction: float) -> bool:
-    digest = int(hashlib.sha1(relative_path.encode()).hexdigest(), 16)
+def is_val(key: str, val_fraction: float) -> bool:
+    """Does the document keyed `key` (a text file's relative path, or a record's id,
+    records.py) go to validation?"""
+    digest = int(hashlib.sha1(key.encode()).hexdigest(), 16)
     return digest % 1_000_000 < val_fraction * 1_000_000
 
 
@@ -60,7 +63,7 @@ def iter_documents(files: list[tuple[str, str]], val_fraction: float) -> Iterato
     for root, path in files:
         data = read_text_file(path)
         if data:
-            yield ("val" if _is_val(os.path.relpath(path, root), val_fraction) else "train"), data
+            yield ("val" if is_val(os.path.relpath(path, root), val_fraction) else "train"), data
 
 
 def validation_files(patterns: tuple[str, ...], val_fraction: float, key: str = "data.paths") -> list[str]:

@@ -12,6 +12,13 @@ later prepare therefore clears a dead writer's leftovers, and refuses, in one li
 the writer, to touch a live one's. A directory holding metadata.json is a finished
 dataset and is never cleared.
 
+Resume: the map of a prepare stages its finished units in `<staging>/units` (units.py).
+When a dead writer's claimed staging is cleared, that folder is first moved aside to
+`.OUT.units` (under the dead writer's lock, so no one else is clearing it), and the next
+writer to claim OUT adopts it into its own staging; the units there are reused only if
+they belong to the same plan (plan.py's hash of inputs, settings and tokenizer), and
+cleared otherwise. Nothing in `.OUT.units` is a dataset: `open_store` refuses it.
+
 Claiming is a rename: a writer builds its private directory (the marker locked before it
 appears under its name) and renames it to `.OUT.tmp-staging`; rename(2) onto an existing
 non-empty directory fails, so of two prepares started at the same moment exactly one
@@ -31,6 +38,7 @@ from jaxtrain.config import ownership
 from jaxtrain.data.token_store import MARKER
 
 _CLAIM = "staging"
+UNITS = "units"  # the map's staged units inside a staging directory (units.py)
 
 
 def _busy(out: Path, writer: str) -> DataError:
@@ -48,10 +56,34 @@ def live_writer(directory: Path) -> str | None:
         return ownership.describe(marker) if marker.exists() else None  # no marker: nothing to judge
     try:
         if not (directory / "metadata.json").exists():
+            _salvage_units(directory)
             shutil.rmtree(directory, ignore_errors=True)
         return None
     finally:
         os.close(fd)
+
+
+def _resume_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.units"
+
+
+def _salvage_units(directory: Path) -> None:
+    """Keep a dead claimed staging's finished units for the next writer (`adopt_units`)."""
+    suffix = f".tmp-{_CLAIM}"
+    if directory.name.endswith(suffix) and (directory / UNITS).is_dir():
+        target = _resume_path(directory.parent / directory.name[1:-len(suffix)])
+        shutil.rmtree(target, ignore_errors=True)
+        (directory / UNITS).rename(target)
+
+
+def adopt_units(out: Path, staging: Path) -> Path:
+    """`staging`/units, holding a dead writer's units if it left some (its caller, the
+    claim's owner, checks they belong to the same plan)."""
+    try:
+        _resume_path(out).rename(staging / UNITS)
+    except OSError:
+        (staging / UNITS).mkdir(exist_ok=True)
+    return staging / UNITS
 
 
 def prepare_target(out: Path) -> None:

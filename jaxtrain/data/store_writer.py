@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from array import array
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxtrain.config.errors import DataError
-from jaxtrain.data.staging import claim, prepare_target, release
+from jaxtrain.data.staging import UNITS, claim, prepare_target, release
 from jaxtrain.data.token_store import FORMAT, SHARD_TOKENS, VERSION, array_spec
 
 _CAPACITY = 1 << 40  # tokens a split may hold; only written chunks take space
@@ -47,14 +48,23 @@ class SplitWriter:
         self.digest = hashlib.sha256()
 
     def add(self, tokens: np.ndarray, n_bytes: int) -> None:
+        """One document's tokens (ended by its end token) and its size in bytes."""
+        self.extend(tokens)
+        self.add_documents(np.array([len(tokens)]), n_bytes)
+
+    def extend(self, tokens: np.ndarray) -> None:
+        """Tokens of whole or partial documents; `add_documents` says where documents end."""
         if len(tokens) and int(tokens.max()) >= self._vocab:
             raise DataError(f"the tokenizer produced id {int(tokens.max())}, outside its vocabulary of {self._vocab}")
         self._pending.append(tokens.astype(self._dtype))
         self._pending_len += len(tokens)
-        self._starts.append(self._starts[-1] + len(tokens))
-        self.bytes += n_bytes
         if self._pending_len >= SHARD_TOKENS:
             self._flush(final=False)
+
+    def add_documents(self, lengths: np.ndarray, n_bytes: int) -> None:
+        """The token lengths of the next documents (their tokens given to `extend`)."""
+        self._starts.extend((self._starts[-1] + np.cumsum(lengths, dtype=np.int64)).tolist())
+        self.bytes += n_bytes
 
     def _flush(self, final: bool) -> None:
         """Write the whole shards buffered (all of the buffer when `final`)."""
@@ -95,6 +105,7 @@ class StoreWriter:
         if tokenizer is not None and tokenizer.kind == "bpe":
             tokenizer.save(str(self.staging / "tokenizer.json"))
         metadata = {"format": FORMAT, "version": VERSION, **metadata}
+        shutil.rmtree(self.staging / UNITS, ignore_errors=True)  # the map's staged units, merged by now
         self.staging.rename(self.out)
         self.staging = None  # committed: nothing to remove on exit
         tmp = self.out / "metadata.json.tmp"

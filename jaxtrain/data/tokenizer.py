@@ -7,7 +7,8 @@ prepared dataset is the documents' tokens joined end to end.
   (NUL), which text files do not contain (binary files are refused when preparing).
 * `bpe:VOCAB`: byte-level BPE (Sennrich et al. 2016; GPT-2's byte-to-unicode pre-tokenizer,
   so every string encodes) trained with the `tokenizers` library on the training split
-  only, with `<|endoftext|>` as id 0. Saved as `tokenizer.json` beside the data.
+  only (past `--tokenizer-sample` bytes, on a sample of it: sample.py), with
+  `<|endoftext|>` as id 0. Saved as `tokenizer.json` beside the data.
 * `PATH/tokenizer.json`: an existing `tokenizers` file, used as is; it must define an
   end-of-document token (`<|endoftext|>`, `</s>`, `<eos>` or `<|end_of_text|>`).
 
