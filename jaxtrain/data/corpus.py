@@ -68,7 +68,7 @@ def iter_documents(files: list[tuple[str, str]], val_fraction: float) -> Iterato
 
 def validation_files(patterns: tuple[str, ...], val_fraction: float, key: str = "data.paths") -> list[str]:
     """The files of the patterns that the split holds out (validation), sorted by path."""
-    return [path for root, path in expand_paths(patterns, key) if _is_val(os.path.relpath(path, root), val_fraction)]
+    return [path for root, path in expand_paths(patterns, key) if is_val(os.path.relpath(path, root), val_fraction)]
 
 
 def check_split(key: str, n_files: int, n_train: int, n_val: int, val_fraction: float) -> None:
