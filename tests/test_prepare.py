@@ -195,7 +195,8 @@ def test_an_interrupted_prepare_leaves_nothing_train_accepts(tmp_path):
             if candidate.exists():
                 with pytest.raises(DataError, match="not a prepared dataset"):
                     token_store.open_store(candidate)
-    subprocess.run(command, check=True, cwd=REPO, capture_output=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     assert json.loads((out / "metadata.json").read_text())["files"] > 500
     assert not list(tmp_path.glob(".stdlib.tmp-*"))
 

@@ -79,6 +79,14 @@ def _prepare_command(corpus: Path, out: Path, tokenizer: str) -> list[str]:
             "--tokenizer", tokenizer, "--workers", "2", "--id-field", "id"]
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 @pytest.mark.slow
 def test_a_killed_prepare_leaves_nothing_train_accepts_and_the_rerun_resumes(mixed, tmp_path):
     _, tokenizer = mixed
@@ -96,8 +104,15 @@ def test_a_killed_prepare_leaves_nothing_train_accepts_and_the_rerun_resumes(mix
     while not (staged.is_dir() and any(p.name.isdigit() for p in staged.iterdir())) and time.time() < deadline:
         assert proc.poll() is None, "the prepare ended before a unit was staged"
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its pool: the whole session this test started
+    proc.send_signal(signal.SIGKILL)  # the driver only: its pool workers must notice and end
     proc.wait()
+    deadline = time.time() + 20
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    orphaned = _group_alive(proc.pid)
+    if orphaned:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not orphaned, "pool workers outlived their SIGKILLed prepare by 20 s"
     assert not (out / "metadata.json").exists(), "finished before the kill: make the corpus larger"
     for candidate in [out, *tmp_path.glob(".ds.*"), staged]:
         if candidate.exists():

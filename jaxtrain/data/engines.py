@@ -69,6 +69,21 @@ def _threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A pool worker's initializer: end the worker once its prepare is gone. A SIGKILLed
+    prepare cannot shut its pool down, and a worker blocked on the pool's call queue never
+    sees it end (it holds that queue's pipe ends itself), so it would wait forever."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _local(job: Job, units: list[Unit], workers: int) -> Iterator[dict]:
     import concurrent.futures
     import multiprocessing
@@ -81,7 +96,8 @@ def _local(job: Job, units: list[Unit], workers: int) -> Iterator[dict]:
             raise DataError(f"--workers {workers}: a worker process died (killed, or out of memory: "
                             f"try fewer --workers)") from None
 
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         try:
             yield from _in_order(lambda u: pool.submit(run_unit, job, u), wait, units, 4 * workers)
         finally:
