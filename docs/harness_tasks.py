@@ -20,6 +20,11 @@ the tasks work from any directory) beside its jsonl, written into TASKS_DIR; the
 are drawn with a fixed seed, so a Python version always writes the same tasks. Lines are
 short (8 to 40 characters of text): configs/tiny.yaml's context is 64 tokens, which a
 choice, and a completion's context plus its 16 tokens, must fit.
+
+For a run's own held-out files use `jaxtrain data make-tasks` (jaxtrain/tools/make_task.py):
+its next-line and held-out tasks are the ones the training loop scores, with lm-eval YAMLs
+beside them. This script is for the harness alone: fixed modules any Python has, a
+generate_until task (the loop scores no generation) and lines short enough for tiny.yaml.
 """
 
 from __future__ import annotations
