@@ -44,14 +44,20 @@ def module_lines(name: str) -> list[str]:
     return [line.rstrip() for line in text.splitlines() if 8 <= len(line.strip()) <= 40]
 
 
-def next_line_docs(count: int, seed: int = 0) -> list[dict]:
-    """`count` docs {context, choices, gold}, the modules taken in turn."""
+def _line_picks(count: int, seed: int):
+    """`count` times (rng, module name, every module's lines, index of a line with two
+    lines before it), the modules taken in turn; the caller may draw more from rng."""
     rng = random.Random(seed)
     lines = {name: module_lines(name) for name in MODULES}
+    for k in range(count):
+        name = MODULES[k % len(MODULES)]
+        yield rng, name, lines, rng.randrange(2, len(lines[name]))
+
+
+def next_line_docs(count: int, seed: int = 0) -> list[dict]:
+    """`count` docs {context, choices, gold}."""
     docs = []
-    while len(docs) < count:
-        name = MODULES[len(docs) % len(MODULES)]
-        i = rng.randrange(2, len(lines[name]))
+    for rng, name, lines, i in _line_picks(count, seed):
         context, truth = "\n".join(lines[name][i - 2:i]) + "\n", lines[name][i].lstrip()
         others = [line.lstrip() for other in MODULES if other != name for line in lines[other]]
         choices = {truth}
@@ -66,12 +72,8 @@ def next_line_docs(count: int, seed: int = 0) -> list[dict]:
 def completion_docs(count: int, seed: int = 1) -> list[dict]:
     """`count` docs {context, target}: two lines and the first half of the next line of a
     module; the target is the rest of that line."""
-    rng = random.Random(seed)
-    lines = {name: module_lines(name) for name in MODULES}
     docs = []
-    while len(docs) < count:
-        name = MODULES[len(docs) % len(MODULES)]
-        i = rng.randrange(2, len(lines[name]))
+    for _, name, lines, i in _line_picks(count, seed):
         half = len(lines[name][i]) // 2
         docs.append({"context": "\n".join(lines[name][i - 2:i]) + "\n" + lines[name][i][:half],
                      "target": lines[name][i][half:]})
