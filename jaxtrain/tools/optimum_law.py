@@ -95,8 +95,8 @@ def least_squares_power_law(y_log2: np.ndarray, c_log2: np.ndarray) -> dict[str,
     X = np.column_stack([np.ones(len(y)), np.asarray(c_log2, np.float64)])
     n, p = X.shape
     if n < p or np.linalg.matrix_rank(X) < p:
-        raise ValueError(f"{n} optima cannot determine {p} parameters (a covariate is constant or "
-                         f"a combination of the others)")
+        why = "" if n < p else " (over these optima a covariate is constant or a combination of the others)"
+        raise ValueError(f"{n} optima cannot determine {p} parameters{why}")
     beta, *_ = np.linalg.lstsq(X, y, rcond=None)
     residual = y - X @ beta
     if n > p:
