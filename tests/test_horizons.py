@@ -2,13 +2,17 @@
 branches; the branched 16-step run equals the 16-step run trained from scratch, and the
 horizons a branch cannot reproduce are refused before anything trains."""
 
+import functools
 import json
+import math
 
 import pytest
 
 from conftest import TINY, assert_same_params, cli_in_process, final_params, logged_rows
 from jaxtrain.config.files import load_config
 from jaxtrain.run.loop import run
+from jaxtrain.tools import horizons
+from jaxtrain.tools.sweep import run_point
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +49,23 @@ def test_a_branched_horizon_equals_the_full_run_at_its_budget(tmp_path, capsys):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6), step
     assert rows[16]["val_loss"] == pytest.approx(logged_rows(full)[-1]["val_loss"], rel=1e-6)
     assert_same_params(final_params(branch, 16), final_params(full, 16), rtol=1e-6)
+    trained = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    again = cli_in_process(capsys, "sweep", str(TINY), "--grid", "train.steps=16,32", "--grid", "optimizer.lr=0.003",
+                           "--branch-horizons", *SETS, "--out", str(out))
+    assert again[0] == 0, again[2]  # the long run and the branch read back, nothing trained again
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == trained
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+
+
+def test_a_branch_the_long_run_never_saved_counts_as_diverged_and_is_not_recorded(tmp_path):
+    """The long run halted (non-finite) before the branch step: nothing to train from."""
+    cfg = load_config(TINY, [*SETTINGS, "train.steps=16"])
+    (tmp_path / "long" / "checkpoints" / "8").mkdir(parents=True)  # saved up to step 8 only
+    write = functools.partial(horizons._write_branch, tmp_path / "long", 12, 4, tmp_path / "short", cfg)
+    assert write() is False
+    result = run_point({"train.steps": 16}, cfg, tmp_path / "short", tmp_path / "replaced", prepare=write)
+    assert result["diverged"] and math.isnan(result["val_loss"]) and result["seconds"] == 0.0
+    assert not (tmp_path / "short").exists()  # a rerun tries again
 
 
 @pytest.mark.parametrize("sets, culprit", [

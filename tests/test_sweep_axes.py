@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import TINY, cli_in_process, logged_rows
+from conftest import TINY, cli_in_process, figure_panels, logged_rows
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +54,21 @@ def test_a_budget_the_grid_cannot_keep_is_one_line_and_nothing_trains(tmp_path, 
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert culprit in err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_weight_decay_axis_reports_its_drift_per_doubling_in_the_figure(tmp_path, capsys):
+    out = tmp_path / "wd"
+    status, stdout, err = cli_in_process(capsys, "sweep", str(TINY), "--grid", "optimizer.weight_decay=0.05,0.2",
+                                         "--grid", "optimizer.lr=0.003,0.01", "--curves", "optimizer.weight_decay",
+                                         *BASE, "--set", "train.steps=3", "--set", "schedule.warmup_steps=1",
+                                         "--out", str(out))
+    assert status == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["equal_tokens"] is None and results["fits"] == []
+    assert all((r["steps"], r["tokens"]) == (3, 3 * 16 * 64) for r in results["runs"])
+    (drift,) = results["drift"]
+    assert drift["steps_per_doubling"] == pytest.approx(drift["drift_steps"] / 2)  # 0.05 -> 0.2: two doublings
+    (panel,) = figure_panels(out / "sweep.png")
+    assert panel["curves"] == {"weight_decay=0.05": 2, "weight_decay=0.2": 2}
+    assert f"({drift['steps_per_doubling']:+.2f} per doubling of weight_decay)" in panel["title"]
+    assert not (out / "fits.png").exists()
