@@ -1,7 +1,8 @@
 """The experiment commands: grids of short runs, the muP coordinate check, the step
 benchmark and the dry run.
 
-    jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR
+    jaxtrain sweep CONFIG --grid key=v1,v2,... [--grid ...] --out DIR [--x KEY --curves KEY]
+                   [--equal-tokens] [--fit lr~batch,tokens] [--branch-horizons]
     jaxtrain coord-check CONFIG --widths 64,128,256 [--depths 2,4] --steps 5 --out DIR
     jaxtrain bench CONFIG [--steps 10 --warmup 2 --hlo-out FILE --set ...]   (one JSON line)
     jaxtrain dry-run CONFIG [--devices N --backend gpu] [--compile] [--target NAME [--fit]] [--schedule-png FILE]
@@ -20,15 +21,28 @@ from jaxtrain.run import xla_flags
 
 
 def add_parsers(commands) -> None:
-    sweep = commands.add_parser("sweep", help="train a grid of short runs; loss vs learning rate per width/depth")
+    sweep = commands.add_parser("sweep", help="train a grid of short runs; the optimum per curve, its drift along "
+                                              "any axis, power-law fits")
     sweep.add_argument("config")
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                        help="a swept config key and its values (repeatable; the product is run)")
     sweep.add_argument("--out", required=True, help="sweep directory, a cache keyed by each run's config "
                                                     "(rerunning resumes it; docs/usage.md)")
     sweep.add_argument("--x", default="optimizer.lr", help="the grid key on the x axis (log2)")
-    sweep.add_argument("--curves", default=None, help="the grid key drawn as separate curves "
-                                                      "(default: the first other --grid key)")
+    sweep.add_argument("--curves", default=None, help="the grid key drawn as separate curves, along which the "
+                                                      "optimum's drift is measured (width, train.batch_size, "
+                                                      "train.steps, optimizer.weight_decay ...; default: the "
+                                                      "first other --grid key)")
+    sweep.add_argument("--equal-tokens", action="store_true",
+                       help="train every grid point on the config's token budget (train.steps x batch_size x "
+                            "seq_len): train.steps derived per point, for a --grid over train.batch_size")
+    sweep.add_argument("--fit", action="append", default=[], metavar="X~C1,C2,...",
+                       help="fit log2 x_opt = log2 a + sum alpha_i log2 c_i over the per-cell optima (e.g. "
+                            "lr~batch,tokens; covariates: grid keys, their last part, batch, width, wd, "
+                            "tokens, steps); repeatable")
+    sweep.add_argument("--branch-horizons", action="store_true",
+                       help="with --grid train.steps and a wsd/power schedule: train the longest horizon of each "
+                            "cell and branch the shorter ones from its checkpoints (jaxtrain cooldown)")
     add_set(sweep)
     sweep.set_defaults(func=sweep_command)
 
@@ -78,20 +92,25 @@ def add_parsers(commands) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
+    from jaxtrain.tools.optimum_law import describe
     from jaxtrain.tools.sweep import StopSweep, parse_grid, sweep
 
     try:
         results = sweep(args.config, parse_grid(args.grid), Path(args.out), overrides=args.overrides,
-                        x_key=args.x, curve_key=args.curves)
+                        x_key=args.x, curve_key=args.curves, equal_tokens=args.equal_tokens, fits=args.fit,
+                        branch_horizons=args.branch_horizons)
     except StopSweep as stopped:
         print(f"jaxtrain: sweep stopped by a signal during {stopped}; rerun the same command to resume",
               file=sys.stderr)
         return 130
     for d in results["drift"]:
         panel = ", ".join(f"{k}={d[k]}" for k in results["panels"]) or "all"
-        print(f"{panel}: optimum moved {d['drift_steps']:+.2f} grid steps from "
-              f"{results['curve']}={d['from']} to {d['to']}")
-    print(f"wrote {args.out}/results.json, results.csv, sweep.png")
+        per = d["steps_per_doubling"]
+        print(f"{panel}: optimum moved {d['drift_steps']:+.2f} grid steps from {results['curve']}={d['from']} "
+              f"to {d['to']}" + ("" if per is None else f" ({per:+.2f} per doubling)"))
+    for fit in results["fits"]:
+        print(describe(fit))
+    print(f"wrote {args.out}/results.json, results.csv, sweep.png" + (", fits.png" if results["fits"] else ""))
     return 0
 
 

@@ -100,7 +100,10 @@ class _Parts:
 
 
 def _build(cfg: Config, spec: ts.ModelSpec, mesh, sources: list[DataSource]) -> _Parts:
-    watch = telemetry.step_metrics(spec) if cfg.diagnostics.telemetry_every > 0 else None
+    watch = None
+    if cfg.diagnostics.telemetry_every > 0:
+        scale = telemetry.sigma_reference(cfg, spec.table)
+        watch = telemetry.step_metrics(spec, scale, cfg.diagnostics.power_iterations)
     steps = ts.build_steps(cfg, spec, mesh, extra_metrics=watch)
     rows, row_blocks = sharding.process_rows(mesh, cfg.train.batch_size)
     batch_sharding = sharding.batch_sharding(mesh)

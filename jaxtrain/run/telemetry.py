@@ -23,7 +23,22 @@ params before the update, no dropout), with the document mask when `data.packing
                            role: the relative size of the step each role takes (inf while
                            a zero-initialized role is still exactly zero)
   param_norm/<role>        ||theta_R|| after the update
+  sigma_max/<role>         the largest top singular value over the role's matrices (every
+                           layer of a stacked one, as (fan_in, fan_out)), of the stored
+                           parameter after the update, by power iteration
+  sigma_ratio/<role>       sigma_max/<role> / (sqrt(eta_R / lambda_R) * d^0.75), for the
+                           AdamW roles with weight decay (`sigma_reference`)
 Roles are those of the parametrization table (embedding, hidden, readout, vector).
+
+The sigma ratio is the diagnostic of "Robust Layerwise Scaling Rules by Proper Weight Decay
+Tuning" (Fan et al. 2025, arXiv 2510.15262): in AdamW's steady state the singular values of
+a matrix scale as sqrt(eta/lambda) (per step the update adds ~eta, the decay removes
+eta*lambda*theta: their balance), and across widths d the top one as
+sqrt(eta/lambda) * d^0.75. eta_R is the role's peak learning rate (the table's lr_R times
+optimizer.lr), lambda_R its coupled decay coefficient (the table's). A ratio that stays the
+same across widths (`jaxtrain plot RUN_d64 RUN_d256 --metric 'sigma_ratio/*'`) says the
+sublayer gains transfer: what parametrization.gamma = 0.5 (lambda ∝ sqrt(d) under muP's
+eta ∝ 1/d) is for. It describes the stable phase: a decaying lr(t) leaves it.
 
 Diagnostics, on the params after the step:
 * Top singular value of every weight matrix (each layer of a stacked one: sv/blocks.I.*),
@@ -60,14 +75,23 @@ NORM_FLOOR = 1e-30
 # per step, so a resumed run reports the same values as an uninterrupted one.
 SHARPNESS_SEED = 0
 FORWARD_TELEMETRY = ("max_attn_logit", "log_z")  # what the model is asked to sow
+# sigma_max/<role>: power iterations per matrix at a telemetry step (the loop passes
+# diagnostics.power_iterations), and the width exponent of Fan et al.'s observed law.
+SIGMA_ITERATIONS = 20
+SIGMA_WIDTH_EXPONENT = 0.75
 
 
-def step_metrics(spec: ts.ModelSpec) -> ts.ExtraMetrics:
-    """The stability telemetry as the train step's extra metrics."""
+def step_metrics(spec: ts.ModelSpec, sigma_scale: dict[str, float] | None = None,
+                 iterations: int = SIGMA_ITERATIONS) -> ts.ExtraMetrics:
+    """The stability telemetry as the train step's extra metrics; `sigma_scale` (role ->
+    sqrt(eta_R/lambda_R) d^0.75, `sigma_reference`) adds sigma_ratio/<role>."""
 
     def metrics(before: Any, after: Any, grads: Any, batch: Any) -> dict[str, jax.Array]:
+        sigmas = role_sigma_max(after, spec.table, iterations)
+        ratios = {f"sigma_ratio/{role}": sigmas[f"sigma_max/{role}"] / scale
+                  for role, scale in (sigma_scale or {}).items() if f"sigma_max/{role}" in sigmas}
         return {**forward_telemetry(spec, before, batch),
-                **optimizer_telemetry(before, after, grads, spec.table.labels(before))}
+                **optimizer_telemetry(before, after, grads, spec.table.labels(before)), **sigmas, **ratios}
 
     return metrics
 
@@ -118,6 +142,13 @@ def top_singular_value(matrix: jax.Array, iterations: int) -> jax.Array:
     return jnp.linalg.norm(matrix @ v)
 
 
+def _layer_sigmas(value: jax.Array, rule: parametrization.ParamRule, iterations: int) -> jax.Array:
+    """Top singular value of each layer of a (stacked) weight viewed as (fan_in, fan_out)."""
+    fan_in = math.prod(rule.shape[:rule.fan_in_dims])
+    layers = value.reshape(-1, fan_in, math.prod(rule.shape) // fan_in).astype(jnp.float32)
+    return jax.vmap(lambda matrix: top_singular_value(matrix, iterations))(layers)
+
+
 def singular_values(params: Any, table: parametrization.Table, iterations: int) -> dict[str, jax.Array]:
     effective = parametrization.effective_params(table, params)
     out = {}
@@ -126,10 +157,38 @@ def singular_values(params: Any, table: parametrization.Table, iterations: int) 
         rule = table.rules[path]
         if rule.role == "vector":
             continue
-        fan_in = math.prod(rule.shape[:rule.fan_in_dims])
-        layers = value.reshape(-1, fan_in, math.prod(rule.shape) // fan_in).astype(jnp.float32)
-        sigmas = jax.vmap(lambda matrix: top_singular_value(matrix, iterations))(layers)
+        sigmas = _layer_sigmas(value, rule, iterations)
         out.update({f"sv/{name}": sigma for name, sigma in zip(rule.per_layer_paths(path), sigmas, strict=True)})
+    return out
+
+
+def role_sigma_max(params: Any, table: parametrization.Table, iterations: int) -> dict[str, jax.Array]:
+    """sigma_max/<role>: the largest top singular value over the role's matrices (each layer
+    of a stacked one), of the STORED parameter: what AdamW moves and decays, so what the
+    steady state sqrt(eta/lambda) * d^0.75 (module docstring) is about."""
+    tops: dict[str, list[jax.Array]] = {}
+    for key_path, value in jax.tree_util.tree_leaves_with_path(params):
+        rule = table.rules[parametrization.path_str(key_path)]
+        if rule.role != "vector":
+            tops.setdefault(rule.role, []).append(jnp.max(_layer_sigmas(value, rule, iterations)))
+    return {f"sigma_max/{role}": jnp.max(jnp.stack(found)) for role, found in sorted(tops.items())}
+
+
+def sigma_reference(cfg: Config, table: parametrization.Table) -> dict[str, float]:
+    """role -> sqrt(eta_R / lambda_R) * d^0.75 (Fan et al. 2025) for the AdamW roles that
+    decay: eta_R = the role's peak LR (optimizer.adam_lr or .lr, times lr_R); lambda_R the
+    coupled decay coefficient applied, lambda * decay_R (mode `independent`: divided by
+    eta_R, since its per-step shrink lr(t)/eta * lambda * decay_R = lr(t) lr_R * that)."""
+    o, out = cfg.optimizer, {}
+    for role in parametrization.ROLES:
+        members = {(r.lr, r.weight_decay, r.update) for r in table.rules.values() if r.role == role}
+        if role == "vector" or len(members) != 1:
+            continue
+        ((lr_mult, decay_mult, update),) = members
+        eta = lr_mult * (o.adam_lr if o.adam_lr is not None else o.lr)
+        lam = o.weight_decay * decay_mult / (eta if o.weight_decay_mode == "independent" else 1.0)
+        if update == "adam" and lam > 0:
+            out[role] = math.sqrt(eta / lam) * cfg.model.d_model ** SIGMA_WIDTH_EXPONENT
     return out
 
 

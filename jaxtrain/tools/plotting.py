@@ -82,13 +82,39 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
         drift = next((d for d in results["drift"] if all(d[k] == v for k, v in panel.items())), None)
         title = _panel_title(panel)
         if drift:
+            per = drift.get("steps_per_doubling")
             title += f"\noptimum drift {drift['drift_steps']:+.2f} grid steps"
+            title += "" if per is None else f" ({per:+.2f} per doubling of {_short(curve_key)})"
         ax.set_title(title)
         ax.set_xlabel(f"log2({_short(x_key)})")
         ax.set_ylim(low - 0.02, top + 0.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation loss (nats/token)")
     axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_fits(fits: list[dict[str, Any]], path: Path) -> None:
+    """One panel per fitted law (tools/optimum_law.py): each cell's optimum (log2) against
+    the law's value there; on the diagonal where the law holds exactly."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(fits), figsize=(5.0 * len(fits), 4.4), squeeze=False)
+    for ax, fit in zip(axes[0], fits, strict=True):
+        ax.set_title(fit["law"] + ("" if "error" in fit else "\n" + ", ".join(
+            f"{_short(k)}^{a:+.2f}" for k, a in fit["exponents"].items())), fontsize=9)
+        ax.set_xlabel(f"log2({_short(fit['target'])}) of the law")
+        ax.set_ylabel(f"log2({_short(fit['target'])}) optimum")
+        if "error" in fit:
+            ax.text(0.5, 0.5, "not fitted:\n" + fit["error"], ha="center", va="center", wrap=True, fontsize=8,
+                    transform=ax.transAxes)
+            continue
+        law, seen = [c["fitted_log2"] for c in fit["cells"]], [c["opt_log2"] for c in fit["cells"]]
+        ax.plot(law, seen, "o", label="optima")
+        ends = [min(law + seen), max(law + seen)]
+        ax.plot(ends, ends, "-", color="gray", alpha=0.6, label="law")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

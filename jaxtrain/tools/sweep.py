@@ -30,7 +30,18 @@ guess over the vocabulary (ln V); diverged runs stay in the table and are left o
 Optimum: the vertex of the parabola in log2(x) through the best point and its two
 neighbours (it lies between the neighbours); the best grid point itself when that point
 is at the edge of the grid (flagged `at_edge`: the optimum may lie outside the grid). Drift of a panel = optimum at the last curve value minus optimum at
-the first, in grid steps (the grid's smallest log2 spacing).
+the first, in grid steps (the grid's smallest log2 spacing); `steps_per_doubling` = the
+least-squares slope of the optimum (grid steps) against log2 of the curve value, for any
+numeric curve axis: width, train.batch_size, train.steps (the token budget at a fixed
+batch), optimizer.weight_decay, ...
+
+Other axes (each run's row also records its `steps` and `tokens` = steps x batch x seq_len):
+* --equal-tokens (tools/token_budget.py): a batch-size grid at the config's token budget,
+  train.steps derived per point;
+* --fit X~C1,C2 (tools/optimum_law.py): log2 x_opt = log2 a + sum alpha_i log2 c_i by least
+  squares over the curves' optima, with standard errors (results.json `fits`, DIR/fits.png);
+* --branch-horizons (tools/horizons.py): a train.steps grid as one long WSD run per cell
+  and cooldown branches from its checkpoints for the shorter horizons.
 
 LR sensitivity of a curve (Wortsman et al. 2023, "Small-scale proxies for large-scale
 Transformer training instabilities", Sec. 3): mean over its grid points of
@@ -49,7 +60,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -59,6 +70,8 @@ from jaxtrain.config.files import load_config
 from jaxtrain.config.schema import Config
 from jaxtrain.run.metrics import read_metrics
 from jaxtrain.run.workdir import Layout, write_atomic
+from jaxtrain.tools import optimum_law, token_budget
+from jaxtrain.tools.optimum_law import DERIVED
 
 
 class StopSweep(Exception):
@@ -105,13 +118,19 @@ def run_name(assignment: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in assignment.items()).replace("/", "_")
 
 
-def plan(config: str, overrides: list[str], grid: list[Axis]) -> list[tuple[dict, Config]]:
-    """Every grid point with its validated config: a bad key fails before anything runs."""
+def plan(config: str, overrides: list[str], grid: list[Axis],
+         derive: Callable[[Config, dict], list[str]] | None = None) -> list[tuple[dict, Config]]:
+    """Every grid point with its validated config: a bad key fails before anything runs.
+    `derive(cfg, assignment)` gives further --set items a point's own config implies
+    (--equal-tokens: its train.steps)."""
     points = []
     for values in itertools.product(*(a.values for a in grid)):
         assignment = dict(zip((a.key for a in grid), values, strict=True))
         sets = [*overrides, *(f"{k}={v}" for k, v in assignment.items())]
-        points.append((assignment, load_config(config, sets)))
+        cfg = load_config(config, sets)
+        if derive is not None:
+            cfg = load_config(config, [*sets, *derive(cfg, assignment)])
+        points.append((assignment, cfg))
     return points
 
 
@@ -196,8 +215,11 @@ def reusable_result(cfg: Config, workdir: Path, replaced: Path, log=print) -> di
     return result
 
 
-def run_point(assignment: dict, cfg: Config, workdir: Path, replaced: Path, log=print) -> dict[str, Any]:
-    """The run's result (without its config), read back when `workdir` holds it for `cfg`."""
+def run_point(assignment: dict, cfg: Config, workdir: Path, replaced: Path, log=print,
+              prepare: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """The run's result (without its config), read back when `workdir` holds it for `cfg`;
+    `prepare()` runs before training it (--branch-horizons: writes the branch workdir; False:
+    nothing to train from, the run counts as diverged and is not recorded, so a rerun retries)."""
     result = reusable_result(cfg, workdir, replaced, log)
     if result is not None:
         return {**{k: v for k, v in result.items() if k != "config"}, **assignment}
@@ -205,6 +227,8 @@ def run_point(assignment: dict, cfg: Config, workdir: Path, replaced: Path, log=
     from jaxtrain.run.loop import run  # imports jax
 
     started, halted = time.perf_counter(), False
+    if prepare is not None and not prepare():  # a branch whose parent diverged before its step
+        return {**assignment, "train_loss": math.nan, "val_loss": math.nan, "diverged": True, "seconds": 0.0}
     try:
         if run(cfg, workdir, console=False).stop_signal is not None:
             raise StopSweep(workdir)  # stopped by a signal: not a result; rerunning resumes it
@@ -248,7 +272,8 @@ def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str],
             ok = [r for r in curve_runs if not r["diverged"]]
             fit = fit_optimum([r[x_key] for r in ok], [r["val_loss"] for r in ok])
             losses = [loss_at_init if r["diverged"] else r["val_loss"] for r in curve_runs]
-            curves.append({**panel, **curve, "optimum": fit, "lr_sensitivity": lr_sensitivity(losses, loss_at_init)})
+            curves.append({**panel, **curve, **_shared(curve_runs, DERIVED), "optimum": fit,
+                           "lr_sensitivity": lr_sensitivity(losses, loss_at_init)})
         curves.sort(key=lambda c: _sortable(c[curve_key]))  # drift runs from the smallest to the largest
         optima.extend(curves)
         fitted = [c for c in curves if c["optimum"]]
@@ -257,8 +282,26 @@ def analyse(runs: list[dict], x_key: str, curve_key: str, panel_keys: list[str],
             spread = [c["optimum"]["opt_log2"] for c in fitted]
             drift.append({**panel, "from": fitted[0][curve_key], "to": fitted[-1][curve_key],
                           "drift_steps": (last - first) / step,
-                          "spread_steps": (max(spread) - min(spread)) / step})
+                          "spread_steps": (max(spread) - min(spread)) / step,
+                          "steps_per_doubling": _per_doubling([c[curve_key] for c in fitted], spread, step)})
     return {"grid_step_log2": step, "optima": optima, "drift": drift}
+
+
+def _shared(runs: list[dict], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of `keys` every run of a curve has in common (its steps, tokens)."""
+    return {k: runs[0][k] for k in keys if all(k in r and r[k] == runs[0][k] for r in runs)}
+
+
+def _per_doubling(curve_values: list, opt_log2: list[float], step: float) -> float | None:
+    """Least-squares slope of the optimum (grid steps) against log2 of the curve value: the
+    drift per doubling of any numeric curve axis; None when its values are not positive
+    numbers or do not vary."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in curve_values):
+        return None
+    lc = np.log2(np.asarray(curve_values, np.float64))
+    if np.ptp(lc) == 0:
+        return None
+    return float(np.polyfit(lc, np.asarray(opt_log2) / step, 1)[0])
 
 
 def _sortable(value: Any) -> tuple:
@@ -297,25 +340,53 @@ def write_table(out: Path, runs: list[dict]) -> None:
     write_atomic(out / "results.csv", table.getvalue())
 
 
+def _points(config: str, overrides: list[str], grid: list[Axis], equal_tokens: bool) -> tuple[list, int | None]:
+    """The grid's points, and under --equal-tokens the token budget every run trains on."""
+    if not equal_tokens:
+        return plan(config, overrides, grid), None
+    token_budget.check_grid([a.key for a in grid])
+    base = load_config(config, overrides)
+    return plan(config, overrides, grid, token_budget.equal_token_overrides(base)), token_budget.tokens(base)
+
+
+def _jobs(points: list[tuple[dict, Config]], keys: list[str], out: Path, branch_horizons: bool) -> list[tuple]:
+    """(grid index, assignment, config, prepare or None, extra row fields) in training order."""
+    if not branch_horizons:
+        return [(i, assignment, cfg, None, {}) for i, (assignment, cfg) in enumerate(points)]
+    from jaxtrain.tools import horizons
+
+    return horizons.jobs(points, keys, lambda assignment: out / "runs" / run_name(assignment))
+
+
 def sweep(config: str, grid: list[Axis], out: Path, *, overrides: list[str] = (), x_key: str = "optimizer.lr",
-          curve_key: str | None = None, log=print) -> dict[str, Any]:
+          curve_key: str | None = None, equal_tokens: bool = False, fits: list[str] = (),
+          branch_horizons: bool = False, log=print) -> dict[str, Any]:
     from jaxtrain.tools import plotting
 
     curve_key, panel_keys = choose_keys(grid, x_key, curve_key)
-    points = plan(config, list(overrides), grid)
+    laws = [optimum_law.parse_law(text, x_key, [a.key for a in grid]) for text in fits]
+    points, budget = _points(config, list(overrides), grid, equal_tokens)
+    cells = [{**assignment, "steps": cfg.train.steps, "tokens": token_budget.tokens(cfg)} for assignment, cfg in points]
+    for law in laws:
+        optimum_law.check_law(law, cells)
+    jobs = _jobs(points, [a.key for a in grid], out, branch_horizons)
     plotting.check_available()
     out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for i, (assignment, cfg) in enumerate(points, 1):
-        result = run_point(assignment, cfg, out / "runs" / run_name(assignment), out / "replaced", log)
-        runs.append(result)
+    finished = {}
+    for n, (index, assignment, cfg, prepare, lineage) in enumerate(jobs, 1):
+        result = run_point(assignment, cfg, out / "runs" / run_name(assignment), out / "replaced", log, prepare)
+        finished[index] = {**result, "steps": cells[index]["steps"], "tokens": cells[index]["tokens"], **lineage}
         state = "diverged" if result["diverged"] else f"val {result['val_loss']:.4f} train {result['train_loss']:.4f}"
-        log(f"[{i}/{len(points)}] {run_name(assignment)}: {state} ({result['seconds']:.0f}s)")
+        log(f"[{n}/{len(jobs)}] {run_name(assignment)}: {state} ({result['seconds']:.0f}s)")
+    runs = [finished[i] for i in range(len(points))]
     analysis = analyse(runs, x_key, curve_key, panel_keys, math.log(points[0][1].model.vocab_size))
     results = {"config": str(config), "overrides": list(overrides),
                "grid": {a.key: list(a.values) for a in grid}, "x": x_key, "curve": curve_key,
-               "panels": panel_keys, "runs": runs, **analysis}
+               "panels": panel_keys, "equal_tokens": budget, "branch_horizons": branch_horizons, "runs": runs,
+               **analysis, "fits": [optimum_law.fit_law(law, analysis["optima"]) for law in laws]}
     write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_table(out, runs)
     plotting.plot_sweep(results, out / "sweep.png")
+    if results["fits"]:
+        plotting.plot_fits(results["fits"], out / "fits.png")
     return results
