@@ -84,7 +84,7 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
         if drift:
             per = drift.get("steps_per_doubling")
             title += f"\noptimum drift {drift['drift_steps']:+.2f} grid steps"
-            title += "" if per is None else f" ({per:+.2f} per doubling of {_short(curve_key)})"
+            title += "" if per is None else f"\n({per:+.2f} per doubling of {_short(curve_key)})"
         ax.set_title(title)
         ax.set_xlabel(f"log2({_short(x_key)})")
         ax.set_ylim(low - 0.02, top + 0.02)
