@@ -2,7 +2,8 @@
 
     with StoreWriter(out) as store:
         train = store.split("train", "uint16")
-        train.add(document_tokens, n_bytes)      # ... for every document
+        train.extend(tokens)                     # documents' tokens, each ended by its end token
+        train.add_documents(lengths, n_bytes)    # where those documents end, and their bytes
         store.commit(metadata, tokenizer)        # the dataset exists from here on
 
 Memory stays bounded by one shard: a split's tokens are buffered until a whole shard
@@ -46,11 +47,6 @@ class SplitWriter:
         self.bytes = 0
         self.counts = np.zeros(vocab_size, np.int64)  # token histogram, for the unigram entropy
         self.digest = hashlib.sha256()
-
-    def add(self, tokens: np.ndarray, n_bytes: int) -> None:
-        """One document's tokens (ended by its end token) and its size in bytes."""
-        self.extend(tokens)
-        self.add_documents(np.array([len(tokens)]), n_bytes)
 
     def extend(self, tokens: np.ndarray) -> None:
         """Tokens of whole or partial documents; `add_documents` says where documents end."""
