@@ -138,8 +138,9 @@ def test_weight_decay_width_exponent_and_mode():
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params, learning_rate=lr)  # zero gradients: only decay acts
     w = params["blocks"]["mlp"]["w_down"]
-    # independent: -(lr(t)/eta) * lambda * m^gamma * theta, no muP LR multiplier
-    np.testing.assert_allclose(updates["blocks"]["mlp"]["w_down"], -0.1 * 2.0 * w, rtol=1e-5)
+    # independent: -(lr(t)/eta) * lr_R * lambda * m^gamma * theta with muP's lr_R = 1/m: the
+    # coupled coefficient lambda/eta * m^gamma, so gamma means what it means in coupled mode
+    np.testing.assert_allclose(updates["blocks"]["mlp"]["w_down"], -0.1 * 2.0 / 4 * w, rtol=1e-5)
     np.testing.assert_array_equal(updates["final_norm"]["scale"], 0.0)
 
 

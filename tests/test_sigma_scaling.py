@@ -66,6 +66,9 @@ def test_sigma_max_of_each_role_is_numpys_top_singular_value_of_the_stored_weigh
     # independent decay: the coupled coefficient applied is lambda / eta
     (["optimizer.weight_decay_mode=independent", "optimizer.weight_decay=1e-4"],
      {"hidden": math.sqrt(LR / (1e-4 / LR))}),
+    # the same under muP at m = 4: lambda_R = lambda / eta * 4^0.5, eta_R = eta / 4
+    (["parametrization.name=mup", "parametrization.d0=16", "optimizer.weight_decay_mode=independent",
+      "optimizer.weight_decay=1e-4"], {"hidden": math.sqrt(LR / 4 / (1e-4 / LR * 2))}),
     (["parametrization.decay_vector_like=true"], {r: math.sqrt(LR / WD) for r in ("embedding", "hidden", "readout")}),
     (["optimizer.weight_decay=0"], {}),
 ])

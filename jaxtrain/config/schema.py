@@ -135,7 +135,9 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(0.1, ge=0)
     clip_norm: float = Field(1.0, ge=0)  # global-norm clipping; 0 disables
     # coupled: decay multiplied by the parameter's current learning rate (optax adamw);
-    # independent: by lr(t)/lr_peak only, so lambda is a per-step rate (Wortsman et al. 2023).
+    # independent: by lr(t)/lr_peak times the role's LR multiplier (not by the peak), so lambda
+    # is a per-step rate at the base shape that a learning-rate sweep leaves alone (Wortsman
+    # et al. 2023) and parametrization.gamma scales the coupled coefficient in both modes.
     weight_decay_mode: Literal["coupled", "independent"] = "coupled"
     # muon: hidden matrices by Muon (jaxtrain/optim/muon.py), the other roles by AdamW as above.
     name: Literal["adamw", "muon"] = "adamw"

@@ -52,7 +52,10 @@ def _role_transform(cfg: OptimizerConfig, table: Table, rule: ParamRule) -> opta
         lr *= cfg.adam_lr / cfg.lr
     decay = cfg.weight_decay * rule.weight_decay
     if cfg.weight_decay_mode == "independent":
-        decay /= lr * cfg.lr
+        # per step lr(t)/peak * lr_R * lambda * decay_R: free of the swept peak, but the
+        # role's LR multiplier stays in, so parametrization.gamma is the exponent of the
+        # coupled coefficient in both modes (lambda_R ~ d^gamma: Fan et al. 0.5, mup 1)
+        decay /= lr / rule.lr * cfg.lr
     steps = [_direction(cfg, table, rule)]
     if decay > 0:
         steps.append(optax.add_decayed_weights(decay))

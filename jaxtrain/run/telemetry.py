@@ -178,7 +178,8 @@ def sigma_reference(cfg: Config, table: parametrization.Table) -> dict[str, floa
     """role -> sqrt(eta_R / lambda_R) * d^0.75 (Fan et al. 2025) for the AdamW roles that
     decay: eta_R = the role's peak LR (optimizer.adam_lr or .lr, times lr_R); lambda_R the
     coupled decay coefficient applied, lambda * decay_R (mode `independent`: divided by
-    eta_R, since its per-step shrink lr(t)/eta * lambda * decay_R = lr(t) lr_R * that)."""
+    the peak eta, since its per-step shrink lr(t)/eta * lr_R * lambda * decay_R =
+    lr(t) lr_R * that)."""
     o, out = cfg.optimizer, {}
     for role in parametrization.ROLES:
         members = {(r.lr, r.weight_decay, r.update) for r in table.rules.values() if r.role == role}
@@ -186,7 +187,7 @@ def sigma_reference(cfg: Config, table: parametrization.Table) -> dict[str, floa
             continue
         ((lr_mult, decay_mult, update),) = members
         eta = lr_mult * (o.adam_lr if o.adam_lr is not None else o.lr)
-        lam = o.weight_decay * decay_mult / (eta if o.weight_decay_mode == "independent" else 1.0)
+        lam = o.weight_decay * decay_mult / (eta / lr_mult if o.weight_decay_mode == "independent" else 1.0)
         if update == "adam" and lam > 0:
             out[role] = math.sqrt(eta / lam) * cfg.model.d_model ** SIGMA_WIDTH_EXPONENT
     return out
