@@ -116,7 +116,8 @@ class ParametrizationConfig(_Section):
     output_multiplier: float = Field(1.0, gt=0)  # alpha_out
     readout_zero_init: bool = False
     # Hidden-matrix weight decay lambda * (d/d0)^gamma under mup (0.5: Robust Layerwise
-    # Scaling Rules by Proper Weight Decay Tuning; 1: the `mup` package).
+    # Scaling Rules by Proper Weight Decay Tuning; 1: the `mup` package). Measured over 4x
+    # width: lambda_opt drifts +0.38 grid steps at 0.5, -0.62 at 1 (docs/weight_decay_transfer.md).
     gamma: float = 0.5
     # Decay embedding, readout and norm gains too (with the unscaled lambda).
     decay_vector_like: bool = False
@@ -176,7 +177,9 @@ class ScheduleConfig(_Section):
     # Learning rate at the end of the decay, as a fraction of the peak (Power: of the
     # learning rate where the decay starts).
     final_lr_fraction: float = Field(0.1, ge=0, le=1)
-    # Power: lr = min(optimizer.lr, batch_size * power_a * tokens_seen ** power_b).
+    # Power: lr = min(optimizer.lr, batch_size * power_a * tokens_seen ** power_b). 4 is the
+    # paper's a; a muP proxy like configs/mup_sweep.yaml measured best at 0.125 over an 8x8
+    # batch x horizon grid (docs/schedule_transfer.md).
     power_a: float = Field(4.0, gt=0)
     power_b: float = Field(-0.51, lt=0)
 
