@@ -61,3 +61,10 @@ class MoEConfig(BaseModel):
     def expert_width(self, dense_ff: int) -> int:
         """Each expert's SwiGLU width: expert_d_ff, else the dense MLP's (`ModelConfig.ff_dim`)."""
         return self.expert_d_ff or dense_ff
+
+    def active_width(self, dense_ff: int) -> int:
+        """The SwiGLU width one token passes through: the dense MLP's, or top_k routed
+        experts' and the shared expert's (what FLOPs and activation memory count)."""
+        if not self.enabled:
+            return dense_ff
+        return (self.top_k + self.n_shared_experts) * self.expert_width(dense_ff)
