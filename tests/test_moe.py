@@ -208,6 +208,7 @@ def moe_run(tmp_path_factory):
     return cfg, workdir, run(cfg, workdir)
 
 
+@pytest.mark.slow
 def test_a_moe_model_trains_and_reports_its_routers(moe_run):
     from jaxtrain.run.metrics import read_metrics
 
@@ -225,6 +226,7 @@ def test_a_moe_model_trains_and_reports_its_routers(moe_run):
             assert sum(row[f"moe/load/{index}/{e}"] for e in range(4)) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_an_interrupted_moe_run_resumes_bitwise(moe_run, tmp_path):
     from jaxtrain.run.loop import run
     from jaxtrain.run.metrics import read_metrics
@@ -241,9 +243,57 @@ def test_an_interrupted_moe_run_resumes_bitwise(moe_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_huggingface_export_refuses_a_moe_run(moe_run, tmp_path):
     from jaxtrain.tools.huggingface_export import export_run
 
     with pytest.raises(ConfigError) as err:
         export_run(moe_run[1], tmp_path / "hf")
     assert err.value.key == "model.moe.n_experts" and not (tmp_path / "hf").exists()
+
+
+# --- on meshes -------------------------------------------------------------------------------
+
+def two_steps_on(mesh_shape, optimizer):
+    """(last loss, final params) of two train steps of a small MoE model on a mesh."""
+    from jaxtrain.model import sharding
+
+    cfg = model_config(n_experts=4, top_k=2, shared=1).model_copy(update={
+        "mesh": from_dict({}).mesh.model_copy(update=dict(zip(("data", "fsdp", "tensor"), mesh_shape))),
+        "optimizer": from_dict({}).optimizer.model_copy(update={"name": optimizer, "lr": 0.01})})
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(mesh_shape))])
+    steps = ts.build_steps(cfg, ts.model_spec(cfg), mesh)
+    state = steps.init()
+    for batch in np.random.default_rng(0).integers(0, 64, (2, 8, 17), dtype=np.int32):
+        state, metrics = steps.train(state, jax.device_put(batch, sharding.batch_sharding(mesh)), cfg.optimizer.lr)
+    return float(metrics["loss"]), jax.tree.map(np.asarray, state.params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sharded_moe_steps_equal_the_one_device_steps(optimizer):
+    ref_loss, ref = two_steps_on((1, 1, 1), optimizer)
+    for mesh_shape in ((1, 8, 1), (2, 2, 2)):
+        loss, got = two_steps_on(mesh_shape, optimizer)
+        assert loss == pytest.approx(ref_loss, rel=2e-4), mesh_shape
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5, err_msg=f"{mesh_shape} {path}")
+
+
+@pytest.mark.slow
+def test_fsdp_moves_expert_weights_not_tokens():
+    """Each device dispatches its own tokens: the step's collectives are the experts' ZeRO-3
+    gathers (forward and backward) and their gradients' reduce-scatter, no all-reduce of
+    tokens or of whole expert gradients (a global sort made XLA all-reduce both)."""
+    from jaxtrain.model import sharding
+    from jaxtrain.tools.hlo_collectives import bytes_by_kind
+
+    cfg = load_config(TINY, ["model.moe.n_experts=4", "model.moe.top_k=1", "model.moe.expert_d_ff=256",
+                             "data.seq_len=64", "train.batch_size=16", "mesh.fsdp=8"])
+    spec = ts.model_spec(cfg)
+    moved = bytes_by_kind(ts.build_steps(cfg, spec, sharding.make_mesh(cfg.mesh)).compile_train().as_text())
+    experts = sum(spec.abstract_params["blocks"]["mlp"][name].size * 4 for name in ("w_gate", "w_up", "w_down"))
+    tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.model.d_model * 4
+    assert moved["all-reduce"] < min(experts, tokens) / 8
+    assert moved["all-gather"] >= 2 * experts  # gathered in the forward and again in the backward pass
+    assert moved["reduce-scatter"] >= experts / 8  # each device's shard of the expert gradients

@@ -63,10 +63,11 @@ from jaxtrain.model.sharding import constrain, splits
 
 def _save_all_but_layouts(primitive, *_, **__) -> bool:
     """remat none: keep every value for the backward pass except the outputs of layout
-    changes (`sharding.constrain`). For activations the value before the change is kept
-    instead (the same array); for a weight that is its shard, so FSDP gathers it again in
-    the backward pass (ZeRO-3) instead of keeping every layer's full weights alive."""
-    return primitive.name != "sharding_constraint"
+    changes (`sharding.constrain`, and the all-gathers of the expert weights under shard_map
+    in model/moe.py). For activations the value before the change is kept instead (the same
+    array); for a weight that is its shard, so FSDP gathers it again in the backward pass
+    (ZeRO-3) instead of keeping every layer's full weights alive."""
+    return primitive.name not in ("sharding_constraint", "all_gather")
 
 
 # What the backward pass of a layer may reuse from its forward pass; none of them keeps a
