@@ -297,3 +297,30 @@ def test_fsdp_moves_expert_weights_not_tokens():
     assert moved["all-reduce"] < min(experts, tokens) / 8
     assert moved["all-gather"] >= 2 * experts  # gathered in the forward and again in the backward pass
     assert moved["reduce-scatter"] >= experts / 8  # each device's shard of the expert gradients
+
+
+@pytest.mark.slow
+def test_a_moe_run_is_inspected_evaluated_and_sampled_from(moe_run, capsys):
+    from conftest import cli_in_process
+    from jaxtrain.tools.inspection import parameter_stats
+    from jaxtrain.tools.saved_run import load_run
+
+    cfg, workdir, _ = moe_run
+    rows = {row["path"]: row for row in parameter_stats(load_run(workdir))}
+    assert {f"blocks.{i}.mlp.w_up.{e}" for i in range(2) for e in range(4)} <= rows.keys()  # one row per expert
+    assert rows["blocks.1.mlp.w_up.3"]["shape"] == (64, 64) and rows["blocks.1.mlp.router"]["role"] == "router"
+    assert all(row["top_singular_value"] > 0 for path, row in rows.items() if ".mlp.w_" in path)
+    status, out, err = cli_in_process(capsys, "generate", str(workdir), "--prompt", "import ", "--max-new-tokens", "8")
+    assert status == 0, err
+    status, out, err = cli_in_process(capsys, "eval", str(workdir))
+    assert status == 0, err
+
+
+def test_huggingface_import_and_init_from_refuse_moe_before_reading_anything(tmp_path):
+    from jaxtrain.huggingface import importer
+
+    cfg = model_config()
+    spec = ts.model_spec(cfg)
+    with pytest.raises(ConfigError) as err:
+        importer.check_source(cfg, spec.table, tmp_path / "no-such-model")
+    assert err.value.key == "model.moe.n_experts" and "init_from.huggingface" in str(err.value)
