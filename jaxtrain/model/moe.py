@@ -37,8 +37,10 @@ gradient (f counts argmax choices). Every token of the batch is routed and count
 including targets the loss masks under packing.
 
 Sharding: the experts axis (`experts`) is replicated on every mesh axis (expert
-parallelism is a later step); the expert weights are read like every weight (model/fsdp.py:
-cast to the compute dtype, all-gathered over fsdp), their gradients reduce-scattered.
+parallelism is a later step). Each device dispatches its own tokens (`dropless_on_devices`,
+shard_map over the batch axes) through the expert weights cast to the compute dtype and
+all-gathered over fsdp; their gradients are reduce-scattered back, in the compute dtype
+(not in train.grad_reduce_dtype, as model/fsdp.py does for the dense weights).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def dropless_on_devices(tokens: jax.Array, experts: jax.Array, gates: jax.Array,
     compute dtype); the hidden width stays split over `tensor` where the rules split `mlp`,
     and the partial outputs are summed over it (Megatron's all-reduce). A sort over the
     global tokens instead leaves XLA to gather every token onto every device and compute all
-    of them there (measured: 9x the collective bytes). The layer's remat policy keeps no
+    of them there (measured on a fsdp=8 step: 42 MB of all-reduce per device, 0.13 MB now). The layer's remat policy keeps no
     all-gather output (transformer._REMAT_POLICIES), so the backward pass gathers the
     weights again (ZeRO-3). No mesh, or one device: the plain call."""
     mesh = jax.sharding.get_abstract_mesh()
