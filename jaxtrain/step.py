@@ -22,6 +22,8 @@ their forward multipliers inside the step (`bind_model`).
 
 Loss (float32), with z-loss (Chowdhery et al. 2022, "PaLM"; Wortsman et al. 2023):
     L = mean_t[ logsumexp(z_t) - z_t[y_t] ] + c_z * mean_t[ logsumexp(z_t)^2 ]
+and with model.moe.n_experts > 0 the routers' load-balancing and z-losses, averaged over
+layers (model/moe.py `router_losses`: the same forward pass sows what they need).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxtrain.config.schema import Config, ModelConfig
 from jaxtrain.model import execution, parametrization, sharding
 from jaxtrain.model.parametrization import Table
-from jaxtrain.model.transformer import Transformer
+from jaxtrain.model.moe import MOE_SOWABLE, router_losses
+from jaxtrain.model.transformer import Transformer, forward_sown
 from jaxtrain.optim.optimizer import make_optimizer
 
 NONFINITE = "nonfinite"  # train-step metric: 1 when the step's loss or gradients are not finite
@@ -181,14 +184,21 @@ def loss_and_metrics(params: Any, spec: ModelSpec, batch: Batch, z_loss: float,
     counted, so the mean is over the predictions made within documents."""
     targets = batch_tokens(batch)[0][:, 1:]
     inputs, segment_ids = model_inputs(batch)
-    logits = bind_model(spec, params)(inputs, dropout_key=dropout_key, segment_ids=segment_ids)
+    model, moe = bind_model(spec, params), spec.model.moe
+    if moe.enabled:  # the routers' statistics come out of the same forward pass
+        logits, sown = forward_sown(model, inputs, MOE_SOWABLE, segment_ids, dropout_key)
+    else:
+        logits = model(inputs, dropout_key=dropout_key, segment_ids=segment_ids)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = target_weights(batch, log_z.dtype)
     mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)
     ce = mean(log_z - target_logit)
     z_term = z_loss * mean(log_z**2)
-    return ce + z_term, {"loss": ce, "z_loss": z_term}
+    if not moe.enabled:
+        return ce + z_term, {"loss": ce, "z_loss": z_term}
+    router_term, router_metrics = router_losses(sown, moe)
+    return ce + z_term + router_term, {"loss": ce, "z_loss": z_term, **router_metrics}
 
 
 def _grads_and_metrics(params: Any, spec: ModelSpec, batch: Batch, z_loss: float,

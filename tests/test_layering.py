@@ -219,8 +219,8 @@ def test_the_checkers_see_a_forbidden_import():
     assert "jaxtrain.optim.schedules (pure) imports jaxtrain.config.files, the file reader" in planted
     assert "jaxtrain.data.mixture (data) imports jaxtrain.tools.sweep (tools)" in planted  # a relative import
     assert "jaxtrain.config.errors (base) imports jaxtrain.step (step)" in planted
-    assert ["jaxtrain.model.parametrization", "jaxtrain.model.transformer"] in _cycles(
-        {"jaxtrain.model.parametrization": "\ndef f():\n    from jaxtrain.model.transformer import Transformer\n"})
+    assert any({"jaxtrain.model.parametrization", "jaxtrain.model.transformer"} <= set(cycle) for cycle in _cycles(
+        {"jaxtrain.model.parametrization": "\ndef f():\n    from jaxtrain.model.transformer import Transformer\n"}))
     assert _reads_files("from pathlib import Path\nimport os.path\nopen('x')\n") == ["pathlib", "os.path", "open()"]
 
 

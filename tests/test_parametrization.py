@@ -16,12 +16,15 @@ from jaxtrain.optim.schedules import make_schedule
 EXPECTED_ROLES = {  # by parameter name, to check the axis-based classification against
     "embed": "embedding", "lm_head": "readout", "wq": "hidden", "wk": "hidden", "wv": "hidden",
     "wo": "hidden", "w_gate": "hidden", "w_up": "hidden", "w_down": "hidden", "scale": "vector",
+    "router": "router",  # with model.moe (its experts' w_gate, w_up, w_down are hidden)
 }
+MOE = {"n_experts": 4, "top_k": 2, "n_shared_experts": 1}
 
 
-def config(width, name="mup", depth=2, **extra):
+def config(width, name="mup", depth=2, moe=None, **extra):
     return from_dict({
-        "model": {"d_model": width, "n_layers": depth, "n_heads": 4, "n_kv_heads": 2, "qk_norm": True},
+        "model": {"d_model": width, "n_layers": depth, "n_heads": 4, "n_kv_heads": 2, "qk_norm": True,
+                  "moe": moe or {}},
         "parametrization": {"name": name, "d0": 64, "L0": 2, **extra},
         "optimizer": {"lr": 1e-2, "weight_decay": 0.0, "clip_norm": 0.0},
         "schedule": {"name": "constant"},
@@ -29,14 +32,16 @@ def config(width, name="mup", depth=2, **extra):
     })
 
 
+@pytest.mark.parametrize("moe", [None, MOE], ids=["dense", "moe"])
 @pytest.mark.parametrize("name", ["sp", "mup", "ntk"])
-def test_every_parameter_has_exactly_one_role_from_its_axes(name):
-    spec = ts.model_spec(config(128, name))
+def test_every_parameter_has_exactly_one_role_from_its_axes(name, moe):
+    spec = ts.model_spec(config(128, name, moe=moe))
     paths = [parametrization.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(spec.abstract_params)]
     assert sorted(paths) == sorted(spec.table.rules)  # full coverage, no extras, no duplicates
     for path, rule in spec.table.rules.items():
         assert rule.role == EXPECTED_ROLES[path.split(".")[-1]], path
-    assert {r.role for r in spec.table.rules.values()} == set(parametrization.ROLES)
+    # a dense model has no router; a MoE model has every role
+    assert {r.role for r in spec.table.rules.values()} == set(parametrization.ROLES) - (set() if moe else {"router"})
 
 
 def test_roles_come_from_axes_not_names():

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from jaxtrain.config.moe import MoEConfig
+
 
 class _Section(BaseModel):
     # allow_inf_nan=False: `lr: .inf` (or nan) is a config error, not a run that diverges
@@ -53,6 +55,7 @@ class ModelConfig(_Section):
     # The blocks are stored stacked and run as one lax.scan (compile time flat in depth);
     # false unrolls that scan (the same code and storage, compiled once per layer).
     scan_layers: bool = True
+    moe: MoEConfig = MoEConfig()  # mixture-of-experts MLPs (jaxtrain/config/moe.py); n_experts 0 = dense
 
     @field_validator("n_heads")
     @classmethod

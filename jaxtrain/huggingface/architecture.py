@@ -30,6 +30,14 @@ from jaxtrain.config.schema import ModelConfig
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
+def check_dense(model: ModelConfig, command: str) -> None:
+    """Export and import map the dense block (SwiGLU MLP) only: a mixture-of-experts model
+    (Mixtral / Qwen3-MoE / OLMoE families) is refused in one line."""
+    if model.moe.enabled:
+        raise ConfigError("model.moe.n_experts", f"{model.moe.n_experts}: {command} handles dense models only "
+                                                 f"(mixture-of-experts Hugging Face families are not supported yet)")
+
+
 def family(model: ModelConfig) -> str:
     return "qwen3" if model.qk_norm else "llama"
 

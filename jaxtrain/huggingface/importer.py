@@ -98,6 +98,7 @@ def check_vocabulary(cfg: Config, model: HfModel) -> None:
 def check_source(cfg: Config, table: Table, directory: str | Path, *, values: bool = True) -> HfModel:
     """All checks of importing `directory` into a run of `cfg`; with `values`, every
     tensor is read once (one at a time) to check that it is finite."""
+    architecture.check_dense(cfg.model, "init_from.huggingface")
     model = open_model(directory)
     check_vocabulary(cfg, model)
     architecture.check_model_matches(cfg.model, model.fields, model.directory)

@@ -3,15 +3,19 @@ per-parameter learning rates, Adam epsilon and weight decay.
 
 Every parameter gets exactly one ROLE, read from its logical axes (which dimensions grow
 with width) and from how many leading axes it contracts (`fan_in_dims` metadata), never
-from its name. Vocabulary is the only axis that does not grow with width. The blocks'
+from its name. Vocabulary and experts are the axes that do not grow with width. The blocks'
 weights are stored stacked with a leading `layers` axis: it is neither width nor fan-in,
 so a stacked weight's rule is that of one layer's slice (`ParamRule.layers` records the
 stack size; every layer of a stack has the same rule, as every depth rule is per model).
+A mixture of experts' matrices (jaxtrain/model/moe.py) have a leading `experts` axis after
+it, alike: neither width nor fan-in, so an expert matrix's rule is that of one expert's
+(`ParamRule.experts`), a hidden matrix of fan-in d (gate, up) or expert_d_ff (down).
 
     role       fan-in axes   fan-out axes   examples
     embedding  fixed         grow           token embedding (vocab, embed)
     hidden     grow          grow           attention and MLP projections
     readout    grow          fixed          LM head (embed, vocab)
+    router     grow          fixed experts  MoE router (embed, experts)
     vector     one axis, no fan-in           RMSNorm gains
 
 With m = d_model/d0 and r = n_layers/L0 (Yang et al. 2021, "Tensor Programs V", Table 3
@@ -22,14 +26,25 @@ in its multiplier form; Dey et al. 2025, "Don't be lazy: CompleteP", Table 1):
     embedding  sigma_emb                alpha_emb      eta                eps             lv
     hidden     sigma/sqrt(fan_in)       1              eta                eps             lambda
     readout    sigma/sqrt(fan_in)       alpha_out      eta                eps             lv
+    router     sigma/sqrt(fan_in)       1              eta                eps             lv
     vector     1                        1              eta                eps             lv
     mup (all gradients are Theta(1/m) under muP, so every eps scales 1/m):
     embedding  sigma_emb                alpha_emb      eta                eps/m           lv
     hidden     sigma/sqrt(fan_in)       1              eta/m * r^(a-1)    eps/m * r^-a    lambda*m^gamma
     readout    sigma/sqrt(d0)           alpha_out/m    eta                eps/m           lv
+    router     sigma/sqrt(d0)           1/m            eta                eps/m           lv
     vector     1                        1              eta                eps/m           lv
-    ntk (Jacot et al. 2018): init N(0, sigma^2), forward mult 1/sqrt(fan_in) on hidden and
-    readout, one learning rate.
+    ntk (Jacot et al. 2018): init N(0, sigma^2), forward mult 1/sqrt(fan_in) on hidden,
+    readout and router, one learning rate.
+
+The router is readout-like (fan-in d grows, its n_experts outputs do not), so muP's readout
+argument applies to its logits z = x W_r (`_router_rule`): never zero-initialised (a zero
+router ties every expert: equal gates, equal gradients), and without alpha_out (that is
+the LM head's). What muP predicts for a mixture of experts: expert_d_ff is a width (the
+down projection's fan-in, scaled like d_ff: init 1/sqrt(expert_d_ff), and the LR follows
+m = d_model/d0 like every hidden matrix); n_experts and top_k are like n_layers without
+depth scaling: no rule changes with them (the load balance, not the width, sets how many
+tokens each expert sees).
 
 lv = lambda if `decay_vector_like` else 0. Depth (a = depth_alpha > 0, any name): every
 residual branch is multiplied by r^-a; hidden Adam LR by r^(a-1) and eps by r^-a
@@ -59,9 +74,11 @@ from flax import nnx
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import Config
 
-VOCAB_AXIS = "vocab"  # the only logical axis that does not grow with width
+VOCAB_AXIS = "vocab"  # a logical axis that does not grow with width
+EXPERTS_AXIS = "experts"  # the other one: a mixture of experts' experts (jaxtrain/model/moe.py)
+FIXED_AXES = (VOCAB_AXIS, EXPERTS_AXIS)
 LAYERS_AXIS = "layers"  # the leading axis of the stacked blocks' weights
-ROLES = ("embedding", "hidden", "readout", "vector")
+ROLES = ("embedding", "hidden", "readout", "router", "vector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +94,20 @@ class ParamRule:
     eps: float  # multiplies optimizer.eps
     weight_decay: float  # multiplies optimizer.weight_decay
     layers: int = 0  # size of the leading `layers` axis of a stacked weight, 0 if not stacked
+    experts: int = 0  # size of the `experts` axis after it (a MoE expert matrix), 0 if none
     update: str = "adam"  # the update rule the optax chain gives it: adam or muon
     muon_scale: float = 0.0  # Muon: multiplies the orthogonalized update (0 under Adam)
 
     def per_layer_paths(self, path: str) -> list[str]:
         """`blocks.attn.wq` -> blocks.0.attn.wq, blocks.1.attn.wq, ... (a stacked weight's
-        layers, named as per-layer statistics are reported); other paths unchanged."""
+        layers, named as per-layer statistics are reported); an expert matrix's
+        `blocks.mlp.w_up` -> blocks.0.mlp.w_up.0, blocks.0.mlp.w_up.1, ... (layer-major, one
+        per expert: the order of `value.reshape(-1, *shape)`); other paths unchanged."""
+        experts = [f".{e}" for e in range(self.experts)] if self.experts else [""]
         if not self.layers:
-            return [path]
+            return [f"{path}{e}" for e in experts]
         head, _, rest = path.partition(".")
-        return [f"{head}.{i}.{rest}" for i in range(self.layers)]
+        return [f"{head}.{i}.{rest}{e}" for i in range(self.layers) for e in experts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,12 +152,22 @@ def classify(axes: tuple[str, ...], fan_in_dims: int) -> str:
     """The role of a parameter from its logical axes; see the module docstring."""
     if len(axes) == 1:
         return "vector"
-    fan_in_grows = any(a != VOCAB_AXIS for a in axes[:fan_in_dims])
-    fan_out_grows = any(a != VOCAB_AXIS for a in axes[fan_in_dims:])
+    fan_in_grows = any(a not in FIXED_AXES for a in axes[:fan_in_dims])
+    fan_out_grows = any(a not in FIXED_AXES for a in axes[fan_in_dims:])
     if fan_in_dims == 0 or fan_in_dims >= len(axes) or not (fan_in_grows or fan_out_grows):
         raise ValueError(f"no role for axes {axes} with {fan_in_dims} fan-in dims")
+    if fan_in_grows and not fan_out_grows and EXPERTS_AXIS in axes[fan_in_dims:]:
+        return "router"
     return {(False, True): "embedding", (True, True): "hidden", (True, False): "readout"}[
         (fan_in_grows, fan_out_grows)]
+
+
+def unit_matrix(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_in_dims: int) -> nnx.Param:
+    """A unit-scale N(0, 1) matrix whose first `fan_in_dims` axes (after a leading `experts`
+    axis, if any) are contracted: how the model creates every matrix, the metadata
+    `build_table` reads (`scale_init` then gives it its init std)."""
+    value = jax.random.normal(rngs.params(), shape, jax.numpy.float32)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, fan_in_dims=fan_in_dims)
 
 
 def base_shape(cfg: Config) -> tuple[int, int]:
@@ -172,6 +203,8 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in_dims: int) -> P
         lr = (1.0 / m if mup else 1.0) * depth_lr
         decay = m**p.gamma if mup else 1.0
         return ParamRule(role, shape, fan_in_dims, std, mult, lr, eps * depth_eps, decay)
+    if role == "router":
+        return _router_rule(cfg, shape, fan_in_dims)
     # readout
     if ntk:
         std, mult = p.init_std, p.output_multiplier / math.sqrt(fan_in)
@@ -180,6 +213,30 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in_dims: int) -> P
     else:
         std, mult = p.init_std / math.sqrt(fan_in), p.output_multiplier
     return ParamRule(role, shape, fan_in_dims, 0.0 if p.readout_zero_init else std, mult, 1.0, eps, vector_decay)
+
+
+def _router_rule(cfg: Config, shape: tuple[int, ...], fan_in_dims: int) -> ParamRule:
+    """The MoE router W_r (d x n_experts): muP's readout rule without alpha_out or zero init.
+
+    Its logits z = x W_r read a residual stream x of d Theta(1) coordinates. At init, W_r
+    ~ N(0, sigma^2/d0) times the multiplier 1/m gives z_e = Theta(sqrt(d)/(sqrt(d0) m)) =
+    Theta(m^-1/2): routing starts near uniform and stays Theta(1) learnable, as muP's readout
+    (Yang et al. 2021, Table 3). Adam's update of W_r is Theta(eta) per entry whatever d;
+    after the multiplier it moves z by d * eta/m * Theta(1) = Theta(eta d0): width-free,
+    so the LR stays eta. Gradients are Theta(1/m) (the multiplier), hence eps/m. Without
+    muP: SP's init sigma/sqrt(d) and multiplier 1 (NTK: N(0, sigma^2) and 1/sqrt(d)).
+    Never zero-initialised, whatever readout_zero_init: a zero router gives every expert
+    the same gate and every token the same top-k, and the experts' gradients stay tied.
+    No weight decay unless decay_vector_like (like the other fixed-output roles)."""
+    p, fan_in = cfg.parametrization, math.prod(shape[:fan_in_dims])
+    d0 = base_shape(cfg)[0]
+    m = cfg.model.d_model / d0
+    decay = 1.0 if p.decay_vector_like else 0.0
+    if p.name == "ntk":
+        return ParamRule("router", shape, fan_in_dims, p.init_std, 1 / math.sqrt(fan_in), 1.0, 1.0, decay)
+    if p.name == "mup":
+        return ParamRule("router", shape, fan_in_dims, p.init_std / math.sqrt(d0), 1 / m, 1.0, 1 / m, decay)
+    return ParamRule("router", shape, fan_in_dims, p.init_std / math.sqrt(fan_in), 1.0, 1.0, 1.0, decay)
 
 
 def _depth_lr(cfg: Config) -> float:
@@ -237,10 +294,13 @@ def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
         layers = shape[0] if axes[0] == LAYERS_AXIS else 0
         if layers:
             axes, shape = axes[1:], shape[1:]
+        experts = shape[0] if len(axes) > 1 and axes[0] == EXPERTS_AXIS else 0
+        if experts:
+            axes, shape = axes[1:], shape[1:]
         rule = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in_dims)
         if cfg.optimizer.name == "muon":
             rule = _muon_rule(cfg, rule)
-        rules[".".join(str(k) for k in key_path)] = dataclasses.replace(rule, layers=layers)
+        rules[".".join(str(k) for k in key_path)] = dataclasses.replace(rule, layers=layers, experts=experts)
     d0, l0 = base_shape(cfg)
     return Table(cfg.parametrization.name, cfg.model.d_model / d0, cfg.model.n_layers / l0,
                  forward_scales(cfg), rules)

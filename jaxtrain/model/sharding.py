@@ -9,7 +9,8 @@ parallel with params/optimizer state sharded along `embed`, ZeRO-3 style) and `t
 Two tables, one vocabulary of names (the model names logical axes, never mesh axes):
 
   STORAGE_RULES   parameters, gradients and optimizer state at rest. `embed` over fsdp is
-                  the ZeRO-3 shard; `layers` (the stacked blocks' leading axis) is never split.
+                  the ZeRO-3 shard; `layers` (the stacked blocks' leading axis) is never split,
+                  nor yet `experts` (model/moe.py: no expert parallelism so far).
   COMPUTE_RULES   activations, and the weights as a matmul reads them. `batch` over
                   data x fsdp; heads / kv_heads / mlp / vocab over tensor; `embed` whole.
 
@@ -62,6 +63,7 @@ STORAGE_RULES: Rules = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
+    "experts": None,  # a mixture of experts' experts: replicated until expert parallelism
 }
 
 # ... and for activations and the weights as the matmuls read them (all-gathered over fsdp).
@@ -75,6 +77,7 @@ COMPUTE_RULES: Rules = {
     "mlp": "tensor",
     "head_dim": None,
     "layers": None,
+    "experts": None,
 }
 
 

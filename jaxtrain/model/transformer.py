@@ -17,7 +17,8 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
   `Transformer.layer(i)` is layer i as an ordinary `Block` (incremental decoding).
 * `Transformer.__call__` is the only forward pass (telemetry, coord-check and inspection read
   what it sows, `nnx.Intermediate`, asked by name, via `forward_sown`): embedding_rms; attn_rms,
-  mlp_rms (L,) of the branches; max_attn_logit (L,); attention_weights (L, B, N, T, T); log_z (B, T).
+  mlp_rms (L,) of the branches; max_attn_logit (L,); attention_weights (L, B, N, T, T); log_z (B, T);
+  with experts, the router statistics of model/moe.py (MOE_SOWABLE, (L, ...)).
 * Execution options (`model.dtype/attention/remat/scan_layers`) change how the step is
   computed, never the parameter tree; the model reads `dtype` and `attention` already
   resolved for the target devices (model/execution.py). The attention kernels (XLA, cuDNN,
@@ -27,6 +28,7 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
 
 Every parameter is created with logical axis names (`out_sharding` metadata):
   layers (stacked blocks only), vocab, embed (the model width), heads, kv_heads, head_dim, mlp,
+  experts (a mixture of experts' routed experts, model/moe.py),
 and matrices also say how many axes after `layers` they contract (`fan_in_dims`).
 Activations are named too (batch, sequence, embed, heads, kv_heads, head_dim, mlp, vocab)
 wherever their layout changes: `sharding.constrain` maps both to mesh axes by its compute
@@ -54,16 +56,18 @@ from flax import nnx
 from jaxtrain.config.schema import ModelConfig
 from jaxtrain.model import attention
 from jaxtrain.model.execution import compute_dtype_name
-from jaxtrain.model.parametrization import ForwardScales
+from jaxtrain.model.moe import MOE_SOWABLE, MoE
+from jaxtrain.model.parametrization import ForwardScales, unit_matrix
 from jaxtrain.model import fsdp
 from jaxtrain.model.sharding import constrain, splits
 
 def _save_all_but_layouts(primitive, *_, **__) -> bool:
     """remat none: keep every value for the backward pass except the outputs of layout
-    changes (`sharding.constrain`). For activations the value before the change is kept
-    instead (the same array); for a weight that is its shard, so FSDP gathers it again in
-    the backward pass (ZeRO-3) instead of keeping every layer's full weights alive."""
-    return primitive.name != "sharding_constraint"
+    changes (`sharding.constrain`, and the all-gathers of the expert weights under shard_map
+    in model/moe.py). For activations the value before the change is kept instead (the same
+    array); for a weight that is its shard, so FSDP gathers it again in the backward pass
+    (ZeRO-3) instead of keeping every layer's full weights alive."""
+    return primitive.name not in ("sharding_constraint", "all_gather")
 
 
 # What the backward pass of a layer may reuse from its forward pass; none of them keeps a
@@ -77,12 +81,6 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     """The compute dtype: the resolved `model.dtype` (step.model_spec resolves it for the
     target devices); an unresolved `auto` means this process's backend."""
     return jnp.dtype(compute_dtype_name(cfg))
-
-
-def _matrix(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_in_dims: int) -> nnx.Param:
-    """A unit-scale N(0, 1) matrix whose first `fan_in_dims` axes are contracted."""
-    value = jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False, fan_in_dims=fan_in_dims)
 
 
 def _project(subscripts: str, x: jax.Array, params: list[nnx.Param], axes: tuple[str | None, ...] | None = None,
@@ -99,7 +97,8 @@ def _axes(param: nnx.Param) -> tuple[str | None, ...]:
 
 
 ACTIVATION = ("batch", "sequence", "embed")  # the residual stream's axes
-SOWABLE = frozenset({"embedding_rms", "attn_rms", "mlp_rms", "max_attn_logit", "attention_weights", "log_z"})
+SOWABLE = frozenset({"embedding_rms", "attn_rms", "mlp_rms", "max_attn_logit", "attention_weights", "log_z",
+                     *MOE_SOWABLE})
 
 
 def rms(x: jax.Array) -> jax.Array:  # sqrt(mean(x^2)) over all entries, in float32
@@ -171,10 +170,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, scale: float, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.cfg, self.scale = cfg, scale
-        self.wq = _matrix(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1)
-        self.wk = _matrix(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
-        self.wv = _matrix(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
-        self.wo = _matrix(rngs, (n, h, d), ("heads", "head_dim", "embed"), 2)
+        self.wq = unit_matrix(rngs, (d, n, h), ("embed", "heads", "head_dim"), 1)
+        self.wk = unit_matrix(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
+        self.wv = unit_matrix(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), 1)
+        self.wo = unit_matrix(rngs, (n, h, d), ("heads", "head_dim", "embed"), 2)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, "head_dim", cfg.norm_eps)
             self.k_norm = RMSNorm(h, "head_dim", cfg.norm_eps)
@@ -225,11 +224,11 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, f = cfg.d_model, cfg.ff_dim
-        self.w_gate = _matrix(rngs, (d, f), ("embed", "mlp"), 1)
-        self.w_up = _matrix(rngs, (d, f), ("embed", "mlp"), 1)
-        self.w_down = _matrix(rngs, (f, d), ("mlp", "embed"), 1)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, width: int | None = None):
+        d, f = cfg.d_model, width or cfg.ff_dim
+        self.w_gate = unit_matrix(rngs, (d, f), ("embed", "mlp"), 1)
+        self.w_up = unit_matrix(rngs, (d, f), ("embed", "mlp"), 1)
+        self.w_down = unit_matrix(rngs, (f, d), ("mlp", "embed"), 1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Where the tensor axis splits the MLP width, gate and up are one matmul over the
@@ -247,14 +246,15 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    """x + residual * Attn(RMSNorm(x)), then x + residual * SwiGLU(RMSNorm(x))."""
+    """x + residual * Attn(RMSNorm(x)), then x + residual * MLP(RMSNorm(x)): the MLP a
+    SwiGLU, or with model.moe.n_experts > 0 a mixture of SwiGLU experts (model/moe.py)."""
 
     def __init__(self, cfg: ModelConfig, scales: ForwardScales, rngs: nnx.Rngs):
         self.dropout_rate, self.residual = cfg.dropout, scales.residual
         self.attn_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
         self.attn = Attention(cfg, scales.attn_scale, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, rngs)
+        self.mlp = _mlp(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None, cache: KVCache | None = None,
                  segment_ids: jax.Array | None = None,
@@ -263,16 +263,26 @@ class Block(nnx.Module):
         attended, cache = self.attn(self.attn_norm(x), positions, cache, segment_ids, sow)
         _sow(self, sow, "attn_rms", lambda: rms(attended))  # the branch before dropout and residual scale
         x = x + self.residual * dropout(attended, self.dropout_rate, keys[0])
-        branch = self.mlp(self.mlp_norm(x))
+        normed = self.mlp_norm(x)
+        branch = self.mlp(normed, sow) if isinstance(self.mlp, MoE) else self.mlp(normed)
         _sow(self, sow, "mlp_rms", lambda: rms(branch))
         branch = dropout(branch, self.dropout_rate, keys[1])
         return constrain(x + self.residual * branch, ACTIVATION), cache
 
 
+def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> SwiGLU | MoE:
+    moe = cfg.moe
+    if not moe.enabled:
+        return SwiGLU(cfg, rngs)
+    width = moe.expert_width(cfg.ff_dim)
+    shared = SwiGLU(cfg, rngs, moe.n_shared_experts * width) if moe.n_shared_experts else None
+    return MoE(cfg, rngs, shared)
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, scales: ForwardScales):
         self.cfg = cfg
-        self.embed = _matrix(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1)
+        self.embed = unit_matrix(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1)
 
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(layer_rngs: nnx.Rngs) -> Block:
@@ -280,7 +290,7 @@ class Transformer(nnx.Module):
 
         self.blocks = stacked_blocks(rngs.split(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
-        self.lm_head = _matrix(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
+        self.lm_head = unit_matrix(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """The lookup reads the whole table (gathered once per step, like a weight), so its
@@ -363,9 +373,10 @@ def segment_positions(segment_ids: jax.Array | None, shape: tuple[int, int]) -> 
 
 
 def forward_sown(model: Transformer, tokens: jax.Array, names: Collection[str],
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The logits of `model(tokens, segment_ids=...)` and the intermediates `names` that call sowed."""
+                 segment_ids: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The logits of `model(tokens, dropout_key, segment_ids)` and the intermediates `names` that call sowed."""
     if unknown := set(names) - SOWABLE:
         raise ValueError(f"the model cannot sow {sorted(unknown)}; it sows {sorted(SOWABLE)}")
-    logits, found = nnx.capture(model, nnx.Intermediate)(tokens, segment_ids=segment_ids, sow=names)
+    logits, found = nnx.capture(model, nnx.Intermediate)(tokens, dropout_key, segment_ids=segment_ids, sow=names)
     return logits, nnx.to_pure_dict(found)

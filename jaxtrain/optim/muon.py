@@ -25,7 +25,9 @@ Which matrix is orthogonalized: a kernel's fan-in axes (the table's `fan_in_dims
 axes) against its fan-out axes, i.e. the linear map the layer applies. wq
 (embed, heads, head_dim) is one d x (H * head_dim) matrix, not H separate heads: the
 spectral condition the scale rules rely on is about that map's norm. A stacked weight's
-leading `layers` axis is a batch axis: every layer's matrix is orthogonalized on its own.
+leading `layers` axis is a batch axis: every layer's matrix is orthogonalized on its own,
+and so is every expert's of a mixture of experts (the `experts` axis after it, [layers,
+experts, fan_in, fan_out]: one Newton-Schulz per expert, as each is its own linear map).
 
 On a mesh, the iterations run on whole matrices, the layers split over a mesh axis
 (`layer_spec`): the momentum moves into that layout and the update back, once per step,
@@ -76,15 +78,16 @@ def orthogonalize_kernel(update: jax.Array, rule: ParamRule, steps: int, dtype: 
     """A kernel of the table's shape (with its leading layers axis when stacked) viewed as
     [layers,] fan_in x fan_out matrices, orthogonalized and given back in its own shape."""
     fan_in = math.prod(rule.shape[:rule.fan_in_dims])
-    batch = (rule.layers,) if rule.layers else ()
+    batch = tuple(size for size in (rule.layers, rule.experts) if size)
     matrices = update.reshape(*batch, fan_in, -1)
-    spec = layer_spec(rule.layers) if rule.layers else None
+    spec = layer_spec(rule.layers, len(batch) + 1) if rule.layers else None
     layout = (lambda y: y) if spec is None else (lambda y: jax.lax.with_sharding_constraint(y, spec))
     return newton_schulz(matrices, steps, dtype, layout).reshape(update.shape)
 
 
-def layer_spec(layers: int) -> P | None:
-    """The layout Newton-Schulz runs in for (layers, fan_in, fan_out) momenta: each matrix
+def layer_spec(layers: int, trailing: int = 2) -> P | None:
+    """The layout Newton-Schulz runs in for (layers, fan_in, fan_out) momenta (`trailing`
+    axes after layers: 2, or 3 for (layers, experts, fan_in, fan_out)): each matrix
     whole on one device, the layers split over the first mesh axis (fsdp, data, tensor)
     that divides their number, so the devices along it orthogonalize a share of the layers
     each and the momentum moves once, by an all-to-all (measured in docs/muon.md). Left to
@@ -96,7 +99,7 @@ def layer_spec(layers: int) -> P | None:
     if mesh.empty or mesh.size == 1:
         return None
     axis = next((a for a in ("fsdp", "data", "tensor") if mesh.shape[a] > 1 and layers % mesh.shape[a] == 0), None)
-    return P(axis, None, None)
+    return P(axis, *[None] * trailing)
 
 
 def orthogonalize(table: Table, steps: int, dtype: Any) -> optax.GradientTransformation:

@@ -74,7 +74,8 @@ def flash_attention(cfg: Config, backend: str) -> bool:
 
 def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
     """s(remat): bytes one block keeps for the backward pass, per token."""
-    d, f, heads, seq = cfg.model.d_model, cfg.model.ff_dim, cfg.model.n_heads, cfg.data.seq_len
+    d, heads, seq = cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len
+    f = cfg.model.moe.active_width(cfg.model.ff_dim)  # a MoE token's top_k + shared expert widths
     b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
     if remat == "none":
         scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor

@@ -15,6 +15,9 @@ params before the update, no dropout), with the document mask when `data.packing
   log_z_mean, log_z_std    statistics of log Z = logsumexp(output logits) over all
                            positions; output-logit divergence (log Z drifting from 0) is
                            what z-loss prevents
+  moe/load/<layer>/<e>     with model.moe: the fraction of layer's token-to-expert
+                           assignments routed to expert e (every step's moe/* metrics,
+                           model/moe.py, summarise them over layers)
   grad_norm/<role>         ||g_R|| over the parameters of each role (the global norm is
                            `grad_norm`)
   update_rms/<role>        RMS(theta_after - theta_before) over the role: the step's size
@@ -28,7 +31,7 @@ params before the update, no dropout), with the document mask when `data.packing
                            parameter after the update, by power iteration
   sigma_ratio/<role>       sigma_max/<role> / (sqrt(eta_R / lambda_R) * d^0.75), for the
                            AdamW roles with weight decay (`sigma_reference`)
-Roles are those of the parametrization table (embedding, hidden, readout, vector).
+Roles are those of the parametrization table (embedding, hidden, readout, router, vector).
 
 The sigma ratio is the diagnostic of "Robust Layerwise Scaling Rules by Proper Weight Decay
 Tuning" (Fan et al. 2025, arXiv 2510.15262): in AdamW's steady state the singular values of
@@ -100,8 +103,11 @@ def forward_telemetry(spec: ts.ModelSpec, params: Any, batch: Any) -> dict[str, 
     """Max attention logit per layer and log Z statistics of one no-dropout forward pass
     over the batch's inputs, with its document mask when packed."""
     inputs, segment_ids = ts.model_inputs(batch)
-    _, sown = forward_sown(ts.bind_model(spec, params), inputs, FORWARD_TELEMETRY, segment_ids)
+    names = (*FORWARD_TELEMETRY, "router_load") if spec.model.moe.enabled else FORWARD_TELEMETRY
+    _, sown = forward_sown(ts.bind_model(spec, params), inputs, names, segment_ids)
     out = {f"max_attn_logit/{i}": logit for i, logit in enumerate(sown["max_attn_logit"])}
+    for layer, loads in enumerate(sown.get("router_load", ())):
+        out.update({f"moe/load/{layer}/{expert}": load for expert, load in enumerate(loads)})
     out["log_z_mean"], out["log_z_std"] = jnp.mean(sown["log_z"]), jnp.std(sown["log_z"])
     return out
 

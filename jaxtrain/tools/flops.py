@@ -9,6 +9,8 @@ step, forward and backward, per token, whatever the implementation actually exec
 
     N   parameters in matmuls: per layer q, k, v, o and the three SwiGLU matrices, plus the
         untied LM head (the embedding is a gather, not a matmul, so it is not counted);
+        with model.moe, the parameters ONE token uses (active): the router and the SwiGLU
+        matrices of its top_k experts and of the shared expert;
     6   2 FLOPs per multiply-add, times 3 for the forward and the two backward matmuls;
     12 L H d_head T   attention scores Q K^T and the weighted sum A V over all T keys
         (2 matmuls x 2 FLOPs x 3 passes), counted for the full T x T square as PaLM does,
@@ -27,7 +29,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     """N: parameters that take part in a matmul (all but the embedding and norm gains)."""
     d, h = cfg.d_model, cfg.head_dim
     attention = d * cfg.n_heads * h * 2 + d * cfg.kv_heads * h * 2  # q, o and k, v
-    mlp = 3 * d * cfg.ff_dim
+    mlp = 3 * d * cfg.moe.active_width(cfg.ff_dim) + d * cfg.moe.n_experts  # n_experts 0: no router
     return cfg.n_layers * (attention + mlp) + d * cfg.vocab_size
 
 

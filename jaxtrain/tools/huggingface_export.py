@@ -63,6 +63,7 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
     check_out(out)
     run = load_run(workdir, step)
     cfg, table = run.cfg, run.spec.table
+    architecture.check_dense(cfg.model, "jaxtrain export")
     tokenizer = run_tokenizer(cfg)
     flat = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(run.params))}
     factors = weights.fold_factors(table, cfg.model)

@@ -32,6 +32,7 @@ import jax
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.files import apply_overrides, from_dict, load_config
 from jaxtrain.config.schema import Config
+from jaxtrain.huggingface import architecture
 from jaxtrain.huggingface.importer import HfModel, check_vocabulary, open_model
 from jaxtrain.run.loop import RunResult, run
 from jaxtrain.run.workdir import Layout, owned
@@ -77,7 +78,9 @@ def import_config(model: HfModel, config: str | None, overrides: list[str]) -> C
     raw = base.to_dict()
     raw["model"].update(model.fields)
     raw["train"]["init_from"] = {"huggingface": str(model.directory.absolute())}
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    architecture.check_dense(cfg.model, "jaxtrain import")
+    return cfg
 
 
 def plan_import(hf_dir: str | Path, workdir: str | Path, config: str | None, overrides: list[str]) -> ImportPlan:

@@ -45,7 +45,7 @@ def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
     rows = []
     for key_path, stacked in flat:
         rule = run.spec.table.rules[path_str(key_path)]
-        layers = stacked if rule.layers else stacked[None]
+        layers = stacked.reshape(-1, *rule.shape)  # each layer's (and each expert's) slice
         for path, value in zip(rule.per_layer_paths(path_str(key_path)), layers, strict=True):
             row = {"path": path, "role": rule.role, "layer": _layer(path), "shape": tuple(value.shape),
                    "rms": float(jnp.sqrt(jnp.mean(jnp.square(value)))), "init_std": rule.init_std,

@@ -1,0 +1,70 @@
+"""The `model.moe` section: a mixture-of-experts MLP in every block (jaxtrain/model/moe.py).
+
+    model:
+      moe:
+        n_experts: 8          # 0 (the default): the dense SwiGLU model, nothing changes
+        top_k: 2              # experts per token
+        expert_d_ff: 256      # each expert's SwiGLU width (None: model.d_ff, or its default)
+        n_shared_experts: 0   # always-on SwiGLU of width n_shared_experts * expert_d_ff
+        renormalize: true     # top-k gates renormalised to sum to 1 (false: OLMoE)
+        aux_loss: 0.01        # Switch load-balancing loss coefficient
+        router_z_loss: 0.001  # ST-MoE router z-loss coefficient
+
+With n_experts > 0 EVERY block's MLP is a mixture of experts (no dense/MoE interleaving
+yet). The section is part of the model's identity: a checkpoint resumes only under the
+same values (jaxtrain/config/resume.py compares `model.moe` as one key).
+
+The keys are validated like the rest of the schema (jaxtrain/config/schema.py): a bad value
+is one line naming `model.moe.<key>`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+class MoEConfig(BaseModel):
+    # the settings of schema._Section (not imported: schema.py imports this module)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+    n_experts: int = Field(0, ge=0)  # routed experts per block; 0 = dense model
+    top_k: int = Field(2, ge=1)  # experts each token is sent to (<= n_experts)
+    # Hidden width of each expert's SwiGLU (None = the dense MLP's width, model.d_ff or its default).
+    expert_d_ff: int | None = Field(None, gt=0)
+    # Shared experts (DeepSeek-V3): one always-on SwiGLU of width n_shared_experts * expert_d_ff.
+    n_shared_experts: int = Field(0, ge=0)
+    # Renormalise the selected top-k router probabilities to sum to 1 (Mixtral, Qwen3-MoE
+    # norm_topk_prob); false keeps the raw softmax probabilities (OLMoE).
+    renormalize: bool = True
+    aux_loss: float = Field(0.01, ge=0)  # Switch load-balancing loss coefficient
+    router_z_loss: float = Field(0.001, ge=0)  # ST-MoE router z-loss coefficient
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_fits(cls, top_k: int, info: ValidationInfo) -> int:
+        n_experts = info.data.get("n_experts")
+        if n_experts and top_k > n_experts:
+            raise ValueError(f"top_k={top_k} exceeds n_experts={n_experts} (each token picks top_k distinct experts)")
+        return top_k
+
+    @field_validator("n_shared_experts")
+    @classmethod
+    def _shared_needs_routed(cls, shared: int, info: ValidationInfo) -> int:
+        if shared and info.data.get("n_experts") == 0:
+            raise ValueError(f"n_shared_experts={shared} needs routed experts: set model.moe.n_experts > 0")
+        return shared
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_experts > 0
+
+    def expert_width(self, dense_ff: int) -> int:
+        """Each expert's SwiGLU width: expert_d_ff, else the dense MLP's (`ModelConfig.ff_dim`)."""
+        return self.expert_d_ff or dense_ff
+
+    def active_width(self, dense_ff: int) -> int:
+        """The SwiGLU width one token passes through: the dense MLP's, or top_k routed
+        experts' and the shared expert's (what FLOPs and activation memory count)."""
+        if not self.enabled:
+            return dense_ff
+        return (self.top_k + self.n_shared_experts) * self.expert_width(dense_ff)
