@@ -180,9 +180,8 @@ class ScheduleConfig(_Section):
     # Learning rate at the end of the decay, as a fraction of the peak (Power: of the
     # learning rate where the decay starts).
     final_lr_fraction: float = Field(0.1, ge=0, le=1)
-    # Power: lr = min(optimizer.lr, batch_size * power_a * tokens_seen ** power_b). 4 is the
-    # paper's a; a muP proxy like configs/mup_sweep.yaml measured best at 0.125 over an 8x8
-    # batch x horizon grid (docs/schedule_transfer.md).
+    # Power: lr = min(optimizer.lr, batch_size * power_a * tokens_seen ** power_b); 4: the paper's,
+    # 0.125: measured on the muP proxy configs/mup_sweep.yaml (docs/schedule_transfer.md).
     power_a: float = Field(4.0, gt=0)
     power_b: float = Field(-0.51, lt=0)
 
