@@ -46,7 +46,8 @@ m = d_model/d0 like every hidden matrix); n_experts and top_k are like n_layers 
 depth scaling: no rule changes with them (the load balance, not the width, sets how many
 tokens each expert sees).
 
-lv = lambda if `decay_vector_like` else 0. Depth (a = depth_alpha > 0, any name): every
+lv = lambda if `decay_vector_like` else 0. Depth (a = depth_alpha > 0, any name; r counts
+the model's blocks, n_layers, whichever stack holds them: model/block_stack.py): every
 residual branch is multiplied by r^-a; hidden Adam LR by r^(a-1) and eps by r^-a
 (a = 1 keeps the LR unchanged: CompleteP). Attention logits are scaled 1/sqrt(d_head), or
 sqrt(d_head0)/d_head (muP's 1/d_head anchored at the base width). At m = r = 1 every
@@ -73,6 +74,7 @@ from flax import nnx
 
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import Config
+from jaxtrain.model import block_stack
 
 VOCAB_AXIS = "vocab"  # a logical axis that does not grow with width
 EXPERTS_AXIS = "experts"  # the other one: a mixture of experts' experts (jaxtrain/model/moe.py)
@@ -98,16 +100,18 @@ class ParamRule:
     update: str = "adam"  # the update rule the optax chain gives it: adam or muon
     muon_scale: float = 0.0  # Muon: multiplies the orthogonalized update (0 under Adam)
 
-    def per_layer_paths(self, path: str) -> list[str]:
+    def per_layer_paths(self, path: str, block_ids: tuple[int, ...] | None = None) -> list[str]:
         """`blocks.attn.wq` -> blocks.0.attn.wq, blocks.1.attn.wq, ... (a stacked weight's
-        layers, named as per-layer statistics are reported); an expert matrix's
-        `blocks.mlp.w_up` -> blocks.0.mlp.w_up.0, blocks.0.mlp.w_up.1, ... (layer-major, one
-        per expert: the order of `value.reshape(-1, *shape)`); other paths unchanged."""
+        layers, named as per-layer statistics are reported: by `block_ids`, the model
+        index of each stack entry, if given; `Table.per_layer_paths` gives them); an expert
+        matrix's `blocks.mlp.w_up` -> blocks.0.mlp.w_up.0, blocks.0.mlp.w_up.1, ...
+        (layer-major, one per expert: the order of `value.reshape(-1, *shape)`); other
+        paths unchanged."""
         experts = [f".{e}" for e in range(self.experts)] if self.experts else [""]
         if not self.layers:
             return [f"{path}{e}" for e in experts]
         head, _, rest = path.partition(".")
-        return [f"{head}.{i}.{rest}{e}" for i in range(self.layers) for e in experts]
+        return [f"{head}.{i}.{rest}{e}" for i in (block_ids or range(self.layers)) for e in experts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +129,9 @@ class Table:
     depth_mult: float
     forward: ForwardScales
     rules: dict[str, ParamRule]  # by dotted parameter path
+    # stack name (model/block_stack.py: blocks, dense_blocks) -> the model index of each
+    # of its layers; empty: a stack's layers are the model's blocks 0, 1, ...
+    block_ids: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "width_mult": self.width_mult, "depth_mult": self.depth_mult,
@@ -138,6 +145,11 @@ class Table:
 
     def per_leaf(self, params: Any, field: str) -> Any:
         return _map_paths(params, lambda path: getattr(self.rules[path], field))
+
+    def per_layer_paths(self, path: str) -> list[str]:
+        """`ParamRule.per_layer_paths` with each layer named by its block's index in the
+        model (dense_blocks.0, blocks.1, dense_blocks.2, ... when model.moe.moe_every = 2)."""
+        return self.rules[path].per_layer_paths(path, self.block_ids.get(path.partition(".")[0]))
 
 
 def _map_paths(tree: Any, fn) -> Any:
@@ -303,7 +315,7 @@ def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
         rules[".".join(str(k) for k in key_path)] = dataclasses.replace(rule, layers=layers, experts=experts)
     d0, l0 = base_shape(cfg)
     return Table(cfg.parametrization.name, cfg.model.d_model / d0, cfg.model.n_layers / l0,
-                 forward_scales(cfg), rules)
+                 forward_scales(cfg), rules, block_stack.block_ids(cfg.model))
 
 
 def scale_init(table: Table, unit_params: Any) -> Any:

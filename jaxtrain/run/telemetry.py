@@ -15,9 +15,10 @@ params before the update, no dropout), with the document mask when `data.packing
   log_z_mean, log_z_std    statistics of log Z = logsumexp(output logits) over all
                            positions; output-logit divergence (log Z drifting from 0) is
                            what z-loss prevents
-  moe/load/<layer>/<e>     with model.moe: the fraction of layer's token-to-expert
-                           assignments routed to expert e (every step's moe/* metrics,
-                           model/moe.py, summarise them over layers)
+  moe/load/<layer>/<e>     with model.moe: the fraction of MoE block <layer>'s (its index
+                           in the model) token-to-expert assignments routed to expert e
+                           (every step's moe/* metrics, model/moe.py, summarise them
+                           over layers)
   grad_norm/<role>         ||g_R|| over the parameters of each role (the global norm is
                            `grad_norm`)
   update_rms/<role>        RMS(theta_after - theta_before) over the role: the step's size
@@ -101,12 +102,14 @@ def step_metrics(spec: ts.ModelSpec, sigma_scale: dict[str, float] | None = None
 
 def forward_telemetry(spec: ts.ModelSpec, params: Any, batch: Any) -> dict[str, jax.Array]:
     """Max attention logit per layer and log Z statistics of one no-dropout forward pass
-    over the batch's inputs, with its document mask when packed."""
+    over the batch's inputs, with its document mask when packed; with experts, the load
+    of each expert of each MoE block."""
     inputs, segment_ids = ts.model_inputs(batch)
     names = (*FORWARD_TELEMETRY, "router_load") if spec.model.moe.enabled else FORWARD_TELEMETRY
     _, sown = forward_sown(ts.bind_model(spec, params), inputs, names, segment_ids)
     out = {f"max_attn_logit/{i}": logit for i, logit in enumerate(sown["max_attn_logit"])}
-    for layer, loads in enumerate(sown.get("router_load", ())):
+    moe_blocks = spec.model.moe.moe_blocks(spec.model.n_layers)
+    for layer, loads in zip(moe_blocks, sown.get("router_load", ())):
         out.update({f"moe/load/{layer}/{expert}": load for expert, load in enumerate(loads)})
     out["log_z_mean"], out["log_z_std"] = jnp.mean(sown["log_z"]), jnp.std(sown["log_z"])
     return out
@@ -164,7 +167,7 @@ def singular_values(params: Any, table: parametrization.Table, iterations: int) 
         if rule.role == "vector":
             continue
         sigmas = _layer_sigmas(value, rule, iterations)
-        out.update({f"sv/{name}": sigma for name, sigma in zip(rule.per_layer_paths(path), sigmas, strict=True)})
+        out.update({f"sv/{name}": sigma for name, sigma in zip(table.per_layer_paths(path), sigmas, strict=True)})
     return out
 
 
