@@ -1,6 +1,7 @@
 """MoE routing beyond the layer (tests/test_moe.py holds the layer against its dense
-reference): dense / MoE interleaving (model.moe.moe_every, model/block_stack.py), through
-the model, the table, the counts and a real run that resumes."""
+reference): dense / MoE interleaving (model.moe.moe_every, model/block_stack.py) and the
+auxiliary-loss-free balance bias (model.moe.bias_update_rate, model/moe.py), through the
+model, the table, the train step, the counts and a real run that resumes."""
 
 import math
 
@@ -15,7 +16,7 @@ from jaxtrain import step as ts
 from jaxtrain.config.errors import ConfigError
 from jaxtrain.config.files import from_dict, load_config
 from jaxtrain.model import block_stack, parametrization, sharding
-from jaxtrain.model.moe import MOE_SOWABLE, MoE
+from jaxtrain.model.moe import MOE_SOWABLE, MoE, route, update_balance_bias
 from jaxtrain.model.transformer import SwiGLU, Transformer, forward_sown
 from jaxtrain.run import memory
 from jaxtrain.tools import dry_run, flops
@@ -23,11 +24,12 @@ from jaxtrain.tools import dry_run, flops
 D, FF, E, DENSE_FF = 32, 16, 4, 80  # DENSE_FF: model.d_ff, not (top_k + shared) * FF
 
 
-def config(n_layers=4, moe_every=2, **train):
-    moe = {"n_experts": E, "top_k": 2, "expert_d_ff": FF, "n_shared_experts": 1, "moe_every": moe_every}
+def config(n_layers=4, moe_every=2, bias_update_rate=0.0, optimizer=None, **train):
+    moe = {"n_experts": E, "top_k": 2, "expert_d_ff": FF, "n_shared_experts": 1, "moe_every": moe_every,
+           "bias_update_rate": bias_update_rate}
     return from_dict({"model": {"d_model": D, "n_layers": n_layers, "n_heads": 2, "vocab_size": 64, "d_ff": DENSE_FF,
                                 "moe": moe},
-                      "train": {"steps": 4, "batch_size": 4, **train},
+                      "optimizer": optimizer or {}, "train": {"steps": 4, "batch_size": 4, **train},
                       "data": {"seq_len": 16}})
 
 
@@ -116,17 +118,83 @@ def test_depth_rules_count_blocks_and_per_layer_names_are_model_indices():
 
 @pytest.mark.parametrize("moe,key", [({"n_experts": 4, "moe_every": 3}, "model.moe.moe_every"),  # 4 layers
                                      ({"n_experts": 4, "moe_every": 0}, "model.moe.moe_every"),
-                                     ({"moe_every": 2}, "model.moe.moe_every")])
+                                     ({"moe_every": 2}, "model.moe.moe_every"),
+                                     ({"n_experts": 4, "bias_update_rate": -0.001}, "model.moe.bias_update_rate"),
+                                     ({"bias_update_rate": 0.001}, "model.moe.bias_update_rate")])
 def test_bad_routing_values_are_one_line_naming_the_key(moe, key):
     with pytest.raises(ConfigError) as err:
         from_dict({"model": {"n_layers": 4, "moe": moe}})
     assert err.value.key == key and "\n" not in str(err.value)
 
 
+# --- the auxiliary-loss-free balance bias -----------------------------------------------------
+
+def test_the_bias_update_follows_its_formula_on_a_hand_made_load():
+    load = jnp.array([[0.5, 0.25, 0.25, 0.0],  # mean 0.25: over, even, even, under
+                      [0.1, 0.2, 0.3, 0.4]])
+    bias = jnp.array([[0.0, 0.0, 0.0, 0.0], [0.01, -0.02, 0.0, 0.5]])
+    want = np.array([[-0.001, 0.0, 0.0, 0.001], [0.011, -0.019, -0.001, 0.499]])
+    np.testing.assert_allclose(update_balance_bias(bias, load, 0.001), want, rtol=0, atol=1e-7)  # float32
+    counts = load * 64  # counts or fractions: the same signs
+    np.testing.assert_array_equal(update_balance_bias(bias, counts, 0.001), update_balance_bias(bias, load, 0.001))
+
+
+def test_the_bias_alone_balances_a_skewed_router():
+    """No gradient, only the rule: a router that sends most tokens to expert 0 ends up
+    spreading them, and the gates stay the unbiased probabilities."""
+    logits = jax.random.normal(jax.random.PRNGKey(0), (512, 8)) + jnp.array([2.0, 1.0, 0, 0, 0, 0, 0, -1.0])
+    load = lambda bias: route(logits, 2, False, bias).counts / (2 * 512)  # noqa: E731
+    bias = jnp.zeros(8)
+    for _ in range(300):
+        bias = update_balance_bias(bias[None], load(bias)[None], 0.002)[0]
+    assert float(load(jnp.zeros(8)).max()) > 0.4 and float(load(bias).max()) < 0.16
+    routing = route(logits, 2, False, bias)
+    np.testing.assert_array_equal(routing.gates, jnp.take_along_axis(jax.nn.softmax(logits), routing.experts, -1))
+
+
+def bias_of(state):
+    return np.asarray(ts.balance_bias(state.params))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_train_step_moves_the_bias_by_the_whole_steps_load_and_nothing_else(optimizer):
+    cfg = config(4, 2, bias_update_rate=0.01, optimizer={"name": optimizer, "lr": 0.1, "weight_decay": 1.0},
+                 microbatches=2)
+    spec = ts.model_spec(cfg)
+    rule = spec.table.rules["blocks.mlp.balance_bias"]
+    assert (rule.role, rule.lr, rule.weight_decay, rule.update) == ("untrained", 0.0, 0.0, "none")
+    mesh = sharding.make_mesh(cfg.mesh.model_copy(update={"fsdp": 2}), jax.devices()[:2])
+    steps = ts.build_steps(cfg, spec, mesh)
+    assert steps.shardings.params["blocks"]["mlp"]["balance_bias"].spec == jax.sharding.PartitionSpec(None, None)
+    state = steps.init()
+    start = {"blocks": {"mlp": {"balance_bias": jnp.array([[0.02, -0.01, 0.0, 0.03], [0.0, 0.01, -0.02, 0.0]])}}}
+    state = state.replace(params=jax.device_put(with_leaves(state.params, start), steps.shardings.params))
+    batch = np.random.default_rng(0).integers(0, 64, (4, 17), dtype=np.int32)
+    before = bias_of(state)
+    load_of = lambda rows: forward_sown(ts.bind_model(spec, state.params), jnp.asarray(rows[:, :-1]),  # noqa: E731
+                                        ["router_load"])[1]["router_load"]
+    step_load = load_of(batch)  # microbatches take rows 0, 2 and 1, 3: together the whole batch
+    halves = [load_of(batch[j::2]) for j in range(2)]
+    assert any(np.any(np.sign(step_load.mean(-1, keepdims=True) - step_load) !=
+                      np.sign(h.mean(-1, keepdims=True) - h)) for h in halves)  # one half's load would differ
+    state, metrics = steps.train(state, jax.device_put(batch, sharding.batch_sharding(mesh)), 0.1)
+    assert "expert_loads" not in metrics and float(metrics["moe/bias_abs_max"]) == pytest.approx(0.03)
+    np.testing.assert_allclose(bias_of(state), before + 0.01 * np.sign(step_load.mean(-1, keepdims=True) - step_load),
+                               rtol=0, atol=1e-7)
+
+
+def with_leaves(params, update):
+    """params with the leaves of `update` (a nested dict of some of its paths) replaced."""
+    merged = dict(params)
+    for key, value in update.items():
+        merged[key] = with_leaves(params[key], value) if isinstance(value, dict) else value
+    return merged
+
+
 # --- a real run: trains, reports, resumes bitwise -------------------------------------------
 
 ROUTED_TINY = ["model.n_layers=4", "model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.expert_d_ff=32",
-               "model.moe.moe_every=2", "data.seq_len=32", "train.batch_size=16",
+               "model.moe.moe_every=2", "model.moe.bias_update_rate=0.01", "data.seq_len=32", "train.batch_size=16",
                "train.microbatches=2", "train.steps=6", "train.log_every=1", "train.eval_every=6",
                "checkpoint.every_steps=3", "diagnostics.telemetry_every=3"]
 
@@ -141,22 +209,27 @@ def routed_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_an_interleaved_run_trains_and_reports_each_moe_block(routed_run):
+def test_an_interleaved_biased_run_trains_and_reports_each_moe_block(routed_run):
     from jaxtrain.run.metrics import read_metrics
 
     cfg, workdir, result = routed_run
     rows = read_metrics(workdir / "metrics.jsonl")
     assert result.step == 6 and all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    assert [r["moe/bias_abs_max"] for r in rows[:2]] == pytest.approx([0.0, 0.01])  # one step of 0.01 each
     watched = [r for r in rows if "moe/load/1/0" in r]
     assert [r["step"] for r in watched] == [3, 6]
     for row in watched:  # MoE blocks 1 and 3 by their model index; the dense blocks 0, 2 route nothing
-        assert not any(k.startswith(("moe/load/0/", "moe/load/2/")) for k in row)
+        assert not any(k.startswith(("moe/load/0/", "moe/load/2/", "moe/bias/0/")) for k in row)
         for block in (1, 3):
             assert sum(row[f"moe/load/{block}/{e}"] for e in range(4)) == pytest.approx(1.0, abs=1e-5)
+            biases = [row[f"moe/bias/{block}/{e}"] for e in range(4)]
+            assert max(map(abs, biases)) <= 0.01 * (row["step"] - 1) + 1e-6  # at most u per step so far
+        assert max(abs(row[f"moe/bias/{b}/{e}"]) for b in (1, 3) for e in range(4)) == \
+            pytest.approx(row["moe/bias_abs_max"], abs=1e-7)
 
 
 @pytest.mark.slow
-def test_an_interrupted_interleaved_run_resumes_bitwise(routed_run, tmp_path):
+def test_an_interrupted_interleaved_biased_run_resumes_bitwise(routed_run, tmp_path):
     from jaxtrain.run.loop import run
     from jaxtrain.run.metrics import read_metrics
     from test_train import final_state, without_timing
@@ -168,6 +241,7 @@ def test_an_interrupted_interleaved_run_resumes_bitwise(routed_run, tmp_path):
         without_timing(read_metrics(whole / "metrics.jsonl"))
     (ref, ref_data, _), (got, data, _) = final_state(cfg, whole), final_state(cfg, tmp_path)
     assert data == ref_data
+    assert np.abs(ts.balance_bias(got.params)).max() > 0  # the bias moved, and was saved and restored
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -178,6 +252,8 @@ def test_an_interleaved_run_is_inspected_by_model_block(routed_run):
     from jaxtrain.tools.saved_run import load_run
 
     rows = {row["path"]: row for row in parameter_stats(load_run(routed_run[1]))}
-    assert {"dense_blocks.0.mlp.w_up", "dense_blocks.2.mlp.w_up", "blocks.1.mlp.w_up.3",
-            "blocks.3.mlp.router"} <= rows.keys()
+    assert {"dense_blocks.0.mlp.w_up", "dense_blocks.2.mlp.w_up", "blocks.1.mlp.w_up.3", "blocks.3.mlp.router",
+            "blocks.3.mlp.balance_bias"} <= rows.keys()
     assert rows["dense_blocks.2.attn.wq"]["layer"] == 2 and rows["blocks.3.mlp.router"]["layer"] == 3
+    assert rows["blocks.1.mlp.balance_bias"]["role"] == "untrained"
+    assert "top_singular_value" not in rows["blocks.1.mlp.balance_bias"]

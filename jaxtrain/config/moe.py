@@ -10,6 +10,7 @@
         aux_loss: 0.01        # Switch load-balancing loss coefficient
         router_z_loss: 0.001  # ST-MoE router z-loss coefficient
         moe_every: 1          # block i is MoE iff (i + 1) % moe_every == 0; the others dense
+        bias_update_rate: 0.0 # auxiliary-loss-free balancing bias step u (0: off; DeepSeek-V3 0.001)
 
 With n_experts > 0 block i (0-based) has a mixture of experts iff (i + 1) % moe_every == 0
 (Hugging Face Qwen3-MoE's `decoder_sparse_step`): 1, every block; 2, blocks 1, 3, 5, ...,
@@ -43,6 +44,9 @@ class MoEConfig(BaseModel):
     router_z_loss: float = Field(0.001, ge=0)  # ST-MoE router z-loss coefficient
     # Block i is a MoE block iff (i + 1) % moe_every == 0 (Qwen3-MoE's decoder_sparse_step).
     moe_every: int = Field(1, ge=1)
+    # Auxiliary-loss-free load balancing (DeepSeek-V3): after every step each expert's
+    # selection bias moves by bias_update_rate towards balance (model/moe.py); 0 = no bias.
+    bias_update_rate: float = Field(0.0, ge=0)
 
     @field_validator("top_k")
     @classmethod
@@ -59,10 +63,10 @@ class MoEConfig(BaseModel):
             raise ValueError(f"n_shared_experts={shared} needs routed experts: set model.moe.n_experts > 0")
         return shared
 
-    @field_validator("moe_every")
+    @field_validator("moe_every", "bias_update_rate")
     @classmethod
     def _needs_routed(cls, value: float, info: ValidationInfo) -> float:
-        off = {"moe_every": 1}[info.field_name]
+        off = {"moe_every": 1, "bias_update_rate": 0.0}[info.field_name]
         if value != off and info.data.get("n_experts") == 0:
             raise ValueError(f"{info.field_name}={value} needs routed experts: set model.moe.n_experts > 0")
         return value

@@ -18,6 +18,11 @@ it, alike: neither width nor fan-in, so an expert matrix's rule is that of one e
     router     grow          fixed experts  MoE router (embed, experts)
     vector     one axis, no fan-in           RMSNorm gains
 
+One more role comes from the variable's type, not its axes: `untrained`, model state that
+no gradient trains (an `Untrained` variable: the MoE balance bias of model/moe.py, which
+the train step moves by its own rule). It is created at its value (init std 1, multiplier
+1) and the optimizer leaves it alone (LR 0, no decay, no moments: `update: none`).
+
 With m = d_model/d0 and r = n_layers/L0 (Yang et al. 2021, "Tensor Programs V", Table 3
 in its multiplier form; Dey et al. 2025, "Don't be lazy: CompleteP", Table 1):
 
@@ -80,7 +85,12 @@ VOCAB_AXIS = "vocab"  # a logical axis that does not grow with width
 EXPERTS_AXIS = "experts"  # the other one: a mixture of experts' experts (jaxtrain/model/moe.py)
 FIXED_AXES = (VOCAB_AXIS, EXPERTS_AXIS)
 LAYERS_AXIS = "layers"  # the leading axis of the stacked blocks' weights
-ROLES = ("embedding", "hidden", "readout", "router", "vector")
+ROLES = ("embedding", "hidden", "readout", "router", "vector", "untrained")
+
+
+class Untrained(nnx.Variable):
+    """Model state that is not a parameter of the loss: stored, sharded and checkpointed
+    with the params, given the table's `untrained` role (no optimizer, no decay)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +107,7 @@ class ParamRule:
     weight_decay: float  # multiplies optimizer.weight_decay
     layers: int = 0  # size of the leading `layers` axis of a stacked weight, 0 if not stacked
     experts: int = 0  # size of the `experts` axis after it (a MoE expert matrix), 0 if none
-    update: str = "adam"  # the update rule the optax chain gives it: adam or muon
+    update: str = "adam"  # the update rule the optax chain gives it: adam, muon, or none (untrained)
     muon_scale: float = 0.0  # Muon: multiplies the orthogonalized update (0 under Adam)
 
     def per_layer_paths(self, path: str, block_ids: tuple[int, ...] | None = None) -> list[str]:
@@ -217,6 +227,8 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in_dims: int) -> P
         return ParamRule(role, shape, fan_in_dims, std, mult, lr, eps * depth_eps, decay)
     if role == "router":
         return _router_rule(cfg, shape, fan_in_dims)
+    if role == "untrained":
+        return ParamRule(role, shape, fan_in_dims, 1.0, 1.0, 0.0, 1.0, 0.0, update="none")
     # readout
     if ntk:
         std, mult = p.init_std, p.output_multiplier / math.sqrt(fan_in)
@@ -309,7 +321,8 @@ def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
         experts = shape[0] if len(axes) > 1 and axes[0] == EXPERTS_AXIS else 0
         if experts:
             axes, shape = axes[1:], shape[1:]
-        rule = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in_dims)
+        role = "untrained" if isinstance(variable, Untrained) else classify(axes, fan_in_dims)
+        rule = _rule(cfg, role, shape, fan_in_dims)
         if cfg.optimizer.name == "muon":
             rule = _muon_rule(cfg, rule)
         rules[".".join(str(k) for k in key_path)] = dataclasses.replace(rule, layers=layers, experts=experts)

@@ -98,7 +98,7 @@ def mlp_widths(cfg: Config) -> dict[int, int]:
     return {f: blocks for f, blocks in widths.items() if blocks}
 
 
-MOMENTS = {"adam": 2, "muon": 1}  # float32 optimizer-state arrays per parameter, by update rule
+MOMENTS = {"adam": 2, "muon": 1, "none": 0}  # float32 optimizer-state arrays per parameter, by update rule
 
 
 def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
