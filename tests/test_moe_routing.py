@@ -4,6 +4,7 @@ auxiliary-loss-free balance bias (model.moe.bias_update_rate, model/moe.py), thr
 model, the table, the train step, the counts and a real run that resumes."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,21 @@ def test_the_group_scan_equals_the_blocks_run_one_by_one_in_model_order(scan_lay
     np.testing.assert_allclose(sown["mlp_rms"], mlp_rms, rtol=1e-4)  # (n_layers,), in model order
     assert len(loads) == 2 and sown["router_load"].shape == (2, E)  # one row per MoE block: 2 and 5
     np.testing.assert_allclose(sown["router_load"], loads, rtol=1e-6)
+
+
+def test_the_compiled_program_does_not_grow_with_depth():
+    """One group (a dense block and a MoE block) is compiled whatever n_layers: the matmuls
+    of the loss's compiled program are those of one group, unless the scan is unrolled."""
+    def matmuls(n_layers, scan_layers=True):
+        cfg = config(n_layers, 2)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"scan_layers": scan_layers})})
+        spec = ts.model_spec(cfg)
+        batch = jax.ShapeDtypeStruct((4, 17), jnp.int32)
+        compiled = jax.jit(lambda p, b: ts.loss_and_metrics(p, spec, b, 0.0)[0]).lower(spec.abstract_params,
+                                                                                         batch).compile()
+        return len(re.findall(r"= \S+ dot\(", compiled.as_text()))
+
+    assert 0 < matmuls(4) == matmuls(8) < matmuls(8, scan_layers=False)
 
 
 def active_matmul_params(spec, top_k):
