@@ -23,7 +23,10 @@ their forward multipliers inside the step (`bind_model`).
 Loss (float32), with z-loss (Chowdhery et al. 2022, "PaLM"; Wortsman et al. 2023):
     L = mean_t[ logsumexp(z_t) - z_t[y_t] ] + c_z * mean_t[ logsumexp(z_t)^2 ]
 and with model.moe.n_experts > 0 the routers' load-balancing and z-losses, averaged over
-layers (model/moe.py `router_losses`: the same forward pass sows what they need).
+layers (model/moe.py `router_losses`: the same forward pass sows what they need). With
+model.moe.bias_update_rate > 0 the step also moves each MoE block's balance bias, model
+state stored among the params (`balance_bias`), by that step's expert loads
+(model/moe.py `update_balance_bias`), after the optimizer update.
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxtrain.config.schema import Config, ModelConfig
-from jaxtrain.model import execution, parametrization, sharding
+from jaxtrain.model import block_stack, execution, parametrization, sharding
 from jaxtrain.model.parametrization import Table
-from jaxtrain.model.moe import MOE_SOWABLE, router_losses
+from jaxtrain.model.moe import BALANCE_BIAS, MOE_SOWABLE, router_losses, update_balance_bias
 from jaxtrain.model.transformer import Transformer, forward_sown
 from jaxtrain.optim.optimizer import make_optimizer
 
 NONFINITE = "nonfinite"  # train-step metric: 1 when the step's loss or gradients are not finite
+# Not a logged metric: loss_and_metrics' per-MoE-block expert loads (blocks, E), which
+# train_step takes out to update the balance bias.
+EXPERT_LOADS = "expert_loads"
 
 # tokens (B, T+1), or {"tokens", "segment_ids"} (both (B, T+1)) under data.packing
 Batch = jax.Array | dict[str, jax.Array]
@@ -198,7 +204,21 @@ def loss_and_metrics(params: Any, spec: ModelSpec, batch: Batch, z_loss: float,
     if not moe.enabled:
         return ce + z_term, {"loss": ce, "z_loss": z_term}
     router_term, router_metrics = router_losses(sown, moe)
-    return ce + z_term + router_term, {"loss": ce, "z_loss": z_term, **router_metrics}
+    metrics = {"loss": ce, "z_loss": z_term, **router_metrics}
+    if moe.bias_update_rate > 0:  # the bias this step routed with, and the loads it routed
+        metrics.update({"moe/bias_abs_max": jnp.max(jnp.abs(balance_bias(params))),
+                        EXPERT_LOADS: sown["router_load"]})
+    return ce + z_term + router_term, metrics
+
+
+def balance_bias(params: Any) -> jax.Array:
+    """The MoE blocks' balance biases (MoE blocks, E), stored among the params."""
+    return params[block_stack.MAIN]["mlp"][BALANCE_BIAS]
+
+
+def _with_balance_bias(params: Any, bias: jax.Array) -> Any:
+    main = params[block_stack.MAIN]
+    return {**params, block_stack.MAIN: {**main, "mlp": {**main["mlp"], BALANCE_BIAS: bias}}}
 
 
 def _grads_and_metrics(params: Any, spec: ModelSpec, batch: Batch, z_loss: float,
@@ -240,8 +260,12 @@ def train_step(state: TrainState, batch: Batch, lr: jax.Array, *, spec: ModelSpe
     `extra_metrics`, if given, adds its metrics of the step (e.g. jaxtrain/run/telemetry.py's)."""
     dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
     grads, metrics = _grads_and_metrics(state.params, spec, batch, z_loss, dropout_key, microbatches)
+    loads = metrics.pop(EXPERT_LOADS, None)  # the mean over microbatches: the whole step's load
     updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=lr)
     params = optax.apply_updates(state.params, updates)
+    if loads is not None:
+        rate = spec.model.moe.bias_update_rate
+        params = _with_balance_bias(params, update_balance_bias(balance_bias(params), loads, rate))
     grad_norm = optax.tree_utils.tree_norm(grads)  # non-finite iff some gradient entry is
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     if skip_nonfinite:

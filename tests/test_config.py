@@ -98,6 +98,12 @@ def test_identity_keys_are_marked_once_and_a_new_key_is_identity_by_default():
     assert identity_difference(saved, before_packing) is None
     packed = {**saved, "data": {**saved["data"], "packing": True}}
     assert identity_difference(packed, before_packing) == ("data.packing", False, True)
+    # the same inside a nested section (model.moe), named by its full dotted key
+    moe = {k: v for k, v in saved["model"]["moe"].items() if k != "router_z_loss"}
+    before_z_loss = {**saved, "model": {**saved["model"], "moe": moe}}
+    assert identity_difference(saved, before_z_loss) is None
+    fewer = {**saved, "model": {**saved["model"], "moe": {**saved["model"]["moe"], "router_z_loss": 0.0}}}
+    assert identity_difference(fewer, before_z_loss) == ("model.moe.router_z_loss", 0.001, 0.0)
     assert identity_difference({**saved, "train": {**saved["train"], "steps": 9}}, saved) is None
     qk = {**saved, "model": {**saved["model"], "qk_norm": True}}
     assert identity_difference(qk, saved, sections=("parametrization",)) is None

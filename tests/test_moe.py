@@ -23,9 +23,9 @@ from jaxtrain.optim.muon import orthogonalize_kernel
 D, FF = 32, 16
 
 
-def model_config(n_experts=4, top_k=2, shared=0, renormalize=True, **model):
+def model_config(n_experts=4, top_k=2, shared=0, renormalize=True, bias_update_rate=0.0, **model):
     moe = {"n_experts": n_experts, "top_k": top_k, "expert_d_ff": FF, "n_shared_experts": shared,
-           "renormalize": renormalize}
+           "renormalize": renormalize, "bias_update_rate": bias_update_rate}
     return from_dict({"model": {"d_model": D, "n_layers": 2, "n_heads": 2, "vocab_size": 64, "moe": moe, **model},
                       "train": {"steps": 4, "batch_size": 2}, "data": {"seq_len": 16}})
 
@@ -41,12 +41,18 @@ def swiglu(x, w_gate, w_up, w_down):
     return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
+def chosen_experts(p, tokens, top_k):
+    """(N, E) 1 where a token chose the expert: the top_k of probability + balance bias."""
+    probs = jax.nn.softmax(tokens @ p["router"], axis=-1)
+    return jax.nn.one_hot(jax.lax.top_k(probs + p.get("balance_bias", 0.0), top_k)[1], probs.shape[-1]).sum(axis=1)
+
+
 def dense_reference(p, x, top_k, renormalize):
-    """Every expert on every token, combined with the top-k gates (zero for the others)."""
+    """Every expert on every token, combined with the top-k gates (zero for the others):
+    the unbiased probabilities of the experts the biased scores chose."""
     tokens = x.reshape(-1, x.shape[-1])
     probs = jax.nn.softmax(tokens @ p["router"], axis=-1)
-    chosen = jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], probs.shape[-1]).sum(axis=1)
-    gates = probs * chosen
+    gates = probs * chosen_experts(p, tokens, top_k)
     if renormalize:
         gates = gates / gates.sum(axis=-1, keepdims=True)
     every = jnp.stack([swiglu(tokens, p["w_gate"][e], p["w_up"][e], p["w_down"][e])
@@ -57,14 +63,24 @@ def dense_reference(p, x, top_k, renormalize):
     return out
 
 
-@pytest.mark.parametrize("n_experts,top_k,shared,renormalize",
-                         [(e, k, s, r) for (e, k), s, r in itertools.product([(4, 1), (4, 2), (8, 3)], [0, 1],
-                                                                             [True, False])])
-def test_dropless_layer_equals_every_expert_on_every_token(n_experts, top_k, shared, renormalize):
-    cfg = model_config(n_experts, top_k, shared, renormalize)
+BIAS = [0.3, -0.3, 0.0, 0.15, -0.15, 0.05, 0.2, -0.1]  # a balance bias that changes the choice
+
+
+@pytest.mark.parametrize("n_experts,top_k,shared,renormalize,biased",
+                         [(e, k, s, r, False) for (e, k), s, r in itertools.product([(4, 1), (4, 2), (8, 3)], [0, 1],
+                                                                                    [True, False])] +
+                         [(e, k, s, True, True) for (e, k), s in itertools.product([(4, 1), (4, 2), (8, 3)], [0, 1])])
+def test_dropless_layer_equals_every_expert_on_every_token(n_experts, top_k, shared, renormalize, biased):
+    cfg = model_config(n_experts, top_k, shared, renormalize, bias_update_rate=0.001 if biased else 0.0)
     graphdef, state = nnx.split(layer(cfg))
     state = jax.tree.map(lambda w: 0.3 * w, state)  # moderate logits: no ties in the top-k
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, D))
+    if biased:  # the choice changes for some tokens, not for all
+        nnx.replace_by_pure_dict(state, {"balance_bias": jnp.asarray(BIAS[:n_experts])})
+        params, tokens = nnx.to_pure_dict(state), x.reshape(-1, D)
+        unbiased = chosen_experts({"router": params["router"]}, tokens, top_k)
+        changed = np.any(chosen_experts(params, tokens, top_k) != unbiased, axis=-1)
+        assert 0 < changed.sum() < len(tokens)
     cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 8, D))
     layer_loss = jax.jit(jax.value_and_grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) * cotangent), (0, 1)))
     reference_loss = jax.jit(jax.value_and_grad(
@@ -76,6 +92,9 @@ def test_dropless_layer_equals_every_expert_on_every_token(n_experts, top_k, sha
     got_params = nnx.to_pure_dict(got_state)
     assert jax.tree.structure(got_params) == jax.tree.structure(want_params)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_params), jax.tree.leaves(want_params)):
+        if "balance_bias" in str(path):  # model state, no parameter of the loss
+            assert np.abs(a).max() == np.abs(b).max() == 0
+            continue
         assert np.abs(b).max() > 0, path  # every weight gets a gradient from this batch
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str(path))
 
@@ -189,7 +208,7 @@ def test_bad_moe_values_are_one_line_naming_the_key(moe, key):
 def test_the_dense_model_is_unchanged_by_the_moe_section():
     spec = ts.model_spec(from_dict({"model": {"d_model": 32, "n_layers": 2, "n_heads": 2}}))
     assert not any("router" in path or r.experts for path, r in spec.table.rules.items())
-    assert {r.role for r in spec.table.rules.values()} == set(parametrization.ROLES) - {"router"}
+    assert {r.role for r in spec.table.rules.values()} == set(parametrization.ROLES) - {"router", "untrained"}
 
 
 # --- the real training path ------------------------------------------------------------------

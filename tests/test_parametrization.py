@@ -17,8 +17,10 @@ EXPECTED_ROLES = {  # by parameter name, to check the axis-based classification 
     "embed": "embedding", "lm_head": "readout", "wq": "hidden", "wk": "hidden", "wv": "hidden",
     "wo": "hidden", "w_gate": "hidden", "w_up": "hidden", "w_down": "hidden", "scale": "vector",
     "router": "router",  # with model.moe (its experts' w_gate, w_up, w_down are hidden)
+    "balance_bias": "untrained",  # with model.moe.bias_update_rate: state, not a parameter of the loss
 }
 MOE = {"n_experts": 4, "top_k": 2, "n_shared_experts": 1}
+BIASED_MOE = {**MOE, "bias_update_rate": 0.001, "moe_every": 2}
 
 
 def config(width, name="mup", depth=2, moe=None, **extra):
@@ -32,7 +34,7 @@ def config(width, name="mup", depth=2, moe=None, **extra):
     })
 
 
-@pytest.mark.parametrize("moe", [None, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("moe", [None, MOE, BIASED_MOE], ids=["dense", "moe", "interleaved-biased-moe"])
 @pytest.mark.parametrize("name", ["sp", "mup", "ntk"])
 def test_every_parameter_has_exactly_one_role_from_its_axes(name, moe):
     spec = ts.model_spec(config(128, name, moe=moe))
@@ -40,8 +42,9 @@ def test_every_parameter_has_exactly_one_role_from_its_axes(name, moe):
     assert sorted(paths) == sorted(spec.table.rules)  # full coverage, no extras, no duplicates
     for path, rule in spec.table.rules.items():
         assert rule.role == EXPECTED_ROLES[path.split(".")[-1]], path
-    # a dense model has no router; a MoE model has every role
-    assert {r.role for r in spec.table.rules.values()} == set(parametrization.ROLES) - (set() if moe else {"router"})
+    # a dense model has no router; a MoE model has every role, the untrained one with a balance bias
+    absent = {"router", "untrained"} if moe is None else set() if moe.get("bias_update_rate") else {"untrained"}
+    assert {r.role for r in spec.table.rules.values()} == set(parametrization.ROLES) - absent
 
 
 def test_roles_come_from_axes_not_names():

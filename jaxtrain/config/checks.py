@@ -1,6 +1,7 @@
 """Rules across config sections, checked once every section validated on its own
 (`files.from_dict` calls `check_cross_sections`): phases start at increasing steps, the
-exponential decay has a floor to decay towards, the warmup ends before the run does.
+exponential decay has a floor to decay towards, the warmup ends before the run does, the
+blocks split into whole groups of model.moe.moe_every.
 
 Each problem is a `ConfigError` naming the dotted key. `phase_start_steps` is also the
 mixture's (jaxtrain/data/mixture.py): where each phase of data.phases begins.
@@ -19,6 +20,10 @@ def phase_start_steps(cfg: Config) -> list[int]:
 
 
 def check_cross_sections(cfg: Config) -> None:
+    moe, n_layers = cfg.model.moe, cfg.model.n_layers
+    if moe.enabled and n_layers % moe.moe_every:
+        raise ConfigError("model.moe.moe_every", f"moe_every={moe.moe_every} must divide model.n_layers={n_layers} "
+                                                 f"(the blocks repeat in groups of moe_every - 1 dense, then one MoE)")
     starts = phase_start_steps(cfg)
     if starts != sorted(set(starts)):
         raise ConfigError("data.phases", f"phases must start at increasing steps (got {starts})")

@@ -1,4 +1,4 @@
-"""The `model.moe` section: a mixture-of-experts MLP in every block (jaxtrain/model/moe.py).
+"""The `model.moe` section: mixture-of-experts MLPs (jaxtrain/model/moe.py).
 
     model:
       moe:
@@ -9,10 +9,14 @@
         renormalize: true     # top-k gates renormalised to sum to 1 (false: OLMoE)
         aux_loss: 0.01        # Switch load-balancing loss coefficient
         router_z_loss: 0.001  # ST-MoE router z-loss coefficient
+        moe_every: 1          # block i is MoE iff (i + 1) % moe_every == 0; the others dense
+        bias_update_rate: 0.0 # auxiliary-loss-free balancing bias step u (0: off; DeepSeek-V3 0.001)
 
-With n_experts > 0 EVERY block's MLP is a mixture of experts (no dense/MoE interleaving
-yet). The section is part of the model's identity: a checkpoint resumes only under the
-same values (jaxtrain/config/resume.py compares `model.moe` as one key).
+With n_experts > 0 block i (0-based) has a mixture of experts iff (i + 1) % moe_every == 0
+(Hugging Face Qwen3-MoE's `decoder_sparse_step`): 1, every block; 2, blocks 1, 3, 5, ...,
+the others keeping the dense SwiGLU of width model.d_ff. model.n_layers must be a multiple
+of moe_every (config/checks.py). The section is part of the model's identity: a checkpoint
+resumes only under the same values (jaxtrain/config/resume.py compares it key by key).
 
 The keys are validated like the rest of the schema (jaxtrain/config/schema.py): a bad value
 is one line naming `model.moe.<key>`.
@@ -38,6 +42,11 @@ class MoEConfig(BaseModel):
     renormalize: bool = True
     aux_loss: float = Field(0.01, ge=0)  # Switch load-balancing loss coefficient
     router_z_loss: float = Field(0.001, ge=0)  # ST-MoE router z-loss coefficient
+    # Block i is a MoE block iff (i + 1) % moe_every == 0 (Qwen3-MoE's decoder_sparse_step).
+    moe_every: int = Field(1, ge=1)
+    # Auxiliary-loss-free load balancing (DeepSeek-V3): after every step each expert's
+    # selection bias moves by bias_update_rate towards balance (model/moe.py); 0 = no bias.
+    bias_update_rate: float = Field(0.0, ge=0)
 
     @field_validator("top_k")
     @classmethod
@@ -54,9 +63,31 @@ class MoEConfig(BaseModel):
             raise ValueError(f"n_shared_experts={shared} needs routed experts: set model.moe.n_experts > 0")
         return shared
 
+    @field_validator("moe_every", "bias_update_rate")
+    @classmethod
+    def _needs_routed(cls, value: float, info: ValidationInfo) -> float:
+        off = {"moe_every": 1, "bias_update_rate": 0.0}[info.field_name]
+        if value != off and info.data.get("n_experts") == 0:
+            raise ValueError(f"{info.field_name}={value} needs routed experts: set model.moe.n_experts > 0")
+        return value
+
     @property
     def enabled(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def group_size(self) -> int:
+        """Blocks per repeating group: moe_every - 1 dense blocks, then one MoE block (1 for
+        a dense model: every block is alike)."""
+        return self.moe_every if self.enabled else 1
+
+    def is_moe_block(self, index: int) -> bool:
+        """Whether block `index` (0-based) has a mixture of experts: (index + 1) % moe_every == 0."""
+        return self.enabled and (index + 1) % self.moe_every == 0
+
+    def moe_blocks(self, n_layers: int) -> tuple[int, ...]:
+        """The indices of the MoE blocks among n_layers (what their sown statistics are, in order)."""
+        return tuple(index for index in range(n_layers) if self.is_moe_block(index))
 
     def expert_width(self, dense_ff: int) -> int:
         """Each expert's SwiGLU width: expert_d_ff, else the dense MLP's (`ModelConfig.ff_dim`)."""

@@ -28,12 +28,28 @@ def identity_difference(new: dict[str, Any], old: dict[str, Any],
                         sections: tuple[str, ...] = tuple(IDENTITY_SECTIONS)) -> tuple[str, Any, Any] | None:
     """(dotted key, old value, new value) of the first identity key on which two configs in
     `to_dict()` form differ, or None. A key the old config lacks (written before the key
-    existed) had the key's default value."""
+    existed) had the key's default value; a nested section (model.moe) is compared key by
+    key the same way, so a key added to it later does not refuse the runs saved before."""
     for section in sections:
         schema = IDENTITY_SECTIONS[section]
         defaults = schema().model_dump(mode="json")
-        for key, value in new[section].items():
-            old_value = old.get(section, {}).get(key, defaults.get(key, value))
-            if key not in schema.RESUMABLE and old_value != value:
-                return f"{section}.{key}", old_value, value
+        found = _first_difference(section, new[section], old.get(section, {}), defaults, schema.RESUMABLE)
+        if found:
+            return found
+    return None
+
+
+def _first_difference(prefix: str, new: dict[str, Any], old: dict[str, Any], defaults: dict[str, Any],
+                      resumable: frozenset[str] = frozenset()) -> tuple[str, Any, Any] | None:
+    for key, value in new.items():
+        default = defaults.get(key, value)
+        old_value = old.get(key, default)
+        if key in resumable:
+            continue
+        if isinstance(value, dict) and isinstance(old_value, dict) and isinstance(default, dict):
+            found = _first_difference(f"{prefix}.{key}", value, old_value, default)
+            if found:
+                return found
+        elif old_value != value:
+            return f"{prefix}.{key}", old_value, value
     return None

@@ -1,11 +1,13 @@
 """Mixture-of-experts MLP: a router picks top_k of n_experts SwiGLU experts per token, and
 every token is computed (dropless: no capacity factor, no token dropped).
 
-With model.moe.n_experts > 0 it replaces the SwiGLU of EVERY block (transformer.Block),
-inside the one stacked-layer scan. For a token x (d), router W_r (d x E), experts
-E_e(x) = down_e(silu(x G_e) * (x U_e)):
+With model.moe.n_experts > 0 it replaces the SwiGLU of the MoE blocks (every block, or
+one in model.moe.moe_every: model/block_stack.py), inside the one stacked-layer scan. For
+a token x (d), router W_r (d x E), experts E_e(x) = down_e(silu(x G_e) * (x U_e)):
 
-    z = x W_r  (float32)          p = softmax(z)          (g, e) = top_k(p)
+    z = x W_r  (float32)          p = softmax(z)
+    e = top_k(p + b)              the chosen experts; b = 0 unless balanced by a bias (below)
+    g = p_e                       their gates, from the UNBIASED probabilities
     g <- g / sum(g)               if renormalize (Mixtral, Jiang et al. 2024; Qwen3-MoE's
                                   norm_topk_prob); else the raw probabilities (OLMoE,
                                   Muennighoff et al. 2024)
@@ -36,6 +38,22 @@ the same at another (the depth-transfer rule of the parametrization). Only P car
 gradient (f counts argmax choices). Every token of the batch is routed and counted,
 including targets the loss masks under packing.
 
+Auxiliary-loss-free load balancing (DeepSeek-AI 2024, "DeepSeek-V3", Sec. 2.1.2; Wang et
+al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts", Alg. 1),
+with model.moe.bias_update_rate = u > 0: each MoE block keeps a bias b (E,), added to the
+router probabilities for the top-k choice only (the gates stay the unbiased p, and no
+gradient reaches b). After every optimizer step (step.train_step, `update_balance_bias`):
+
+    b_i <- b_i + u * sign(mean_j load_j - load_i)
+
+load_i the fraction of that step's assignments of the block routed to expert i (the
+whole step's, over every microbatch): an overloaded expert's bias falls, an underloaded
+one's rises, so the choice drifts towards balance without a loss term that would pull on
+the router's gradient. b is model state, not a parameter (`BALANCE_BIAS`, an `Untrained`
+variable: no optimizer, no decay; replicated on every device; checkpointed with the
+params). Its unit is the probability's: DeepSeek-V3's u = 0.001 was for sigmoid scores in
+(0, 1); a softmax over E experts puts p near 1/E, so u is a step relative to 1/E.
+
 Sharding: the experts axis (`experts`) is replicated on every mesh axis (expert
 parallelism is a later step). Each device dispatches its own tokens (`dropless_on_devices`,
 shard_map over the batch axes) through the expert weights cast to the compute dtype and
@@ -55,7 +73,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtrain.config.moe import MoEConfig
 from jaxtrain.config.schema import ModelConfig
 from jaxtrain.model import fsdp
-from jaxtrain.model.parametrization import EXPERTS_AXIS, unit_matrix
+from jaxtrain.model.parametrization import EXPERTS_AXIS, Untrained, unit_matrix
 from jaxtrain.model.sharding import COMPUTE_RULES, STORAGE_RULES, constrain, keep_stored, logical_to_spec
 
 # What each MoE layer can sow (stacked over layers by the scan): per expert, the fraction of
@@ -67,6 +85,7 @@ _IN = (EXPERTS_AXIS, "embed", "mlp")  # gate and up projections, [E, d, f]
 _OUT = (EXPERTS_AXIS, "mlp", "embed")  # down projection, [E, f, d]
 _ROUTER = ("embed", EXPERTS_AXIS)
 _EXPERT_AXES = (_IN, _IN, _OUT)  # gate, up, down
+BALANCE_BIAS = "balance_bias"  # the name of b (E,) in a MoE module, with bias_update_rate > 0
 
 
 class Routing(NamedTuple):
@@ -77,10 +96,13 @@ class Routing(NamedTuple):
     counts: jax.Array  # (E,) int32, assignments per expert
 
 
-def route(logits: jax.Array, top_k: int, renormalize: bool) -> Routing:
-    """Softmax over experts, the top_k of them per token, their gates (renormalised or not)."""
+def route(logits: jax.Array, top_k: int, renormalize: bool, bias: jax.Array | None = None) -> Routing:
+    """Softmax over experts, the top_k of them per token by probability (+ `bias` (E,), if
+    given: the choice only), their gates: the unbiased probabilities (renormalised or not)."""
     probs = jax.nn.softmax(logits, axis=-1)
-    gates, experts = jax.lax.top_k(probs, top_k)
+    scores = probs if bias is None else probs + jax.lax.stop_gradient(bias)
+    experts = jax.lax.top_k(scores, top_k)[1]
+    gates = jnp.take_along_axis(probs, experts, axis=-1)
     if renormalize:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     counts = jnp.bincount(experts.reshape(-1), length=logits.shape[-1]).astype(jnp.int32)
@@ -154,6 +176,9 @@ class MoE(nnx.Module):
         d, e, f = cfg.d_model, moe.n_experts, moe.expert_width(cfg.ff_dim)
         self.top_k, self.renormalize = moe.top_k, moe.renormalize
         self.router = unit_matrix(rngs, (d, e), _ROUTER, 1)
+        # replicated (no logical axis to shard): every device chooses among every expert
+        bias = Untrained(jnp.zeros((e,), jnp.float32), out_sharding=(None,), eager_sharding=False)
+        self.balance_bias = bias if moe.bias_update_rate > 0 else None  # its path's last key: BALANCE_BIAS
         self.w_gate = unit_matrix(rngs, (e, d, f), _IN, 1)
         self.w_up = unit_matrix(rngs, (e, d, f), _IN, 1)
         self.w_down = unit_matrix(rngs, (e, f, d), _OUT, 1)
@@ -175,7 +200,8 @@ class MoE(nnx.Module):
     def route(self, tokens: jax.Array) -> Routing:
         """The router on tokens (N, d): logits in float32 (weight and tokens cast to it)."""
         logits = fsdp.project("nd,de->ne", tokens.astype(jnp.float32), [self.router[...]], [_ROUTER], _ROUTER)
-        return route(constrain(logits, ("batch", None)), self.top_k, self.renormalize)
+        bias = None if self.balance_bias is None else self.balance_bias[...]
+        return route(constrain(logits, ("batch", None)), self.top_k, self.renormalize, bias)
 
     def _sow_statistics(self, sow: Collection[str], routing: Routing) -> None:
         statistics = {
@@ -200,3 +226,10 @@ def router_losses(sown: dict[str, jax.Array], moe: MoEConfig) -> tuple[jax.Array
                "moe/router_entropy": jnp.mean(sown["router_entropy"]),
                "moe/load_max": jnp.max(load), "moe/load_min": jnp.min(load)}
     return aux + z_loss, metrics
+
+
+def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """b_i <- b_i + rate * sign(mean_j load_j - load_i) for each MoE block (rows of `bias`
+    and `load`, (blocks, E); load: fractions or counts of the step's assignments), the
+    auxiliary-loss-free balancing rule of the module docstring (DeepSeek-V3 Sec. 2.1.2)."""
+    return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)

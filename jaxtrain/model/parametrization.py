@@ -18,6 +18,11 @@ it, alike: neither width nor fan-in, so an expert matrix's rule is that of one e
     router     grow          fixed experts  MoE router (embed, experts)
     vector     one axis, no fan-in           RMSNorm gains
 
+One more role comes from the variable's type, not its axes: `untrained`, model state that
+no gradient trains (an `Untrained` variable: the MoE balance bias of model/moe.py, which
+the train step moves by its own rule). It is created at its value (init std 1, multiplier
+1) and the optimizer leaves it alone (LR 0, no decay, no moments: `update: none`).
+
 With m = d_model/d0 and r = n_layers/L0 (Yang et al. 2021, "Tensor Programs V", Table 3
 in its multiplier form; Dey et al. 2025, "Don't be lazy: CompleteP", Table 1):
 
@@ -46,7 +51,8 @@ m = d_model/d0 like every hidden matrix); n_experts and top_k are like n_layers 
 depth scaling: no rule changes with them (the load balance, not the width, sets how many
 tokens each expert sees).
 
-lv = lambda if `decay_vector_like` else 0. Depth (a = depth_alpha > 0, any name): every
+lv = lambda if `decay_vector_like` else 0. Depth (a = depth_alpha > 0, any name; r counts
+the model's blocks, n_layers, whichever stack holds them: model/block_stack.py): every
 residual branch is multiplied by r^-a; hidden Adam LR by r^(a-1) and eps by r^-a
 (a = 1 keeps the LR unchanged: CompleteP). Attention logits are scaled 1/sqrt(d_head), or
 sqrt(d_head0)/d_head (muP's 1/d_head anchored at the base width). At m = r = 1 every
@@ -73,12 +79,18 @@ from flax import nnx
 
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import Config
+from jaxtrain.model import block_stack
 
 VOCAB_AXIS = "vocab"  # a logical axis that does not grow with width
 EXPERTS_AXIS = "experts"  # the other one: a mixture of experts' experts (jaxtrain/model/moe.py)
 FIXED_AXES = (VOCAB_AXIS, EXPERTS_AXIS)
 LAYERS_AXIS = "layers"  # the leading axis of the stacked blocks' weights
-ROLES = ("embedding", "hidden", "readout", "router", "vector")
+ROLES = ("embedding", "hidden", "readout", "router", "vector", "untrained")
+
+
+class Untrained(nnx.Variable):
+    """Model state that is not a parameter of the loss: stored, sharded and checkpointed
+    with the params, given the table's `untrained` role (no optimizer, no decay)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,19 +107,21 @@ class ParamRule:
     weight_decay: float  # multiplies optimizer.weight_decay
     layers: int = 0  # size of the leading `layers` axis of a stacked weight, 0 if not stacked
     experts: int = 0  # size of the `experts` axis after it (a MoE expert matrix), 0 if none
-    update: str = "adam"  # the update rule the optax chain gives it: adam or muon
+    update: str = "adam"  # the update rule the optax chain gives it: adam, muon, or none (untrained)
     muon_scale: float = 0.0  # Muon: multiplies the orthogonalized update (0 under Adam)
 
-    def per_layer_paths(self, path: str) -> list[str]:
+    def per_layer_paths(self, path: str, block_ids: tuple[int, ...] | None = None) -> list[str]:
         """`blocks.attn.wq` -> blocks.0.attn.wq, blocks.1.attn.wq, ... (a stacked weight's
-        layers, named as per-layer statistics are reported); an expert matrix's
-        `blocks.mlp.w_up` -> blocks.0.mlp.w_up.0, blocks.0.mlp.w_up.1, ... (layer-major, one
-        per expert: the order of `value.reshape(-1, *shape)`); other paths unchanged."""
+        layers, named as per-layer statistics are reported: by `block_ids`, the model
+        index of each stack entry, if given; `Table.per_layer_paths` gives them); an expert
+        matrix's `blocks.mlp.w_up` -> blocks.0.mlp.w_up.0, blocks.0.mlp.w_up.1, ...
+        (layer-major, one per expert: the order of `value.reshape(-1, *shape)`); other
+        paths unchanged."""
         experts = [f".{e}" for e in range(self.experts)] if self.experts else [""]
         if not self.layers:
             return [f"{path}{e}" for e in experts]
         head, _, rest = path.partition(".")
-        return [f"{head}.{i}.{rest}{e}" for i in range(self.layers) for e in experts]
+        return [f"{head}.{i}.{rest}{e}" for i in (block_ids or range(self.layers)) for e in experts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +139,9 @@ class Table:
     depth_mult: float
     forward: ForwardScales
     rules: dict[str, ParamRule]  # by dotted parameter path
+    # stack name (model/block_stack.py: blocks, dense_blocks) -> the model index of each
+    # of its layers; empty: a stack's layers are the model's blocks 0, 1, ...
+    block_ids: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "width_mult": self.width_mult, "depth_mult": self.depth_mult,
@@ -138,6 +155,11 @@ class Table:
 
     def per_leaf(self, params: Any, field: str) -> Any:
         return _map_paths(params, lambda path: getattr(self.rules[path], field))
+
+    def per_layer_paths(self, path: str) -> list[str]:
+        """`ParamRule.per_layer_paths` with each layer named by its block's index in the
+        model (dense_blocks.0, blocks.1, dense_blocks.2, ... when model.moe.moe_every = 2)."""
+        return self.rules[path].per_layer_paths(path, self.block_ids.get(path.partition(".")[0]))
 
 
 def _map_paths(tree: Any, fn) -> Any:
@@ -205,6 +227,8 @@ def _rule(cfg: Config, role: str, shape: tuple[int, ...], fan_in_dims: int) -> P
         return ParamRule(role, shape, fan_in_dims, std, mult, lr, eps * depth_eps, decay)
     if role == "router":
         return _router_rule(cfg, shape, fan_in_dims)
+    if role == "untrained":
+        return ParamRule(role, shape, fan_in_dims, 1.0, 1.0, 0.0, 1.0, 0.0, update="none")
     # readout
     if ntk:
         std, mult = p.init_std, p.output_multiplier / math.sqrt(fan_in)
@@ -297,13 +321,14 @@ def build_table(cfg: Config, abstract_state: nnx.State) -> Table:
         experts = shape[0] if len(axes) > 1 and axes[0] == EXPERTS_AXIS else 0
         if experts:
             axes, shape = axes[1:], shape[1:]
-        rule = _rule(cfg, classify(axes, fan_in_dims), shape, fan_in_dims)
+        role = "untrained" if isinstance(variable, Untrained) else classify(axes, fan_in_dims)
+        rule = _rule(cfg, role, shape, fan_in_dims)
         if cfg.optimizer.name == "muon":
             rule = _muon_rule(cfg, rule)
         rules[".".join(str(k) for k in key_path)] = dataclasses.replace(rule, layers=layers, experts=experts)
     d0, l0 = base_shape(cfg)
     return Table(cfg.parametrization.name, cfg.model.d_model / d0, cfg.model.n_layers / l0,
-                 forward_scales(cfg), rules)
+                 forward_scales(cfg), rules, block_stack.block_ids(cfg.model))
 
 
 def scale_init(table: Table, unit_params: Any) -> Any:

@@ -9,16 +9,18 @@ token embedding -> n_layers x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> 
   (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities").
 * SwiGLU MLP (Shazeer 2020): down(silu(x W_gate) * (x W_up)).
 * Untied LM head; logits are returned in float32 whatever the compute dtype.
-* The blocks are STORED stacked: one `Block` module created under `nnx.vmap`, so each
-  of its weights has a leading `layers` axis (in the params, the optimizer state and the
-  checkpoints). The forward pass is one `lax.scan` over that axis, so XLA compiles one
-  block whatever the depth; `model.scan_layers: false` unrolls the same scan (one code
-  path, same storage). `model.remat` wraps the scanned block in `jax.checkpoint`.
-  `Transformer.layer(i)` is layer i as an ordinary `Block` (incremental decoding).
+* The blocks are STORED stacked: one `Block` module per kind created under `nnx.vmap`,
+  so each of its weights has a leading `layers` axis (in the params, the optimizer state
+  and the checkpoints): `blocks`, and with model.moe.moe_every > 1 the dense blocks
+  between the MoE ones, `dense_blocks` (model/block_stack.py). The forward pass is one
+  `lax.scan` over the groups of moe_every blocks (over the blocks when 1), so XLA
+  compiles one group whatever the depth; `model.scan_layers: false` unrolls the same scan
+  (one code path, same storage). `model.remat` wraps each block in `jax.checkpoint`.
+  `Transformer.layer(i)` is block i as an ordinary `Block` (incremental decoding).
 * `Transformer.__call__` is the only forward pass (telemetry, coord-check and inspection read
   what it sows, `nnx.Intermediate`, asked by name, via `forward_sown`): embedding_rms; attn_rms,
   mlp_rms (L,) of the branches; max_attn_logit (L,); attention_weights (L, B, N, T, T); log_z (B, T);
-  with experts, the router statistics of model/moe.py (MOE_SOWABLE, (L, ...)).
+  with experts, the router statistics of model/moe.py (MOE_SOWABLE, one row per MoE block).
 * Execution options (`model.dtype/attention/remat/scan_layers`) change how the step is
   computed, never the parameter tree; the model reads `dtype` and `attention` already
   resolved for the target devices (model/execution.py). The attention kernels (XLA, cuDNN,
@@ -54,7 +56,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import ModelConfig
-from jaxtrain.model import attention
+from jaxtrain.model import attention, block_stack
 from jaxtrain.model.execution import compute_dtype_name
 from jaxtrain.model.moe import MOE_SOWABLE, MoE
 from jaxtrain.model.parametrization import ForwardScales, unit_matrix
@@ -247,14 +249,14 @@ class SwiGLU(nnx.Module):
 
 class Block(nnx.Module):
     """x + residual * Attn(RMSNorm(x)), then x + residual * MLP(RMSNorm(x)): the MLP a
-    SwiGLU, or with model.moe.n_experts > 0 a mixture of SwiGLU experts (model/moe.py)."""
+    SwiGLU, or with `moe` a mixture of SwiGLU experts (model/moe.py)."""
 
-    def __init__(self, cfg: ModelConfig, scales: ForwardScales, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, scales: ForwardScales, rngs: nnx.Rngs, moe: bool):
         self.dropout_rate, self.residual = cfg.dropout, scales.residual
         self.attn_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
         self.attn = Attention(cfg, scales.attn_scale, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
-        self.mlp = _mlp(cfg, rngs)
+        self.mlp = _mlp(cfg, rngs) if moe else SwiGLU(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, key: jax.Array | None, cache: KVCache | None = None,
                  segment_ids: jax.Array | None = None,
@@ -270,10 +272,8 @@ class Block(nnx.Module):
         return constrain(x + self.residual * branch, ACTIVATION), cache
 
 
-def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> SwiGLU | MoE:
+def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> MoE:
     moe = cfg.moe
-    if not moe.enabled:
-        return SwiGLU(cfg, rngs)
     width = moe.expert_width(cfg.ff_dim)
     shared = SwiGLU(cfg, rngs, moe.n_shared_experts * width) if moe.n_shared_experts else None
     return MoE(cfg, rngs, shared)
@@ -283,12 +283,11 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, scales: ForwardScales):
         self.cfg = cfg
         self.embed = unit_matrix(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1)
-
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_blocks(layer_rngs: nnx.Rngs) -> Block:
-            return Block(cfg, scales, layer_rngs)
-
-        self.blocks = stacked_blocks(rngs.split(cfg.n_layers))
+        sizes = block_stack.stack_sizes(cfg)  # the attribute names are block_stack.MAIN and DENSE
+        self.blocks = block_stack.stacked(lambda r: Block(cfg, scales, r, cfg.moe.enabled), sizes[block_stack.MAIN],
+                                          rngs)
+        self.dense_blocks = None if block_stack.DENSE not in sizes else block_stack.stacked(
+            lambda r: Block(cfg, scales, r, False), sizes[block_stack.DENSE], rngs)
         self.final_norm = RMSNorm(cfg.d_model, "embed", cfg.norm_eps)
         self.lm_head = unit_matrix(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1)
 
@@ -317,9 +316,10 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "sequence", "vocab"))
 
     def layer(self, index: int) -> Block:
-        """Layer `index` of the stack as an ordinary Block (its weights sliced out)."""
-        graphdef, stacked = nnx.split(self.blocks)
-        return nnx.merge(graphdef, jax.tree.map(lambda w: w[index], stacked))
+        """Block `index` of the model as an ordinary Block (its weights sliced out of its stack)."""
+        stack, entry = block_stack.locate(self.cfg, index)
+        graphdef, stacked = nnx.split(getattr(self, stack))
+        return nnx.merge(graphdef, jax.tree.map(lambda w: w[entry], stacked))
 
     def empty_caches(self, batch: int, max_len: int) -> list[KVCache]:
         return [KVCache.empty(self.cfg, batch, max_len, compute_dtype(self.cfg)) for _ in range(self.cfg.n_layers)]
@@ -338,22 +338,19 @@ class Transformer(nnx.Module):
 
     def _scan_blocks(self, x: jax.Array, positions: jax.Array, dropout_key: jax.Array | None,
                      segment_ids: jax.Array | None, sow: Collection[str]) -> jax.Array:
-        """x through every layer: one `lax.scan` over the stacked weights (unrolled when
-        `scan_layers` is off), each layer rematerialised by `model.remat` (`_REMAT_POLICIES`);
-        what the layers sow leaves it stacked on a leading layers axis."""
-        graphdef, stacked = nnx.split(self.blocks)
+        """x through every block: one `lax.scan` over the groups of stacked weights
+        (model/block_stack.py; unrolled when `scan_layers` is off), each block
+        rematerialised by `model.remat` (`_REMAT_POLICIES`); what the blocks sow leaves it
+        stacked on a leading layers axis, in model order."""
 
-        def one_layer(x: jax.Array, layer: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
-            weights, index = layer
-            block = nnx.merge(graphdef, weights)
+        def run_block(block: Block, x: jax.Array, index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             (x, _), found = nnx.capture(block, nnx.Intermediate)(x, positions, key, segment_ids=segment_ids,
                                                                         sow=sow)
             return x, {path[-1]: variable.get_value() for path, variable in nnx.to_flat_state(found)}
 
-        one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        x, per_layer = jax.lax.scan(one_layer, x, (stacked, jnp.arange(self.cfg.n_layers)),
-                                    unroll=1 if self.cfg.scan_layers else self.cfg.n_layers)
+        x, per_layer = block_stack.scan_groups(self.blocks, self.dense_blocks, self.cfg.moe.group_size, x, run_block,
+                                               _REMAT_POLICIES[self.cfg.remat], not self.cfg.scan_layers)
         for name, values in per_layer.items():
             _sow(self, sow, name, lambda values=values: values)
         return x

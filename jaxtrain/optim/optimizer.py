@@ -11,7 +11,8 @@ Decoupled weight decay (Loshchilov & Hutter 2019), lambda_R = lambda * decay_R f
   independent  lambda'_R = lambda_R / (lr_R * eta), so the decay term is
                -(lr(t) / eta) * lambda_R * theta: a per-step rate that only follows the
                schedule's shape, not eta or the muP LR multiplier (Wortsman et al. 2023).
-Init and optimizer read the same table, so they cannot drift apart.
+Init and optimizer read the same table, so they cannot drift apart. The `untrained` role
+(model state such as the MoE balance bias, `update: none`) gets a zero update and no state.
 
 `optimizer.name: muon`: the table marks the hidden matrices `update: muon`, and their
 scale_by_adam is replaced by Muon's orthogonalized momentum times the table's muon_scale
@@ -47,6 +48,8 @@ def _direction(cfg: OptimizerConfig, table: Table, rule: ParamRule) -> optax.Gra
 
 
 def _role_transform(cfg: OptimizerConfig, table: Table, rule: ParamRule) -> optax.GradientTransformation:
+    if rule.update == "none":  # the untrained role: no update, no state
+        return optax.set_to_zero()
     lr = rule.lr
     if rule.update == "adam" and cfg.adam_lr is not None:
         lr *= cfg.adam_lr / cfg.lr

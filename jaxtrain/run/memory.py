@@ -7,11 +7,11 @@ sum over parameters of size / product of the mesh axes sharding it; P_adam and P
 it by the table's update rule: Adam keeps two moments, Muon one momentum):
 
     params 4P + optimizer state 8P_adam + 4P_muon + gradients 4P       (all float32)
-  + saved activations   L * t * s(remat)                      (what the layer scan keeps)
+  + saved activations   sum over blocks t * s(remat)          (what the layer scan keeps)
   + the larger of       logits   t * V/tp * 4                  (float32, at the loss; the
                                                                softmax and its gradient fuse
                                                                into that buffer)
-                        recompute t * s(none)                  (one block's residuals rebuilt
+                        recompute t * max s(none)              (one block's residuals rebuilt
                                                                in the backward pass, if remat
                                                                is not none)
 
@@ -26,7 +26,8 @@ on top of them had read 0.44-0.68).
 t = tokens per device per microbatch = batch * seq_len / (data * fsdp * microbatches),
 tp = the tensor axis, b = compute-dtype bytes. s(remat) is the bytes one block saves for
 the backward pass per token, read off `jax.ad_checkpoint` residuals of this model (d =
-d_model, f = d_ff, H = heads, T = seq_len):
+d_model, f = the block's MLP width per token: d_ff, or in a MoE block the widths of the
+top_k routed experts and the shared expert; H = heads, T = seq_len):
 
     none            11 d * 4 + (6 f/tp (+ 4 H T/tp with XLA attention, which keeps the T x T
                     scores and probabilities; cuDNN and splash flash attention keep neither.
@@ -72,10 +73,10 @@ def flash_attention(cfg: Config, backend: str) -> bool:
     return execution.kernel(cfg, backend) != "xla"
 
 
-def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
-    """s(remat): bytes one block keeps for the backward pass, per token."""
+def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str, f: int) -> float:
+    """s(remat): bytes a block keeps for the backward pass, per token; `f`: its MLP's width
+    per token (`mlp_widths`)."""
     d, heads, seq = cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len
-    f = cfg.model.moe.active_width(cfg.model.ff_dim)  # a MoE token's top_k + shared expert widths
     b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
     if remat == "none":
         scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor
@@ -85,7 +86,19 @@ def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str) ->
     return 2 * d * b
 
 
-MOMENTS = {"adam": 2, "muon": 1}  # float32 optimizer-state arrays per parameter, by update rule
+def mlp_widths(cfg: Config) -> dict[int, int]:
+    """f -> how many blocks have an MLP f wide per token: d_ff for a dense block; top_k
+    routed and the shared experts' widths for a MoE block (every block, or one in moe_every)."""
+    model = cfg.model
+    moe_blocks = len(model.moe.moe_blocks(model.n_layers))
+    widths = {model.ff_dim: model.n_layers - moe_blocks}
+    if moe_blocks:
+        moe_width = model.moe.active_width(model.ff_dim)
+        widths[moe_width] = widths.get(moe_width, 0) + moe_blocks
+    return {f: blocks for f, blocks in widths.items() if blocks}
+
+
+MOMENTS = {"adam": 2, "muon": 1, "none": 0}  # float32 optimizer-state arrays per parameter, by update rule
 
 
 def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
@@ -97,10 +110,12 @@ def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
     tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
     per_token = functools.partial(block_bytes_per_token, cfg, tensor=tensor, backend=backend)
     logits = tokens * model.vocab_size / tensor * 4
-    recompute = 0.0 if model.remat == "none" else tokens * per_token("none")
+    widths = mlp_widths(cfg)
+    recompute = 0.0 if model.remat == "none" else max(tokens * per_token("none", f=f) for f in widths)
     optimizer = 8.0 * params_per_device if optimizer_bytes is None else optimizer_bytes
+    saved = sum(blocks * tokens * per_token(model.remat, f=f) for f, blocks in widths.items())
     parts = {"params": 4.0 * params_per_device, "optimizer": optimizer,
-             "gradients": 4.0 * params_per_device, "activations": model.n_layers * tokens * per_token(model.remat),
+             "gradients": 4.0 * params_per_device, "activations": saved,
              "logits or recompute": max(logits, recompute)}
     return {**parts, "total": sum(parts.values())}
 

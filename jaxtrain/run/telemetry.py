@@ -15,9 +15,13 @@ params before the update, no dropout), with the document mask when `data.packing
   log_z_mean, log_z_std    statistics of log Z = logsumexp(output logits) over all
                            positions; output-logit divergence (log Z drifting from 0) is
                            what z-loss prevents
-  moe/load/<layer>/<e>     with model.moe: the fraction of layer's token-to-expert
-                           assignments routed to expert e (every step's moe/* metrics,
-                           model/moe.py, summarise them over layers)
+  moe/load/<layer>/<e>     with model.moe: the fraction of MoE block <layer>'s (its index
+                           in the model) token-to-expert assignments routed to expert e
+                           (every step's moe/* metrics, model/moe.py, summarise them
+                           over layers)
+  moe/bias/<layer>/<e>     with model.moe.bias_update_rate > 0: expert e's balance bias in
+                           that block, the one this step's routing added (moe/bias_abs_max,
+                           every step, is the largest |b| over blocks and experts)
   grad_norm/<role>         ||g_R|| over the parameters of each role (the global norm is
                            `grad_norm`)
   update_rms/<role>        RMS(theta_after - theta_before) over the role: the step's size
@@ -78,6 +82,7 @@ NORM_FLOOR = 1e-30
 # per step, so a resumed run reports the same values as an uninterrupted one.
 SHARPNESS_SEED = 0
 FORWARD_TELEMETRY = ("max_attn_logit", "log_z")  # what the model is asked to sow
+NOT_MATRICES = ("vector", "untrained")  # the roles without singular values
 # sigma_max/<role>: power iterations per matrix at a telemetry step (the loop passes
 # diagnostics.power_iterations), and the width exponent of Fan et al.'s observed law.
 SIGMA_ITERATIONS = 20
@@ -101,13 +106,18 @@ def step_metrics(spec: ts.ModelSpec, sigma_scale: dict[str, float] | None = None
 
 def forward_telemetry(spec: ts.ModelSpec, params: Any, batch: Any) -> dict[str, jax.Array]:
     """Max attention logit per layer and log Z statistics of one no-dropout forward pass
-    over the batch's inputs, with its document mask when packed."""
+    over the batch's inputs, with its document mask when packed; with experts, the load
+    (and the balance bias) of each expert of each MoE block."""
     inputs, segment_ids = ts.model_inputs(batch)
     names = (*FORWARD_TELEMETRY, "router_load") if spec.model.moe.enabled else FORWARD_TELEMETRY
     _, sown = forward_sown(ts.bind_model(spec, params), inputs, names, segment_ids)
     out = {f"max_attn_logit/{i}": logit for i, logit in enumerate(sown["max_attn_logit"])}
-    for layer, loads in enumerate(sown.get("router_load", ())):
+    moe_blocks = spec.model.moe.moe_blocks(spec.model.n_layers)
+    for layer, loads in zip(moe_blocks, sown.get("router_load", ())):
         out.update({f"moe/load/{layer}/{expert}": load for expert, load in enumerate(loads)})
+    if spec.model.moe.bias_update_rate > 0:
+        for layer, biases in zip(moe_blocks, ts.balance_bias(params), strict=True):
+            out.update({f"moe/bias/{layer}/{expert}": bias for expert, bias in enumerate(biases)})
     out["log_z_mean"], out["log_z_std"] = jnp.mean(sown["log_z"]), jnp.std(sown["log_z"])
     return out
 
@@ -116,6 +126,8 @@ def _sums_by_role(tree: Any, labels: Any) -> dict[str, tuple[jax.Array, int]]:
     """role -> (sum of squares, number of entries) over the leaves of that role."""
     sums: dict[str, tuple[jax.Array, int]] = {}
     for leaf, role in zip(jax.tree.leaves(tree), jax.tree.leaves(labels), strict=True):
+        if role == "untrained":  # no gradient, no optimizer: the moe/bias/* telemetry shows it
+            continue
         total, count = sums.get(role, (jnp.float32(0), 0))
         sums[role] = (total + jnp.sum(jnp.square(leaf.astype(jnp.float32))), count + leaf.size)
     return sums
@@ -161,10 +173,10 @@ def singular_values(params: Any, table: parametrization.Table, iterations: int) 
     for key_path, value in jax.tree_util.tree_leaves_with_path(effective):
         path = parametrization.path_str(key_path)
         rule = table.rules[path]
-        if rule.role == "vector":
+        if rule.role in NOT_MATRICES:
             continue
         sigmas = _layer_sigmas(value, rule, iterations)
-        out.update({f"sv/{name}": sigma for name, sigma in zip(rule.per_layer_paths(path), sigmas, strict=True)})
+        out.update({f"sv/{name}": sigma for name, sigma in zip(table.per_layer_paths(path), sigmas, strict=True)})
     return out
 
 
@@ -175,7 +187,7 @@ def role_sigma_max(params: Any, table: parametrization.Table, iterations: int) -
     tops: dict[str, list[jax.Array]] = {}
     for key_path, value in jax.tree_util.tree_leaves_with_path(params):
         rule = table.rules[parametrization.path_str(key_path)]
-        if rule.role != "vector":
+        if rule.role not in NOT_MATRICES:
             tops.setdefault(rule.role, []).append(jnp.max(_layer_sigmas(value, rule, iterations)))
     return {f"sigma_max/{role}": jnp.max(jnp.stack(found)) for role, found in sorted(tops.items())}
 

@@ -161,8 +161,9 @@ def _count(n: float) -> str:
 
 
 def _one_row_per_layer_kind(params: list[dict]) -> dict[str, dict]:
-    """Parameters in model order, the stacked blocks' as blocks.*.NAME (one row for every layer)."""
-    return {re.sub(r"^blocks\.", "blocks.*.", q["path"]): q for q in params}
+    """Parameters in model order, the stacked blocks' as blocks.*.NAME or dense_blocks.*.NAME
+    (one row for every layer of the stack)."""
+    return {re.sub(r"^((?:dense_)?blocks)\.", r"\1.*.", q["path"]): q for q in params}
 
 
 def format_plan(p: dict[str, Any]) -> str:

@@ -9,8 +9,9 @@ step, forward and backward, per token, whatever the implementation actually exec
 
     N   parameters in matmuls: per layer q, k, v, o and the three SwiGLU matrices, plus the
         untied LM head (the embedding is a gather, not a matmul, so it is not counted);
-        with model.moe, the parameters ONE token uses (active): the router and the SwiGLU
-        matrices of its top_k experts and of the shared expert;
+        in a MoE block (model.moe: every block, or one in moe_every), the parameters ONE
+        token uses (active): the router and the SwiGLU matrices of its top_k experts and
+        of the shared expert; the other blocks count their dense SwiGLU (model.d_ff);
     6   2 FLOPs per multiply-add, times 3 for the forward and the two backward matmuls;
     12 L H d_head T   attention scores Q K^T and the weighted sum A V over all T keys
         (2 matmuls x 2 FLOPs x 3 passes), counted for the full T x T square as PaLM does,
@@ -29,8 +30,11 @@ def matmul_params(cfg: ModelConfig) -> int:
     """N: parameters that take part in a matmul (all but the embedding and norm gains)."""
     d, h = cfg.d_model, cfg.head_dim
     attention = d * cfg.n_heads * h * 2 + d * cfg.kv_heads * h * 2  # q, o and k, v
-    mlp = 3 * d * cfg.moe.active_width(cfg.ff_dim) + d * cfg.moe.n_experts  # n_experts 0: no router
-    return cfg.n_layers * (attention + mlp) + d * cfg.vocab_size
+    moe_blocks = len(cfg.moe.moe_blocks(cfg.n_layers))
+    moe_mlp = 3 * d * cfg.moe.active_width(cfg.ff_dim) + d * cfg.moe.n_experts  # with its router
+    dense_mlp = 3 * d * cfg.ff_dim
+    return cfg.n_layers * attention + moe_blocks * moe_mlp + (cfg.n_layers - moe_blocks) * dense_mlp + \
+        d * cfg.vocab_size
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -32,21 +32,22 @@ SV_ITERATIONS = 30  # power iterations per top singular value: a value to read, 
 
 
 def _layer(path: str) -> int | None:
-    match = re.match(r"blocks\.(\d+)\.", path)
+    match = re.match(r"(?:dense_)?blocks\.(\d+)\.", path)
     return int(match.group(1)) if match else None
 
 
 def parameter_stats(run: SavedRun) -> list[dict[str, Any]]:
-    """Per parameter, and per layer of a stacked one (path blocks.I.*): path, role, layer
-    (None outside the blocks), shape, RMS, and for matrices the top singular value of the
-    weight the forward pass uses, as a fan-in x fan-out matrix (`telemetry.singular_values`)."""
+    """Per parameter, and per layer of a stacked one (path blocks.I.* or dense_blocks.I.*, I
+    the block's index in the model): path, role, layer (None outside the blocks), shape,
+    RMS, and for matrices the top singular value of the weight the forward pass uses, as a
+    fan-in x fan-out matrix (`telemetry.singular_values`)."""
     flat = jax.tree_util.tree_flatten_with_path(run.params)[0]
     sigma = jax.jit(lambda params: telemetry.singular_values(params, run.spec.table, SV_ITERATIONS))(run.params)
     rows = []
     for key_path, stacked in flat:
         rule = run.spec.table.rules[path_str(key_path)]
         layers = stacked.reshape(-1, *rule.shape)  # each layer's (and each expert's) slice
-        for path, value in zip(rule.per_layer_paths(path_str(key_path)), layers, strict=True):
+        for path, value in zip(run.spec.table.per_layer_paths(path_str(key_path)), layers, strict=True):
             row = {"path": path, "role": rule.role, "layer": _layer(path), "shape": tuple(value.shape),
                    "rms": float(jnp.sqrt(jnp.mean(jnp.square(value)))), "init_std": rule.init_std,
                    "multiplier": rule.multiplier, "lr_multiplier": rule.lr, "wd_multiplier": rule.weight_decay}
