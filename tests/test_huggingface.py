@@ -179,6 +179,8 @@ def transformers_model(directory, family: str, seed: int = 0, **overrides):
                      max_position_embeddings=64, initializer_range=0.1), **overrides}
     if family == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **fields))
+    elif family == "qwen3_moe":  # tests/test_huggingface_moe.py
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(head_dim=16, **fields))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
     with torch.no_grad():  # norm gains away from 1, so a misplaced gain shows

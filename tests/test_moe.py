@@ -1,6 +1,7 @@
 """The mixture-of-experts MLP (jaxtrain/model/moe.py): the dropless layer against a dense
 reference, the router losses against their formulas, the parametrization rows, training,
-resume and decoding through the real paths, and the commands that refuse MoE."""
+resume and decoding through the real paths, and the Hugging Face (Qwen3-MoE) mapping of the
+section (the transformers round trips are tests/test_huggingface_moe.py)."""
 
 import dataclasses
 import itertools
@@ -23,9 +24,9 @@ from jaxtrain.optim.muon import orthogonalize_kernel
 D, FF = 32, 16
 
 
-def model_config(n_experts=4, top_k=2, shared=0, renormalize=True, bias_update_rate=0.0, **model):
+def model_config(n_experts=4, top_k=2, shared=0, renormalize=True, bias_update_rate=0.0, moe_every=1, **model):
     moe = {"n_experts": n_experts, "top_k": top_k, "expert_d_ff": FF, "n_shared_experts": shared,
-           "renormalize": renormalize, "bias_update_rate": bias_update_rate}
+           "renormalize": renormalize, "bias_update_rate": bias_update_rate, "moe_every": moe_every}
     return from_dict({"model": {"d_model": D, "n_layers": 2, "n_heads": 2, "vocab_size": 64, "moe": moe, **model},
                       "train": {"steps": 4, "batch_size": 2}, "data": {"seq_len": 16}})
 
@@ -263,12 +264,12 @@ def test_an_interrupted_moe_run_resumes_bitwise(moe_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_huggingface_export_refuses_a_moe_run(moe_run, tmp_path):
+def test_huggingface_export_refuses_a_moe_run_with_a_shared_expert(moe_run, tmp_path):
     from jaxtrain.tools.huggingface_export import export_run
 
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:  # Qwen3-MoE has no shared expert
         export_run(moe_run[1], tmp_path / "hf")
-    assert err.value.key == "model.moe.n_experts" and not (tmp_path / "hf").exists()
+    assert err.value.key == "model.moe.n_shared_experts" and not (tmp_path / "hf").exists()
 
 
 # --- on meshes -------------------------------------------------------------------------------
@@ -335,11 +336,21 @@ def test_a_moe_run_is_inspected_evaluated_and_sampled_from(moe_run, capsys):
     assert status == 0, err
 
 
-def test_huggingface_import_and_init_from_refuse_moe_before_reading_anything(tmp_path):
-    from jaxtrain.huggingface import importer
+def test_the_moe_section_as_a_qwen3_moe_config_and_back():
+    from pathlib import Path
 
-    cfg = model_config()
-    spec = ts.model_spec(cfg)
-    with pytest.raises(ConfigError) as err:
-        importer.check_source(cfg, spec.table, tmp_path / "no-such-model")
-    assert err.value.key == "model.moe.n_experts" and "init_from.huggingface" in str(err.value)
+    from jaxtrain.huggingface import architecture
+
+    cfg = model_config(renormalize=False, qk_norm=True)
+    config = architecture.hf_config(cfg.model, max_positions=16, eos_id=0, dtype="float32")
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert [config[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                                "decoder_sparse_step", "mlp_only_layers")] == [4, 2, FF, False, 1, []]
+    assert architecture.model_fields(config, Path("unused"))["moe"] == {
+        "n_experts": 4, "top_k": 2, "expert_d_ff": FF, "renormalize": False, "n_shared_experts": 0}
+    for settings, key in [({"shared": 1, "qk_norm": True}, "model.moe.n_shared_experts"), ({}, "model.qk_norm"),
+                          ({"bias_update_rate": 0.001, "qk_norm": True}, "model.moe.bias_update_rate"),
+                          ({"moe_every": 2, "qk_norm": True}, "model.moe.moe_every")]:
+        with pytest.raises(ConfigError) as err:
+            architecture.check_exportable(model_config(**settings).model, "jaxtrain export")
+        assert err.value.key == key

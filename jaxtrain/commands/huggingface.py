@@ -34,7 +34,7 @@ def shard_size(text: str) -> int:
 
 def add_parsers(commands) -> None:
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model directory "
-                                                "(Llama / Qwen3, safetensors, tokenizer)")
+                                                "(Llama / Qwen3 / Qwen3-MoE, safetensors, tokenizer)")
     export.add_argument("workdir")
     export.add_argument("--out", required=True, help="new directory to write (must not exist)")
     export.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step (default: newest)")
@@ -43,8 +43,8 @@ def add_parsers(commands) -> None:
     export.add_argument("--max-shard-size", type=shard_size, default="5GB", metavar="SIZE",
                         help="larger weights are split into shards with an index (default 5GB)")
     export.set_defaults(func=export_command)
-    imported = commands.add_parser("import", help="make a workdir whose step-0 checkpoint is a Hugging Face "
-                                                  "Llama / Qwen3 model, to evaluate or continue pretraining")
+    imported = commands.add_parser("import", help="make a workdir whose step-0 checkpoint is a Hugging Face Llama "
+                                                  "/ Qwen3 / Qwen3-MoE model, to evaluate or continue pretraining")
     imported.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and safetensors weights")
     imported.add_argument("--workdir", required=True, help="new jaxtrain workdir")
     imported.add_argument("--config", default=None,

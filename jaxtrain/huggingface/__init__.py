@@ -1,6 +1,7 @@
-"""Models in and out of jaxtrain as Hugging Face checkpoints (Llama / Qwen3).
+"""Models in and out of jaxtrain as Hugging Face checkpoints (Llama / Qwen3 / Qwen3-MoE).
 
     architecture.py   jaxtrain's model section <-> a config.json of those families
+    moe.py            model.moe <-> Qwen3-MoE (its fields, sparse layers, expert tensors, refusals)
     weights.py        parameters <-> tensors, with every parametrization factor folded in
     files.py          safetensors (numpy API, sharded + index) and tokenizer files
     importer.py       `train.init_from.huggingface` and `jaxtrain import`

@@ -3,7 +3,8 @@ jaxtrain's model section.
 
 jaxtrain's block is Llama's (pre-norm RMSNorm, half-split RoPE, GQA, SwiGLU, untied head,
 no biases); with `qk_norm` it is Qwen3's (the same, plus an RMSNorm over head_dim on q and
-k before RoPE). So a model exports as `LlamaForCausalLM` or `Qwen3ForCausalLM` and loads
+k before RoPE), and with `model.moe` (and qk_norm) Qwen3-MoE's (`moe.py`). So a model
+exports as `LlamaForCausalLM`, `Qwen3ForCausalLM` or `Qwen3MoeForCausalLM` and loads
 with no custom code. Both families compute the attention logits as q.k / sqrt(head_dim)
 and add each branch to the residual stream unscaled; whatever jaxtrain's parametrization
 does differently is folded into the weights (`weights.py`).
@@ -25,20 +26,21 @@ from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, Validati
 
 from jaxtrain.config.errors import ConfigError, UserError
 from jaxtrain.config.schema import ModelConfig
+from jaxtrain.huggingface import moe
 
 # model_type -> the class transformers' AutoModelForCausalLM builds for it
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", moe.MODEL_TYPE: moe.ARCHITECTURE}
 
 
-def check_dense(model: ModelConfig, command: str) -> None:
-    """Export and import map the dense block (SwiGLU MLP) only: a mixture-of-experts model
-    (Mixtral / Qwen3-MoE / OLMoE families) is refused in one line."""
+def check_exportable(model: ModelConfig, command: str) -> None:
+    """A model a family of ARCHITECTURES computes exactly (every dense one; MoE: `moe.py`)."""
     if model.moe.enabled:
-        raise ConfigError("model.moe.n_experts", f"{model.moe.n_experts}: {command} handles dense models only "
-                                                 f"(mixture-of-experts Hugging Face families are not supported yet)")
+        moe.check_exportable(model, command)
 
 
 def family(model: ModelConfig) -> str:
+    if model.moe.enabled:
+        return moe.MODEL_TYPE
     return "qwen3" if model.qk_norm else "llama"
 
 
@@ -73,9 +75,11 @@ def hf_config(model: ModelConfig, *, max_positions: int, eos_id: int, dtype: str
     }
     if kind == "llama":
         config.update(mlp_bias=False, pretraining_tp=1)
-    else:
+    elif kind == "qwen3":
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=model.n_layers,
                       layer_types=["full_attention"] * model.n_layers)
+    else:
+        config.update(use_sliding_window=False, sliding_window=None, **moe.hf_fields(model))
     return config
 
 
@@ -142,8 +146,13 @@ def read_architecture(config: dict[str, Any], directory: Path) -> HfArchitecture
     if kind not in ARCHITECTURES:  # another family: none of its other fields means anything here
         raise _field_error(directory, "model_type", f"{kind!r} is not one of {', '.join(ARCHITECTURES)} (the "
                                                     f"architectures jaxtrain computes exactly)")
+    return _typed(HfArchitecture, config, directory)
+
+
+def _typed(fields: type[BaseModel], config: dict[str, Any], directory: Path) -> Any:
+    """`config` validated as `fields`; the first bad field is one error line."""
     try:
-        return HfArchitecture.model_validate(config)
+        return fields.model_validate(config)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
@@ -154,8 +163,10 @@ def read_architecture(config: dict[str, Any], directory: Path) -> HfArchitecture
 
 
 def model_fields(config: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """jaxtrain `model.*` values equivalent to a Llama / Qwen3 `config.json`."""
+    """jaxtrain `model.*` values equivalent to a Llama / Qwen3 / Qwen3-MoE `config.json`
+    (`model.moe` as a nested dict: a dense model's sets no experts)."""
     hf = read_architecture(config, directory)
+    experts = _typed(moe.HfExperts, config, directory) if hf.model_type == moe.MODEL_TYPE else None
     heads, width = hf.num_attention_heads, hf.hidden_size
     kv_heads = hf.num_key_value_heads or heads
     rope_type = hf.rope_parameters.rope_type if hf.rope_parameters else "default"
@@ -174,19 +185,28 @@ def model_fields(config: dict[str, Any], directory: Path) -> dict[str, Any]:
         "num_key_value_heads": (heads % kv_heads != 0, f"{kv_heads} does not divide {heads} attention heads"),
         "pretraining_tp": (hf.pretraining_tp != 1, "tensor-parallel slicing of the projections"),
     }
+    unsupported = {field: (bad, f"unsupported: {why}") for field, (bad, why) in unsupported.items()}
+    unsupported.update(moe.unsupported(experts, hf.num_hidden_layers) if experts else {})
     for field, (bad, why) in unsupported.items():
         if bad:
-            raise _field_error(directory, field, f"unsupported: {why}")
+            raise _field_error(directory, field, why)
     return {"vocab_size": hf.vocab_size, "d_model": width, "n_layers": hf.num_hidden_layers,
             "n_heads": heads, "n_kv_heads": kv_heads, "d_ff": hf.intermediate_size,
-            "rope_theta": hf.theta, "qk_norm": hf.model_type == "qwen3", "norm_eps": hf.rms_norm_eps}
+            "rope_theta": hf.theta, "qk_norm": hf.model_type != "llama", "norm_eps": hf.rms_norm_eps,
+            "moe": moe.moe_fields(experts) if experts else {"n_experts": 0, "n_shared_experts": 0}}
 
 
 def check_model_matches(model: ModelConfig, fields: dict[str, Any], directory: Path) -> None:
-    """The config's model section must be the directory's model (one line naming the key)."""
+    """The config's model section must be the directory's model (one line naming the key,
+    `model.moe.top_k` for one of model.moe)."""
     mine = model.model_dump()
     mine["n_kv_heads"], mine["d_ff"] = model.kv_heads, model.ff_dim
-    for key, value in fields.items():
-        if mine[key] != value:
-            raise ConfigError(f"model.{key}", f"is {mine[key]!r}, but the Hugging Face model {directory} "
+    mine["moe"]["expert_d_ff"] = model.moe.expert_width(model.ff_dim)
+    theirs = {**{k: v for k, v in fields.items() if k != "moe"},
+              **{f"moe.{k}": v for k, v in fields["moe"].items()}}
+    for key, value in theirs.items():
+        section, _, name = key.rpartition(".")
+        value_here = mine[section][name] if section else mine[key]
+        if value_here != value:
+            raise ConfigError(f"model.{key}", f"is {value_here!r}, but the Hugging Face model {directory} "
                                               f"has {value!r}; set model.{key}={value}")

@@ -1,4 +1,4 @@
-"""A Hugging Face Llama / Qwen3 directory as jaxtrain parameters (`train.init_from.huggingface`,
+"""A Hugging Face Llama / Qwen3 / Qwen3-MoE directory as jaxtrain parameters (`train.init_from.huggingface`,
 `jaxtrain import`).
 
 The config's model section must be the directory's model (`architecture.model_fields`);
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from jaxtrain.config.errors import ConfigError, UserError
-from jaxtrain.config.schema import Config
+from jaxtrain.config.schema import Config, ModelConfig
 from jaxtrain.data.sources import run_tokenizer
 from jaxtrain.huggingface import architecture, files, weights
 from jaxtrain.model.parametrization import Table, path_str
@@ -51,9 +51,9 @@ def open_model(directory: str | Path) -> HfModel:
     return HfModel(directory, config, fields, files.WeightFiles(directory))
 
 
-def check_tensors(model: HfModel, table: Table) -> None:
+def check_tensors(model: HfModel, table: Table, config: ModelConfig) -> None:
     """Every tensor the model needs, with its shape, and no other (biases, say)."""
-    found, expected = model.weights.shapes(), weights.expected_shapes(table)
+    found, expected = model.weights.shapes(), weights.expected_shapes(table, config)
     for name, shape in expected.items():
         if name not in found:
             raise UserError(f"{model.directory}: has no tensor {name} (the weights do not match config.json)")
@@ -98,13 +98,12 @@ def check_vocabulary(cfg: Config, model: HfModel) -> None:
 def check_source(cfg: Config, table: Table, directory: str | Path, *, values: bool = True) -> HfModel:
     """All checks of importing `directory` into a run of `cfg`; with `values`, every
     tensor is read once (one at a time) to check that it is finite."""
-    architecture.check_dense(cfg.model, "init_from.huggingface")
     model = open_model(directory)
     check_vocabulary(cfg, model)
     architecture.check_model_matches(cfg.model, model.fields, model.directory)
-    check_tensors(model, table)
+    check_tensors(model, table, cfg.model)
     if values:
-        for name in weights.expected_shapes(table):
+        for name in weights.expected_shapes(table, cfg.model):
             model.weights.read(name)  # checks the values; the array is dropped
     return model
 
@@ -114,7 +113,7 @@ def imported_params(cfg: Config, table: Table, like: Any, directory: str | Path)
     run's parameters: only its structure is read), host numpy float32, preserving their
     function under `cfg`'s parametrization."""
     model = check_source(cfg, table, directory, values=False)  # read() checks each value as it loads it
-    flat = weights.from_hf(model.weights.read, table, weights.fold_factors(table, cfg.model))
+    flat = weights.from_hf(model.weights.read, table, cfg.model, weights.fold_factors(table, cfg.model))
     return jax.tree_util.tree_map_with_path(lambda p, _: flat[path_str(p)], like)
 
 

@@ -15,12 +15,16 @@ parameter turns one into the other:
 Every factor is linear in the function (RoPE, softmax input and residual sums are linear
 in q, in the logits and in the branch outputs), so the exported model's logits are
 jaxtrain's. Import divides by the factors of the importing config's table, so its
-function is preserved under any parametrization (`importer.py`).
+function is preserved under any parametrization (`importer.py`). A mixture of experts'
+router and experts fold the same way (`moe.py`): the router's factor is its role's
+multiplier, each expert's down projection takes the residual factor as w_down does.
 
 Layouts: jaxtrain matrices are (fan-in axes..., fan-out axes...), a Hugging Face Linear
 weight is (out, in), so a matrix is flattened to 2-D and transposed; the embedding table is
-(vocab, embed) in both. Stacked weights (leading `layers` axis) become one tensor per layer.
-The factors are applied in float64, one layer at a time.
+(vocab, embed) in both. Stacked weights (leading `layers` axis) become one tensor per layer,
+expert matrices ([layers, experts, ...]) one per layer and expert, layer-major. Every
+parameter of the table has a tensor, or export and import refuse it. The factors are
+applied in float64, one layer (and expert) at a time.
 """
 
 from __future__ import annotations
@@ -31,15 +35,18 @@ from typing import Callable
 
 import numpy as np
 
+from jaxtrain.config.errors import UserError
 from jaxtrain.config.schema import ModelConfig
+from jaxtrain.huggingface import moe
 from jaxtrain.model.parametrization import Table
 
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     path: str  # jaxtrain parameter path
-    hf_name: str  # Hugging Face tensor name; `{i}` is the layer of a stacked weight
+    hf_name: str  # Hugging Face tensor name; `{i}` is the layer of a stacked weight, `{e}` the expert
     kind: str  # linear (HF stores it transposed, 2-D), table (embedding, as stored) or vector
+    sparse: bool = False  # of the mixture-of-experts layers only (moe.sparse_layers)
 
     @property
     def stacked(self) -> bool:
@@ -57,17 +64,29 @@ _TENSORS = (
     Tensor("blocks.attn.q_norm.scale", _LAYER + "self_attn.q_norm.weight", "vector"),
     Tensor("blocks.attn.k_norm.scale", _LAYER + "self_attn.k_norm.weight", "vector"),
     Tensor("blocks.mlp_norm.scale", _LAYER + "post_attention_layernorm.weight", "vector"),
+)
+_DENSE_MLP = (
     Tensor("blocks.mlp.w_gate", _LAYER + "mlp.gate_proj.weight", "linear"),
     Tensor("blocks.mlp.w_up", _LAYER + "mlp.up_proj.weight", "linear"),
     Tensor("blocks.mlp.w_down", _LAYER + "mlp.down_proj.weight", "linear"),
+)
+_EXPERTS = tuple(Tensor(path, name, "linear", sparse=True) for path, name in moe.TENSORS.items())
+_HEAD = (
     Tensor("final_norm.scale", "model.norm.weight", "vector"),
     Tensor("lm_head", "lm_head.weight", "linear"),
 )
 
 
 def tensors(table: Table) -> list[Tensor]:
-    """The tensors of the model `table` describes, in model order."""
-    return [t for t in _TENSORS if t.path in table.rules]
+    """The tensors of the model `table` describes, in model order; a parameter without
+    one (a shared expert, say) is refused in one line naming it."""
+    mlp = _EXPERTS if "blocks.mlp.router" in table.rules else _DENSE_MLP
+    found = [t for t in (*_TENSORS, *mlp, *_HEAD) if t.path in table.rules]
+    unmapped = sorted(set(table.rules) - {t.path for t in found})
+    if unmapped:
+        raise UserError(f"parameter {unmapped[0]} has no tensor in the Hugging Face family of this model "
+                        f"({len(unmapped)} such parameter(s))")
+    return found
 
 
 def _snap(factor: float) -> float:
@@ -93,24 +112,36 @@ def hf_shape(tensor: Tensor, table: Table) -> tuple[int, ...]:
     return math.prod(rule.shape[rule.fan_in_dims:]), math.prod(rule.shape[:rule.fan_in_dims])
 
 
-def _hf_names(tensor: Tensor, table: Table) -> list[str]:
-    layers = table.rules[tensor.path].layers
-    return [tensor.hf_name.format(i=i) for i in range(layers)] if tensor.stacked else [tensor.hf_name]
+def _hf_names(tensor: Tensor, table: Table, model: ModelConfig) -> list[str]:
+    """The tensor's names, in the order of its stored slices (layer-major, then expert)."""
+    rule = table.rules[tensor.path]
+    if not tensor.stacked:
+        return [tensor.hf_name]
+    layers = moe.sparse_layers(model) if tensor.sparse else range(rule.layers)
+    if len(layers) != rule.layers:
+        raise ValueError(f"{tensor.path}: {rule.layers} stacked layers, Hugging Face layers {list(layers)}")
+    experts = range(rule.experts) if "{e}" in tensor.hf_name else [0]
+    return [tensor.hf_name.format(i=i, e=e) for i in layers for e in experts]
 
 
-def expected_shapes(table: Table) -> dict[str, tuple[int, ...]]:
+def _stored_shape(tensor: Tensor, table: Table) -> tuple[int, ...]:
+    rule = table.rules[tensor.path]
+    return (*([rule.layers] if rule.layers else []), *([rule.experts] if rule.experts else []), *rule.shape)
+
+
+def expected_shapes(table: Table, model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face tensor name of the model and its shape."""
-    return {name: hf_shape(t, table) for t in tensors(table) for name in _hf_names(t, table)}
+    return {name: hf_shape(t, table) for t in tensors(table) for name in _hf_names(t, table, model)}
 
 
-def to_hf(params: dict[str, np.ndarray], table: Table, factors: dict[str, float],
+def to_hf(params: dict[str, np.ndarray], table: Table, model: ModelConfig, factors: dict[str, float],
           dtype: np.dtype) -> dict[str, np.ndarray]:
     """Flat jaxtrain params (path -> array) -> Hugging Face tensors (name -> array)."""
     out = {}
     for tensor in tensors(table):
         rule, value = table.rules[tensor.path], params[tensor.path]
-        slices = list(value) if tensor.stacked else [value]
-        for name, piece in zip(_hf_names(tensor, table), slices, strict=True):
+        slices = value.reshape(-1, *rule.shape) if tensor.stacked else [value]
+        for name, piece in zip(_hf_names(tensor, table, model), slices, strict=True):
             folded = np.asarray(piece, np.float64) * factors[tensor.path]
             if tensor.kind == "linear":
                 folded = folded.reshape(math.prod(rule.shape[:rule.fan_in_dims]), -1).T
@@ -118,17 +149,18 @@ def to_hf(params: dict[str, np.ndarray], table: Table, factors: dict[str, float]
     return out
 
 
-def from_hf(read: Callable[[str], np.ndarray], table: Table, factors: dict[str, float]) -> dict[str, np.ndarray]:
+def from_hf(read: Callable[[str], np.ndarray], table: Table, model: ModelConfig,
+            factors: dict[str, float]) -> dict[str, np.ndarray]:
     """Hugging Face tensors (`read(name)`, shapes already checked) -> flat float32 jaxtrain
     params, each divided by its factor."""
     params = {}
     for tensor in tensors(table):
         rule = table.rules[tensor.path]
         slices = []
-        for name in _hf_names(tensor, table):
+        for name in _hf_names(tensor, table, model):
             value = np.asarray(read(name), np.float64)
             if tensor.kind == "linear":
                 value = value.T.reshape(rule.shape)
             slices.append((value / factors[tensor.path]).astype(np.float32))
-        params[tensor.path] = np.stack(slices) if tensor.stacked else slices[0]
+        params[tensor.path] = np.stack(slices).reshape(_stored_shape(tensor, table))
     return params

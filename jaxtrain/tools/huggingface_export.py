@@ -5,7 +5,8 @@
 writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` load with no custom code:
 
-    config.json              LlamaForCausalLM, or Qwen3ForCausalLM under model.qk_norm
+    config.json              LlamaForCausalLM, or Qwen3ForCausalLM under model.qk_norm, or
+                             Qwen3MoeForCausalLM under model.moe (jaxtrain/huggingface/moe.py)
     model.safetensors        (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     generation_config.json   end-of-document token; greedy unless asked otherwise
     tokenizer.json, tokenizer_config.json
@@ -63,7 +64,7 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
     check_out(out)
     run = load_run(workdir, step)
     cfg, table = run.cfg, run.spec.table
-    architecture.check_dense(cfg.model, "jaxtrain export")
+    architecture.check_exportable(cfg.model, "jaxtrain export")
     tokenizer = run_tokenizer(cfg)
     flat = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(run.params))}
     factors = weights.fold_factors(table, cfg.model)
@@ -83,7 +84,7 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
     except OSError as err:
         raise UserError(f"--out {out}: cannot create its directory ({err.strerror})") from None
     with Staging(out, "export") as staging:
-        tensors = weights.to_hf(flat, table, factors, DTYPES[dtype])
+        tensors = weights.to_hf(flat, table, cfg.model, factors, DTYPES[dtype])
         written = files.write_weights(staging, tensors, max_shard_bytes)
         config = architecture.hf_config(cfg.model, max_positions=cfg.data.seq_len, eos_id=tokenizer.eos_id,
                                         dtype=dtype)

@@ -5,7 +5,8 @@ checkpoint is that model (the reading itself is jaxtrain/huggingface/importer.py
     (join the process group)
     result = run_import(plan)                                 # the workdir, step 0, its val_loss
 
-The config's model section is replaced by the directory's architecture and
+The config's model section is replaced by the directory's architecture (in model.moe the
+routing; aux_loss and router_z_loss, which shape training only, stay CONFIG's) and
 `train.init_from.huggingface` names the directory; everything else (data, parametrization,
 optimizer, schedule) comes from CONFIG (default: jaxtrain's defaults). The run is
 `train.run(stop_after=0)`: it checkpoints step 0 and evaluates it.
@@ -32,7 +33,6 @@ import jax
 from jaxtrain.config.errors import UserError
 from jaxtrain.config.files import apply_overrides, from_dict, load_config
 from jaxtrain.config.schema import Config
-from jaxtrain.huggingface import architecture
 from jaxtrain.huggingface.importer import HfModel, check_vocabulary, open_model
 from jaxtrain.run.loop import RunResult, run
 from jaxtrain.run.workdir import Layout, owned
@@ -76,11 +76,10 @@ def import_config(model: HfModel, config: str | None, overrides: list[str]) -> C
     """CONFIG (or the defaults) with `--set` applied, the model section the directory's."""
     base = load_config(config, overrides) if config else from_dict(apply_overrides({}, overrides))
     raw = base.to_dict()
-    raw["model"].update(model.fields)
+    raw["model"].update({key: value for key, value in model.fields.items() if key != "moe"})
+    raw["model"]["moe"].update(model.fields["moe"])  # the routing is the model's, the loss coefficients CONFIG's
     raw["train"]["init_from"] = {"huggingface": str(model.directory.absolute())}
-    cfg = from_dict(raw)
-    architecture.check_dense(cfg.model, "jaxtrain import")
-    return cfg
+    return from_dict(raw)
 
 
 def plan_import(hf_dir: str | Path, workdir: str | Path, config: str | None, overrides: list[str]) -> ImportPlan:
