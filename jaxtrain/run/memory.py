@@ -23,7 +23,7 @@ gpt350m and llama1b show (docs/performance.md "Compiled for real targets": compi
 estimate 0.9-1.2 over remat x microbatch plans, where 3 logit-sized buffers and a recompute
 on top of them had read 0.44-0.68).
 
-t = tokens per device per microbatch = batch * seq_len / (data * fsdp * microbatches),
+t = tokens per device per microbatch = batch * seq_len / (data * fsdp * expert * microbatches),
 tp = the tensor axis, b = compute-dtype bytes. s(remat) is the bytes one block saves for
 the backward pass per token, read off `jax.ad_checkpoint` residuals of this model (d =
 d_model, f = d_ff, H = heads, T = seq_len):
@@ -34,6 +34,11 @@ d_model, f = d_ff, H = heads, T = seq_len):
                     per layer: +8 MB on gpt350m's compiled H100 step, not counted)) * b
     dots_saveable   (8 d + 2 f/tp) * b
     full             2 d * b
+
+With model.moe, f = (r + n_shared_experts) * expert_d_ff, r = the rows of the routed
+experts' matmuls per token: top_k, or under expert parallelism (mesh.expert = X > 1) the
+exchange's dropless buffer X min(top_k, E/X) (`expert_rows_per_token`), whose rows (sent and
+received, 2 r d) remat none keeps too.
 
 The attention kernel is the one the step compiles (model/execution.py: `auto` is cuDNN on GPU
 in bfloat16, splash on TPU, XLA on CPU, where shapes allow). The compute dtype and attention
@@ -72,14 +77,31 @@ def flash_attention(cfg: Config, backend: str) -> bool:
     return execution.kernel(cfg, backend) != "xla"
 
 
-def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str) -> float:
-    """s(remat): bytes one block keeps for the backward pass, per token."""
-    d, heads, seq = cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len
-    f = cfg.model.moe.active_width(cfg.model.ff_dim)  # a MoE token's top_k + shared expert widths
+def expert_rows_per_token(cfg: Config, expert_shards: int) -> int:
+    """Rows of the routed experts' matmuls a token occupies on its device: top_k on one
+    device; X min(top_k, E / X) along an `expert` axis of X devices, the dropless capacity
+    of the exchange (model/moe_dispatch.py: C = N min(k, E/X) rows from each of X sources)."""
+    moe = cfg.model.moe
+    if expert_shards == 1:
+        return moe.top_k
+    return expert_shards * min(moe.top_k, moe.n_experts // expert_shards)
+
+
+def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str, expert_shards: int = 1) -> float:
+    """s(remat): bytes one block keeps for the backward pass, per token. A MoE block's MLP
+    width is its expert rows' (`expert_rows_per_token`) plus the shared expert's, and under
+    expert parallelism remat none also keeps the exchanged rows, both ways (2 rows x d)."""
+    d, heads, seq, moe = cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len, cfg.model.moe
+    f = cfg.model.ff_dim
+    exchanged = 0.0
+    if moe.enabled:
+        rows = expert_rows_per_token(cfg, expert_shards)
+        f = (rows + moe.n_shared_experts) * moe.expert_width(cfg.model.ff_dim)
+        exchanged = 2 * rows * d if expert_shards > 1 else 0.0
     b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
     if remat == "none":
         scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor
-        return 11 * d * 4 + (6 * f / tensor + scores) * b
+        return 11 * d * 4 + (6 * f / tensor + scores + exchanged) * b
     if remat == "dots_saveable":
         return (8 * d + 2 * f / tensor) * b
     return 2 * d * b
@@ -93,9 +115,10 @@ def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
     """The estimate of the module docstring, in bytes, by component (`optimizer_bytes`:
     of `optimizer_state_per_device`; None counts Adam's two moments for every parameter)."""
     model, tensor = cfg.model, mesh_shape["tensor"]
-    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
+    batch_shards = sharding.batch_shards(mesh_shape) * cfg.train.microbatches
     tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
-    per_token = functools.partial(block_bytes_per_token, cfg, tensor=tensor, backend=backend)
+    per_token = functools.partial(block_bytes_per_token, cfg, tensor=tensor, backend=backend,
+                                  expert_shards=mesh_shape.get("expert", 1))
     logits = tokens * model.vocab_size / tensor * 4
     recompute = 0.0 if model.remat == "none" else tokens * per_token("none")
     optimizer = 8.0 * params_per_device if optimizer_bytes is None else optimizer_bytes
