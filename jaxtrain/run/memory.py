@@ -38,7 +38,8 @@ d_model, f = d_ff, H = heads, T = seq_len):
 With model.moe, f = (r + n_shared_experts) * expert_d_ff, r = the rows of the routed
 experts' matmuls per token: top_k, or under expert parallelism (mesh.expert = X > 1) the
 exchange's dropless buffer X min(top_k, E/X) (`expert_rows_per_token`), whose rows (sent and
-received, 2 r d) remat none keeps too.
+received, 2 r d) remat none keeps too; under dots_saveable f is the shared expert's width
+alone (the routed experts' ragged_dot outputs are not dots the policy saves).
 
 The attention kernel is the one the step compiles (model/execution.py: `auto` is cuDNN on GPU
 in bfloat16, splash on TPU, XLA on CPU, where shapes allow). The compute dtype and attention
@@ -90,20 +91,21 @@ def expert_rows_per_token(cfg: Config, expert_shards: int) -> int:
 def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str, expert_shards: int = 1) -> float:
     """s(remat): bytes one block keeps for the backward pass, per token. A MoE block's MLP
     width is its expert rows' (`expert_rows_per_token`) plus the shared expert's, and under
-    expert parallelism remat none also keeps the exchanged rows, both ways (2 rows x d)."""
+    expert parallelism remat none also keeps the exchanged rows, both ways (2 rows x d);
+    dots_saveable keeps no routed expert's output (ragged_dot is not a dot it saves)."""
     d, heads, seq, moe = cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len, cfg.model.moe
-    f = cfg.model.ff_dim
+    f = saved_f = cfg.model.ff_dim
     exchanged = 0.0
     if moe.enabled:
-        rows = expert_rows_per_token(cfg, expert_shards)
-        f = (rows + moe.n_shared_experts) * moe.expert_width(cfg.model.ff_dim)
+        rows, width = expert_rows_per_token(cfg, expert_shards), moe.expert_width(cfg.model.ff_dim)
+        f, saved_f = (rows + moe.n_shared_experts) * width, moe.n_shared_experts * width
         exchanged = 2 * rows * d if expert_shards > 1 else 0.0
     b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
     if remat == "none":
         scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor
         return 11 * d * 4 + (6 * f / tensor + scores + exchanged) * b
     if remat == "dots_saveable":
-        return (8 * d + 2 * f / tensor) * b
+        return (8 * d + 2 * saved_f / tensor) * b
     return 2 * d * b
 
 
