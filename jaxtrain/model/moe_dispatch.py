@@ -1,7 +1,7 @@
 """Dropless dispatch of a mixture of experts: every (token, chosen expert) assignment
 computed, none dropped, on one device or across an `expert` mesh axis.
 
-On one device (`dropless_experts`; Gale et al. 2023, "MegaBlocks", Sec. 5): the N tokens
+On one device (`dropless_experts`; Gale et al. 2023, "MegaBlocks"): the N tokens
 are replicated k times (N*k assignments, a = n*k + j for token n's j-th choice), sorted by
 expert id, the experts applied to their contiguous groups by `jax.lax.ragged_dot`
 (stacked weights G, U: [E, d, f], D: [E, f, d], group sizes = assignments per expert),
@@ -9,8 +9,8 @@ un-sorted, weighted by the gates and summed over the k choices:
 
     y_n = sum_j g_nj * D_e (silu(x_n G_e) * (x_n U_e)),   e = e_nj
 
-Expert parallel (`exchanged_experts`; Lepikhin et al. 2020, "GShard", Sec. 2.2; Fedus et al.
-2021, "Switch Transformers", Sec. 2.2): the X devices along the `expert` mesh axis hold
+Expert parallel (`exchanged_experts`; Lepikhin et al. 2020, "GShard"; Fedus et al. 2021,
+"Switch Transformers", Sec. 2.2): the X devices along the `expert` mesh axis hold
 E_l = E / X experts each (device x: experts x*E_l .. (x+1)*E_l - 1) and N tokens each (the
 axis is a data axis for everything else). Each device sorts its N*k assignments by expert,
 so those for shard s are one contiguous run of length n_s, and exchanges them:
