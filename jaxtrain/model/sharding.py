@@ -115,13 +115,13 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
                     rules: Rules = STORAGE_RULES) -> P:
     """Map logical axis names to a PartitionSpec under `rules`; a dim not divisible by its
     mesh axes is replicated instead (e.g. 2 kv heads on tensor=4), and no mesh axis is
-    used twice."""
+    used twice. A mesh without one of MESH_AXES (one made by hand) has it of size 1."""
     used: set[str] = set()
     spec = []
     for name, dim in zip(axes, shape, strict=True):
         target = rules.get(name) if name else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape.get(a, 1) > 1)
         if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
             used.update(mesh_axes)
             spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -207,7 +207,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_shards(mesh_shape: dict[str, int]) -> int:
     """How many pieces the `batch` rule cuts a batch into: data x fsdp x expert."""
-    return math.prod(mesh_shape[axis] for axis in COMPUTE_RULES["batch"])
+    return math.prod(mesh_shape.get(axis, 1) for axis in COMPUTE_RULES["batch"])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -240,7 +240,7 @@ def check_batch_divides(cfg: Config, mesh: Mesh) -> None:
 
 def check_batch_splits(cfg: Config, mesh_shape: dict[str, int]) -> None:
     """The arithmetic half of `check_batch_divides`, for a planned mesh (dry-run)."""
-    check_experts_split(cfg.model.moe.n_experts, mesh_shape["expert"])
+    check_experts_split(cfg.model.moe.n_experts, mesh_shape.get("expert", 1))
     shards = batch_shards(mesh_shape)
     if cfg.train.batch_size % shards:
         raise ConfigError("train.batch_size",

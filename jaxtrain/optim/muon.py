@@ -100,7 +100,7 @@ def layer_spec(layers: int, trailing: int = 2, experts: int = 0) -> P | None:
     if mesh.empty or mesh.size == 1:
         return None
     axis = next((a for a in ("fsdp", "data", "tensor") if mesh.shape[a] > 1 and layers % mesh.shape[a] == 0), None)
-    if experts and mesh.shape["expert"] > 1 and experts % mesh.shape["expert"] == 0:
+    if experts and mesh.shape.get("expert", 1) > 1 and experts % mesh.shape["expert"] == 0:
         return P(axis, "expert", *[None] * (trailing - 1))
     return P(axis, *[None] * trailing)
 
