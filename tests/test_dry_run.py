@@ -43,7 +43,7 @@ def test_cluster_config_plan_from_the_cli(tmp_path):
     (panel,) = figure_panels(png)
     assert panel["title"].startswith("wsd") and panel["y"] == "learning rate"
     plan = json.loads(run_cli("dry-run", str(CLUSTER), "--devices", "32", "--json").stdout)
-    assert plan["mesh"] == {"data": 1, "fsdp": 32, "tensor": 1}
+    assert plan["mesh"] == {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}
     assert plan["tokens_per_step"] == 64 * 2048
 
 

@@ -328,3 +328,23 @@ def test_a_counted_loop_in_any_direction_without_known_trip_count():
                               "  ROOT %inner = (s32[], f32[4]) while(%init), condition=%no_comms, body=%inner_body")
     times = {c.computation: c.times for c in collectives(counted)}
     assert times["inner_body"] == 3 * 3  # i = 1, 3, 5 < 7, in each of the outer loop's 3 trips
+
+
+RAGGED_HLO = """\
+HloModule ragged
+
+ENTRY %main (rows: bf16[6,16], out: bf16[12,16], offsets: s32[4], sizes: s32[4]) -> bf16[12,16] {
+  %rows = bf16[6,16]{1,0} parameter(0)
+  %out = bf16[12,16]{1,0} parameter(1)
+  %offsets = s32[4]{0} parameter(2)
+  %sizes = s32[4]{0} parameter(3)
+  ROOT %r = bf16[12,16]{1,0} ragged-all-to-all(%rows, %out, %offsets, %sizes, %offsets, %sizes), \
+replica_groups={{0,1,2,3}}
+}
+"""
+
+
+def test_a_ragged_all_to_all_counts_as_an_all_to_all_of_its_output_buffer():
+    """XLA:CPU cannot compile one (jax 0.10.2), GPU and TPU compilers emit it: its output is
+    the receiving buffer (12 rows of 16 bf16), whatever the offsets and sizes say."""
+    assert bytes_by_kind(RAGGED_HLO) == only_kind(RAGGED_HLO, "all-to-all") and total_bytes(RAGGED_HLO) == 12 * 16 * 2

@@ -112,11 +112,13 @@ def test_parameters_flops_and_memory_count_dense_blocks_as_dense():
                       if path.startswith("dense_blocks.mlp."))
     assert dense_stack == 2 * 3 * d * DENSE_FF  # two dense blocks, each a SwiGLU of width d_ff
     assert "dense_blocks.*.mlp.w_up" in dry_run.format_plan(plan)
-    assert memory.mlp_widths(interleaved) == {DENSE_FF: 2, 3 * FF: 2} and memory.mlp_widths(every) == {3 * FF: 4}
-    per_block = lambda cfg, f: memory.block_bytes_per_token(cfg, "none", 1, "cpu", f)  # noqa: E731
+    assert memory.block_counts(interleaved) == {False: 2, True: 2} and memory.block_counts(every) == {True: 4}
+    per_block = lambda cfg, moe: memory.block_bytes_per_token(cfg, "none", 1, "cpu", moe)  # noqa: E731
+    b = 4  # float32 activations on cpu: 6 f b of the MLP's per token, f = d_ff or (top_k + shared) x expert_d_ff
+    assert per_block(interleaved, True) - per_block(interleaved, False) == pytest.approx(6 * (3 * FF - DENSE_FF) * b)
     tokens = 4 * 16
     assert plan["memory_per_device"]["activations"] == pytest.approx(
-        2 * tokens * (per_block(interleaved, DENSE_FF) + per_block(interleaved, 3 * FF)))
+        2 * tokens * (per_block(interleaved, False) + per_block(interleaved, True)))
 
 
 def test_depth_rules_count_blocks_and_per_layer_names_are_model_indices():

@@ -87,7 +87,7 @@ def test_continuations_and_rolling_equal_direct_computation(model):
 def test_refusals(model):
     spec, params = model
     mesh, placed = _on(spec, params, MeshConfig(data=2, fsdp=4, tensor=1))
-    with pytest.raises(ConfigError, match="eval.batch_size.*data\\*fsdp = 8"):
+    with pytest.raises(ConfigError, match="eval.batch_size.*data\\*fsdp\\*expert = 8"):
         Scorer(spec, mesh, SEQ_LEN, 12)
     scorer = Scorer(spec, mesh, SEQ_LEN, 8)
     with pytest.raises(ValueError, match="request 1: empty context"):

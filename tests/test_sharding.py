@@ -71,4 +71,4 @@ def test_params_and_moments_are_actually_sharded():
 
 
 def test_mesh_fill_axis():
-    assert sharding.mesh_shape(config(2, -1, 2).mesh, 8) == (2, 2, 2)
+    assert sharding.mesh_shape(config(2, -1, 2).mesh, 8) == (2, 2, 1, 2)  # data, fsdp, expert, tensor

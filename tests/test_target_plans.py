@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from conftest import REPO
 from test_targets import GPT350M, compiled, target_dry_run
 
 ANALYTIC_WITHIN = 1.25  # compiled collective bytes / analytic model, either way
@@ -38,3 +39,14 @@ def test_a_plan_that_does_not_fit_is_refused_and_fit_finds_one_that_does():
     overrides = json.loads(fit.stdout)["overrides"].replace("--set ", "--set=").split()
     assert compiled(GPT350M, "tpu-v5p-8", *[o.removeprefix("--set=") for o in request + tuple(overrides)])[
         "compiled"]["fits"]
+
+
+@pytest.mark.parametrize("target,mesh", [("tpu-v5p-8", "mesh.expert=4"), ("h100x8", "mesh.expert=8")])
+def test_the_expert_all_to_all_of_the_target_hlo_is_the_analytic_model(target, mesh):
+    """The shipped MoE config (docs/moe.md), 2 layers: each target compiler keeps the
+    dispatch and combine as all-to-alls of the dropless capacity, byte for byte."""
+    plan = compiled(REPO / "configs" / "moe350m.yaml", target, "model.n_layers=2", "train.batch_size=16", mesh)
+    analytic, counted = plan["communication"]["analytic_by_kind"], plan["compiled"]["collectives"]
+    assert counted["all-to-all"] == pytest.approx(analytic["all-to-all"], rel=0.01) and counted["all-to-all"] > 0
+    assert 1 / ANALYTIC_WITHIN <= sum(counted.values()) / sum(analytic.values()) <= ANALYTIC_WITHIN, (analytic, counted)
+    assert plan["compiled"]["fits"]

@@ -1,7 +1,7 @@
 """Rules across config sections, checked once every section validated on its own
-(`files.from_dict` calls `check_cross_sections`): phases start at increasing steps, the
-exponential decay has a floor to decay towards, the warmup ends before the run does, the
-blocks split into whole groups of model.moe.moe_every.
+(`files.from_dict` calls `check_cross_sections`): the experts split over mesh.expert,
+the blocks split into whole groups of model.moe.moe_every, phases start at increasing
+steps, the exponential decay has a floor to decay towards, the warmup ends before the run does.
 
 Each problem is a `ConfigError` naming the dotted key. `phase_start_steps` is also the
 mixture's (jaxtrain/data/mixture.py): where each phase of data.phases begins.
@@ -10,6 +10,7 @@ mixture's (jaxtrain/data/mixture.py): where each phase of data.phases begins.
 from __future__ import annotations
 
 from jaxtrain.config.errors import ConfigError
+from jaxtrain.config.moe import check_experts_split
 from jaxtrain.config.schema import Config
 
 
@@ -20,6 +21,8 @@ def phase_start_steps(cfg: Config) -> list[int]:
 
 
 def check_cross_sections(cfg: Config) -> None:
+    if cfg.mesh.expert != -1:  # a filled (-1) axis is checked once resolved (sharding.check_batch_splits)
+        check_experts_split(cfg.model.moe.n_experts, cfg.mesh.expert)
     moe, n_layers = cfg.model.moe, cfg.model.n_layers
     if moe.enabled and n_layers % moe.moe_every:
         raise ConfigError("model.moe.moe_every", f"moe_every={moe.moe_every} must divide model.n_layers={n_layers} "

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from jaxtrain.config.errors import ConfigError
+
 
 class MoEConfig(BaseModel):
     # the settings of schema._Section (not imported: schema.py imports this module)
@@ -99,3 +101,11 @@ class MoEConfig(BaseModel):
         if not self.enabled:
             return dense_ff
         return (self.top_k + self.n_shared_experts) * self.expert_width(dense_ff)
+
+
+def check_experts_split(n_experts: int, expert_shards: int) -> None:
+    """The experts split evenly over the mesh's `expert` axis (a resolved size; a dense
+    model, n_experts 0, has the axis as one more data axis)."""
+    if n_experts and n_experts % expert_shards:
+        raise ConfigError("mesh.expert", f"{expert_shards} expert shards do not divide model.moe.n_experts = "
+                                         f"{n_experts} (each device along mesh.expert holds n_experts / expert)")

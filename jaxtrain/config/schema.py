@@ -1,9 +1,8 @@
 """Typed, frozen experiment config: the schema of every section (read by config/files.py).
 
-Schema and validation are pydantic models (`extra="forbid"`, frozen), so an unknown key,
-a value of the wrong type or an impossible value is reported with its dotted key path.
-Cross-field rules that only the runtime can check (mesh vs device count, batch vs mesh)
-live in `sharding.py` and raise the same `ConfigError`.
+Schema and validation are pydantic models (`extra="forbid"`, frozen): an unknown key, a wrong
+type or an impossible value is reported with its dotted key path. Rules the runtime checks
+(mesh vs device count, batch and experts vs mesh) live in `sharding.py`, same `ConfigError`.
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ class ModelConfig(_Section):
     # (refused in one line where the target cannot run it).
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     # Rematerialisation of each block in the backward pass: none keeps all activations,
-    # dots_saveable keeps matmul outputs and recomputes the rest, full keeps only the
-    # block inputs.
+    # dots_saveable keeps matmul outputs and recomputes the rest, full only the block inputs.
     remat: Literal["none", "dots_saveable", "full"] = "none"
     # The blocks are stored stacked and run as one lax.scan (compile time flat in depth);
     # false unrolls that scan (the same code and storage, compiled once per layer).
@@ -273,9 +271,10 @@ class MeshConfig(_Section):
 
     data: int = 1
     fsdp: int = -1
+    expert: int = 1  # splits model.moe's experts, a data axis for the rest (model/sharding.py)
     tensor: int = 1
 
-    @field_validator("data", "fsdp", "tensor")
+    @field_validator("data", "fsdp", "expert", "tensor")
     @classmethod
     def _positive_or_fill(cls, size: int) -> int:
         if size == 0 or size < -1:

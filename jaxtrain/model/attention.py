@@ -20,7 +20,7 @@ Packed rows carry segment ids (B, T): a token sees only the keys with its own id
     splash  the Pallas splash attention kernel on TPU (Mosaic), with the segment ids as its
             SegmentIds (no mask array). Pallas kernels are not partitioned by XLA's SPMD
             partitioner, so it runs under `jax.shard_map` on the model's mesh: batch over
-            data x fsdp, heads over tensor (the compute rules of model/sharding.py). It takes
+            data x fsdp x expert, heads over tensor (the compute rules of model/sharding.py). It takes
             no scale argument: q is scaled before the call.
 
 `max_logit` and `weights` (telemetry, attention maps) compute the scores beside the kernel

@@ -17,10 +17,10 @@ a token x (d), router W_r (d x E), experts E_e(x) = down_e(silu(x G_e) * (x U_e)
 expert, an always-on SwiGLU of width n_shared_experts * expert_d_ff added unweighted
 (DeepSeek-AI 2024, "DeepSeek-V3", Sec. 2.1.2); the caller builds it (transformer._mlp).
 
-Dropless dispatch (`dropless_experts`; Gale et al. 2023, "MegaBlocks"): the N = B*T tokens
-are replicated k times (N*k assignments), sorted by expert id, the experts applied to their
-contiguous groups by `jax.lax.ragged_dot` (stacked weights G, U: [E, d, f], D: [E, f, d],
-group sizes = tokens per expert), un-sorted, weighted by the gates and summed over k.
+Dropless dispatch (model/moe_dispatch.py; Gale et al. 2023, "MegaBlocks"): the N = B*T
+tokens are replicated k times (N*k assignments), sorted by expert id, the experts applied to
+their contiguous groups by `jax.lax.ragged_dot` (stacked weights G, U: [E, d, f], D: [E, f,
+d], group sizes = tokens per expert), un-sorted, weighted by the gates and summed over k.
 
 Auxiliary losses (`router_losses`, added to the training loss by step.loss_and_metrics),
 from what each layer sows (MOE_SOWABLE), with f_i the fraction of the N*k assignments
@@ -54,11 +54,14 @@ variable: no optimizer, no decay; replicated on every device; checkpointed with 
 params). Its unit is the probability's: DeepSeek-V3's u = 0.001 was for sigmoid scores in
 (0, 1); a softmax over E experts puts p near 1/E, so u is a step relative to 1/E.
 
-Sharding: the experts axis (`experts`) is replicated on every mesh axis (expert
-parallelism is a later step). Each device dispatches its own tokens (`dropless_on_devices`,
-shard_map over the batch axes) through the expert weights cast to the compute dtype and
-all-gathered over fsdp; their gradients are reduce-scattered back, in the compute dtype
-(not in train.grad_reduce_dtype, as model/fsdp.py does for the dense weights).
+Sharding: the experts axis (`experts`) is split over the `expert` mesh axis (expert
+parallelism; 1 by default), which is one more batch axis for the tokens. Each device
+dispatches its own tokens (`moe_dispatch.dropless_on_devices`, shard_map over the batch
+axes), exchanging them by all-to-all with the devices that hold their experts, through the
+expert weights cast to the compute dtype and all-gathered over fsdp; their gradients are
+reduce-scattered back, in the compute dtype (not in train.grad_reduce_dtype, as
+model/fsdp.py does for the dense weights). The router is read whole on every device (each
+routes its own tokens over all n_experts), whatever its storage layout.
 """
 
 from __future__ import annotations
@@ -68,13 +71,13 @@ from typing import Collection, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from jaxtrain.config.moe import MoEConfig
 from jaxtrain.config.schema import ModelConfig
 from jaxtrain.model import fsdp
+from jaxtrain.model.moe_dispatch import dropless_on_devices
 from jaxtrain.model.parametrization import EXPERTS_AXIS, Untrained, unit_matrix
-from jaxtrain.model.sharding import COMPUTE_RULES, STORAGE_RULES, constrain, keep_stored, logical_to_spec
+from jaxtrain.model.sharding import constrain, keep_stored
 
 # What each MoE layer can sow (stacked over layers by the scan): per expert, the fraction of
 # assignments (E,) and the mean router probability (E,); per layer, mean logsumexp(z)^2 and
@@ -84,6 +87,7 @@ TOKENS = ("batch", "embed")  # the flattened tokens (B*T, d)
 _IN = (EXPERTS_AXIS, "embed", "mlp")  # gate and up projections, [E, d, f]
 _OUT = (EXPERTS_AXIS, "mlp", "embed")  # down projection, [E, f, d]
 _ROUTER = ("embed", EXPERTS_AXIS)
+_ROUTER_READ = ("embed", None)  # as the router's matmul reads it: all n_experts logits on every device
 _EXPERT_AXES = (_IN, _IN, _OUT)  # gate, up, down
 BALANCE_BIAS = "balance_bias"  # the name of b (E,) in a MoE module, with bias_update_rate > 0
 
@@ -109,65 +113,6 @@ def route(logits: jax.Array, top_k: int, renormalize: bool, bias: jax.Array | No
     return Routing(logits, probs, gates, experts, counts)
 
 
-def dropless_experts(tokens: jax.Array, experts: jax.Array, gates: jax.Array, w_gate: jax.Array,
-                     w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """sum_j gates_j * SwiGLU_{experts_j}(token), every token computed: (N, d) -> (N, d).
-    Assignment a = n * k + j (token n, choice j) is sorted by its expert, so that each
-    expert's assignments are one contiguous group of `ragged_dot`."""
-    n, k = experts.shape
-    order = jnp.argsort(experts.reshape(-1), stable=True)  # sorted position -> assignment
-    grouped = jnp.take(tokens, order // k, axis=0)  # (N*k, d), grouped by expert
-    sizes = jnp.bincount(experts.reshape(-1), length=w_gate.shape[0]).astype(jnp.int32)
-    hidden = jax.nn.silu(jax.lax.ragged_dot(grouped, w_gate, sizes)) * jax.lax.ragged_dot(grouped, w_up, sizes)
-    outputs = jax.lax.ragged_dot(hidden, w_down, sizes)
-    unsorted = jnp.take(outputs, jnp.argsort(order), axis=0).reshape(n, k, -1)  # assignment order
-    combined = jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32), gates)
-    return combined.astype(tokens.dtype)
-
-
-def dropless_on_devices(tokens: jax.Array, experts: jax.Array, gates: jax.Array,
-                        weights: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-    """`dropless_experts` run by every device on its own tokens (`jax.shard_map` over the
-    batch axes); `weights` (gate, up, down) are the stored shards, cast to the compute dtype.
-    Each device all-gathers them over the mesh axes the storage layout adds to the compute
-    layout (fsdp: ZeRO-3's gather, whose transpose is the gradient's reduce-scatter, in the
-    compute dtype); the hidden width stays split over `tensor` where the rules split `mlp`,
-    and the partial outputs are summed over it (Megatron's all-reduce). A sort over the
-    global tokens instead leaves XLA to gather every token onto every device and compute all
-    of them there (measured on a fsdp=8 step: 42 MB of all-reduce per device, 0.13 MB now). The layer's remat policy keeps no
-    all-gather output (transformer._REMAT_POLICIES), so the backward pass gathers the
-    weights again (ZeRO-3). No mesh, or one device: the plain call."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return dropless_experts(tokens, experts, gates, *weights)
-    rows = P(logical_to_spec(("batch",), (tokens.shape[0],), mesh, COMPUTE_RULES)[0], None)
-    stored = [logical_to_spec(axes, w.shape, mesh, STORAGE_RULES) for w, axes in zip(weights, _EXPERT_AXES)]
-    computed = [logical_to_spec(axes, w.shape, mesh, COMPUTE_RULES) for w, axes in zip(weights, _EXPERT_AXES)]
-    hidden_split = _mesh_axes(computed[2][1])  # the mesh axes of w_down's hidden width
-
-    def local(tokens: jax.Array, experts: jax.Array, gates: jax.Array, *shards: jax.Array) -> jax.Array:
-        whole = [_gather(w, s, c) for w, s, c in zip(shards, stored, computed)]
-        out = dropless_experts(tokens, experts, gates, *whole)
-        return jax.lax.psum(out, hidden_split) if hidden_split else out
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, *stored), out_specs=rows)(
-        tokens, experts, gates, *weights)
-
-
-def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _gather(shard: jax.Array, stored: P, computed: P) -> jax.Array:
-    """A weight's shard all-gathered, dimension by dimension, from its storage layout to its
-    compute layout (inside shard_map)."""
-    for dim, (compute_axes, storage_axes) in enumerate(zip(computed, stored)):
-        extra = tuple(a for a in _mesh_axes(storage_axes) if a not in _mesh_axes(compute_axes))
-        if extra:
-            shard = jax.lax.all_gather(shard, extra, axis=dim, tiled=True)
-    return shard
-
-
 class MoE(nnx.Module):
     """The routed experts (and the shared expert `shared`, if given) of one block."""
 
@@ -190,7 +135,7 @@ class MoE(nnx.Module):
         routing = self.route(tokens)
         weights = tuple(keep_stored(w[...], axes).astype(x.dtype)
                         for w, axes in zip((self.w_gate, self.w_up, self.w_down), _EXPERT_AXES))
-        out = dropless_on_devices(tokens, routing.experts, routing.gates, weights)
+        out = dropless_on_devices(tokens, routing.experts, routing.gates, weights, _EXPERT_AXES)
         out = constrain(out, TOKENS).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x)
@@ -199,7 +144,7 @@ class MoE(nnx.Module):
 
     def route(self, tokens: jax.Array) -> Routing:
         """The router on tokens (N, d): logits in float32 (weight and tokens cast to it)."""
-        logits = fsdp.project("nd,de->ne", tokens.astype(jnp.float32), [self.router[...]], [_ROUTER], _ROUTER)
+        logits = fsdp.project("nd,de->ne", tokens.astype(jnp.float32), [self.router[...]], [_ROUTER], _ROUTER_READ)
         bias = None if self.balance_bias is None else self.balance_bias[...]
         return route(constrain(logits, ("batch", None)), self.top_k, self.renormalize, bias)
 

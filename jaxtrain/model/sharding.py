@@ -3,16 +3,19 @@ mesh axes: where parameters are stored, and where activations (and the weights a
 reads) live while the step computes.
 
 Mesh axes, outermost first: `data` (pure data parallel, params replicated), `fsdp` (data
-parallel with params/optimizer state sharded along `embed`, ZeRO-3 style) and `tensor`
-(Megatron-style tensor parallel over heads / MLP width / vocabulary).
+parallel with params/optimizer state sharded along `embed`, ZeRO-3 style), `expert` (expert
+parallel: a mixture of experts' experts split over it, its tokens exchanged by all-to-all,
+model/moe_dispatch.py; a data axis for everything else, as in DeepSpeed-MoE and GShard)
+and `tensor` (Megatron-style tensor parallel over heads / MLP width / vocabulary).
 
 Two tables, one vocabulary of names (the model names logical axes, never mesh axes):
 
   STORAGE_RULES   parameters, gradients and optimizer state at rest. `embed` over fsdp is
-                  the ZeRO-3 shard; `layers` (the stacked blocks' leading axis) is never split,
-                  nor yet `experts` (model/moe.py: no expert parallelism so far).
+                  the ZeRO-3 shard; `layers` (the stacked blocks' leading axis) is never split;
+                  `experts` over expert.
   COMPUTE_RULES   activations, and the weights as a matmul reads them. `batch` over
-                  data x fsdp; heads / kv_heads / mlp / vocab over tensor; `embed` whole.
+                  data x fsdp x expert; heads / kv_heads / mlp / vocab over tensor; `embed`
+                  whole; `experts` over expert (each device computes its own experts).
 
 `constrain(x, axes)` pins an array to its COMPUTE_RULES layout; the model calls it at the
 embedding output, on q/k/v and the attention output, on the MLP hidden, at each block
@@ -49,9 +52,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtrain.config.errors import ConfigError
+from jaxtrain.config.moe import check_experts_split
 from jaxtrain.config.schema import Config, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = dict[str, str | tuple[str, ...] | None]
 
 # Logical axis -> mesh axis (or None = replicated), for parameters and optimizer state.
@@ -63,12 +67,12 @@ STORAGE_RULES: Rules = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
-    "experts": None,  # a mixture of experts' experts: replicated until expert parallelism
+    "experts": "expert",  # a mixture of experts' experts (expert parallelism)
 }
 
 # ... and for activations and the weights as the matmuls read them (all-gathered over fsdp).
 COMPUTE_RULES: Rules = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "sequence": None,
     "embed": None,
     "vocab": "tensor",
@@ -77,13 +81,14 @@ COMPUTE_RULES: Rules = {
     "mlp": "tensor",
     "head_dim": None,
     "layers": None,
-    "experts": None,
+    "experts": "expert",
 }
 
 
-def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Resolve the -1 (fill) axis and check the product equals the device count."""
-    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """Resolve the -1 (fill) axis and check the product equals the device count: the sizes
+    in MESH_AXES order."""
+    sizes = [getattr(mesh_cfg, axis) for axis in MESH_AXES]
     fills = [i for i, s in enumerate(sizes) if s == -1]
     if len(fills) > 1:
         raise ConfigError("mesh", f"only one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
@@ -94,7 +99,7 @@ def mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
                               f"-1 cannot fill: {n_devices} devices are not divisible by {known}")
         sizes[fills[0]] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ConfigError("mesh", f"data*fsdp*tensor = {math.prod(sizes)} "
+        raise ConfigError("mesh", f"{'*'.join(MESH_AXES)} = {math.prod(sizes)} "
                                   f"does not match the {n_devices} available devices")
     return tuple(sizes)
 
@@ -110,13 +115,13 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
                     rules: Rules = STORAGE_RULES) -> P:
     """Map logical axis names to a PartitionSpec under `rules`; a dim not divisible by its
     mesh axes is replicated instead (e.g. 2 kv heads on tensor=4), and no mesh axis is
-    used twice."""
+    used twice. A mesh without one of MESH_AXES (one made by hand) has it of size 1."""
     used: set[str] = set()
     spec = []
     for name, dim in zip(axes, shape, strict=True):
         target = rules.get(name) if name else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape.get(a, 1) > 1)
         if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
             used.update(mesh_axes)
             spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -200,8 +205,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def batch_shards(mesh_shape: dict[str, int]) -> int:
+    """How many pieces the `batch` rule cuts a batch into: data x fsdp x expert."""
+    return math.prod(mesh_shape.get(axis, 1) for axis in COMPUTE_RULES["batch"])
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sequences split over data x fsdp (the `batch` rule); the time axis is not split."""
+    """Sequences split over data x fsdp x expert (the `batch` rule); the time axis is not split."""
     return NamedSharding(mesh, P(COMPUTE_RULES["batch"], None))
 
 
@@ -217,24 +227,26 @@ def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
     if any(a[1] != b[0] for a, b in zip(rows, rows[1:])) or batch_size % (stop - start) or start % (stop - start):
         raise ConfigError("mesh", f"process {jax.process_index()}'s devices hold rows {rows} of the "
                                   f"{batch_size}-row batch, not one contiguous block: order the mesh so each "
-                                  f"process's devices are adjacent along data x fsdp")
+                                  f"process's devices are adjacent along data x fsdp x expert")
     return start // (stop - start), batch_size // (stop - start)
 
 
 def check_batch_divides(cfg: Config, mesh: Mesh) -> None:
-    """The batch (and its microbatches) splits over the mesh, and processes hold whole rows."""
+    """The batch (and its microbatches) and the experts split over the mesh, and processes
+    hold whole rows."""
     check_batch_splits(cfg, dict(mesh.shape))
     process_rows(mesh, cfg.train.batch_size)
 
 
 def check_batch_splits(cfg: Config, mesh_shape: dict[str, int]) -> None:
     """The arithmetic half of `check_batch_divides`, for a planned mesh (dry-run)."""
-    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    check_experts_split(cfg.model.moe.n_experts, mesh_shape.get("expert", 1))
+    shards = batch_shards(mesh_shape)
     if cfg.train.batch_size % shards:
         raise ConfigError("train.batch_size",
-                          f"{cfg.train.batch_size} is not divisible by data*fsdp = {shards}")
+                          f"{cfg.train.batch_size} is not divisible by data*fsdp*expert = {shards}")
     micro = cfg.train.microbatches
     if cfg.train.batch_size % (shards * micro):
         raise ConfigError("train.microbatches",
                           f"{micro} microbatches of a {cfg.train.batch_size}-sequence batch do not split "
-                          f"evenly over data*fsdp = {shards}")
+                          f"evenly over data*fsdp*expert = {shards}")

@@ -80,12 +80,12 @@ def orthogonalize_kernel(update: jax.Array, rule: ParamRule, steps: int, dtype: 
     fan_in = math.prod(rule.shape[:rule.fan_in_dims])
     batch = tuple(size for size in (rule.layers, rule.experts) if size)
     matrices = update.reshape(*batch, fan_in, -1)
-    spec = layer_spec(rule.layers, len(batch) + 1) if rule.layers else None
+    spec = layer_spec(rule.layers, len(batch) + 1, rule.experts) if rule.layers else None
     layout = (lambda y: y) if spec is None else (lambda y: jax.lax.with_sharding_constraint(y, spec))
     return newton_schulz(matrices, steps, dtype, layout).reshape(update.shape)
 
 
-def layer_spec(layers: int, trailing: int = 2) -> P | None:
+def layer_spec(layers: int, trailing: int = 2, experts: int = 0) -> P | None:
     """The layout Newton-Schulz runs in for (layers, fan_in, fan_out) momenta (`trailing`
     axes after layers: 2, or 3 for (layers, experts, fan_in, fan_out)): each matrix
     whole on one device, the layers split over the first mesh axis (fsdp, data, tensor)
@@ -93,12 +93,15 @@ def layer_spec(layers: int, trailing: int = 2) -> P | None:
     each and the momentum moves once, by an all-to-all (measured in docs/muon.md). Left to
     itself, XLA re-gathered the (embed/fsdp)-sharded matrices in every iteration (6.7x
     AdamW's all-gather bytes); split over two axes at once, it moved them by all-gathers.
-    When no axis divides the layers, the matrices are gathered whole once. None without a
-    mesh."""
+    When no axis divides the layers, the matrices are gathered whole once. A mixture of
+    experts' matrices (`experts` > 0) keep their experts split over the `expert` mesh axis,
+    where they are stored, so that only the layers move. None without a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return None
     axis = next((a for a in ("fsdp", "data", "tensor") if mesh.shape[a] > 1 and layers % mesh.shape[a] == 0), None)
+    if experts and mesh.shape.get("expert", 1) > 1 and experts % mesh.shape["expert"] == 0:
+        return P(axis, "expert", *[None] * (trailing - 1))
     return P(axis, *[None] * trailing)
 
 

@@ -23,7 +23,7 @@ gpt350m and llama1b show (docs/performance.md "Compiled for real targets": compi
 estimate 0.9-1.2 over remat x microbatch plans, where 3 logit-sized buffers and a recompute
 on top of them had read 0.44-0.68).
 
-t = tokens per device per microbatch = batch * seq_len / (data * fsdp * microbatches),
+t = tokens per device per microbatch = batch * seq_len / (data * fsdp * expert * microbatches),
 tp = the tensor axis, b = compute-dtype bytes. s(remat) is the bytes one block saves for
 the backward pass per token, read off `jax.ad_checkpoint` residuals of this model (d =
 d_model, f = the block's MLP width per token: d_ff, or in a MoE block the widths of the
@@ -35,6 +35,12 @@ top_k routed experts and the shared expert; H = heads, T = seq_len):
                     per layer: +8 MB on gpt350m's compiled H100 step, not counted)) * b
     dots_saveable   (8 d + 2 f/tp) * b
     full             2 d * b
+
+With model.moe, f = (r + n_shared_experts) * expert_d_ff, r = the rows of the routed
+experts' matmuls per token: top_k, or under expert parallelism (mesh.expert = X > 1) the
+exchange's dropless buffer X min(top_k, E/X) (`expert_rows_per_token`), whose rows (sent and
+received, 2 r d) remat none keeps too; under dots_saveable f is the shared expert's width
+alone (the routed experts' ragged_dot outputs are not dots the policy saves).
 
 The attention kernel is the one the step compiles (model/execution.py: `auto` is cuDNN on GPU
 in bfloat16, splash on TPU, XLA on CPU, where shapes allow). The compute dtype and attention
@@ -73,29 +79,44 @@ def flash_attention(cfg: Config, backend: str) -> bool:
     return execution.kernel(cfg, backend) != "xla"
 
 
-def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str, f: int) -> float:
-    """s(remat): bytes a block keeps for the backward pass, per token; `f`: its MLP's width
-    per token (`mlp_widths`)."""
-    d, heads, seq = cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len
+def expert_rows_per_token(cfg: Config, expert_shards: int) -> int:
+    """Rows of the routed experts' matmuls a token occupies on its device: top_k on one
+    device; X min(top_k, E / X) along an `expert` axis of X devices, the dropless capacity
+    of the exchange (model/moe_dispatch.py: C = N min(k, E/X) rows from each of X sources)."""
+    moe = cfg.model.moe
+    if expert_shards == 1:
+        return moe.top_k
+    return expert_shards * min(moe.top_k, moe.n_experts // expert_shards)
+
+
+def block_bytes_per_token(cfg: Config, remat: str, tensor: int, backend: str, moe_block: bool = False,
+                          expert_shards: int = 1) -> float:
+    """s(remat): bytes one block keeps for the backward pass, per token. A dense block's MLP
+    is model.d_ff wide; a MoE block's (`moe_block`) width is its expert rows'
+    (`expert_rows_per_token`) plus the shared expert's, and under expert parallelism remat
+    none also keeps the exchanged rows, both ways (2 rows x d); dots_saveable keeps no routed
+    expert's output (ragged_dot is not a dot it saves)."""
+    d, heads, seq, moe = cfg.model.d_model, cfg.model.n_heads, cfg.data.seq_len, cfg.model.moe
+    f = saved_f = cfg.model.ff_dim
+    exchanged = 0.0
+    if moe_block:
+        rows, width = expert_rows_per_token(cfg, expert_shards), moe.expert_width(cfg.model.ff_dim)
+        f, saved_f = (rows + moe.n_shared_experts) * width, moe.n_shared_experts * width
+        exchanged = 2 * rows * d if expert_shards > 1 else 0.0
     b = COMPUTE_BYTES[compute_dtype_name(cfg.model, backend)]
     if remat == "none":
         scores = 0 if flash_attention(cfg, backend) else 4 * heads * seq / tensor
-        return 11 * d * 4 + (6 * f / tensor + scores) * b
+        return 11 * d * 4 + (6 * f / tensor + scores + exchanged) * b
     if remat == "dots_saveable":
-        return (8 * d + 2 * f / tensor) * b
+        return (8 * d + 2 * saved_f / tensor) * b
     return 2 * d * b
 
 
-def mlp_widths(cfg: Config) -> dict[int, int]:
-    """f -> how many blocks have an MLP f wide per token: d_ff for a dense block; top_k
-    routed and the shared experts' widths for a MoE block (every block, or one in moe_every)."""
+def block_counts(cfg: Config) -> dict[bool, int]:
+    """{is a MoE block: how many blocks}: every block MoE, or one in model.moe.moe_every."""
     model = cfg.model
     moe_blocks = len(model.moe.moe_blocks(model.n_layers))
-    widths = {model.ff_dim: model.n_layers - moe_blocks}
-    if moe_blocks:
-        moe_width = model.moe.active_width(model.ff_dim)
-        widths[moe_width] = widths.get(moe_width, 0) + moe_blocks
-    return {f: blocks for f, blocks in widths.items() if blocks}
+    return {kind: n for kind, n in ((False, model.n_layers - moe_blocks), (True, moe_blocks)) if n}
 
 
 MOMENTS = {"adam": 2, "muon": 1, "none": 0}  # float32 optimizer-state arrays per parameter, by update rule
@@ -106,14 +127,15 @@ def per_device(cfg: Config, params_per_device: int, mesh_shape: dict[str, int],
     """The estimate of the module docstring, in bytes, by component (`optimizer_bytes`:
     of `optimizer_state_per_device`; None counts Adam's two moments for every parameter)."""
     model, tensor = cfg.model, mesh_shape["tensor"]
-    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * cfg.train.microbatches
+    batch_shards = sharding.batch_shards(mesh_shape) * cfg.train.microbatches
     tokens = cfg.train.batch_size * cfg.data.seq_len / batch_shards
-    per_token = functools.partial(block_bytes_per_token, cfg, tensor=tensor, backend=backend)
+    per_token = functools.partial(block_bytes_per_token, cfg, tensor=tensor, backend=backend,
+                                  expert_shards=mesh_shape.get("expert", 1))
     logits = tokens * model.vocab_size / tensor * 4
-    widths = mlp_widths(cfg)
-    recompute = 0.0 if model.remat == "none" else max(tokens * per_token("none", f=f) for f in widths)
+    blocks = block_counts(cfg)
+    recompute = 0.0 if model.remat == "none" else max(tokens * per_token("none", moe_block=m) for m in blocks)
     optimizer = 8.0 * params_per_device if optimizer_bytes is None else optimizer_bytes
-    saved = sum(blocks * tokens * per_token(model.remat, f=f) for f, blocks in widths.items())
+    saved = sum(n * tokens * per_token(model.remat, moe_block=m) for m, n in blocks.items())
     parts = {"params": 4.0 * params_per_device, "optimizer": optimizer,
              "gradients": 4.0 * params_per_device, "activations": saved,
              "logits or recompute": max(logits, recompute)}

@@ -18,7 +18,7 @@ Both follow lm-evaluation-harness's HFLM (lm_eval/models/huggingface.py) to the 
   training core does not import lm_eval); tests/test_scoring.py checks it against lm_eval's.
 
 Execution: one jitted forward per Scorer, on fixed-shape (batch_size, seq_len) int32 rows,
-params in their storage shardings and rows over the mesh's batch axes (data x fsdp) like
+params in their storage shardings and rows over the mesh's batch axes (data x fsdp x expert) like
 step.compile_eval, through the same bound model as training (step.bind_model). Requests
 are packed several to a row, longest first, each its own segment (the segment ids the
 model takes for packed documents: a request attends only to itself and its positions start
@@ -84,9 +84,10 @@ class Scorer:
     """Sums of log p over chosen target positions of many short sequences, batched."""
 
     def __init__(self, spec: ts.ModelSpec, mesh: Mesh, seq_len: int, batch_size: int):
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = sharding.batch_shards(mesh.shape)
         if batch_size < 1 or batch_size % shards:
-            raise ConfigError("eval.batch_size", f"{batch_size} is not a positive multiple of data*fsdp = {shards}")
+            raise ConfigError("eval.batch_size",
+                              f"{batch_size} is not a positive multiple of data*fsdp*expert = {shards}")
         self.seq_len, self.batch_size = seq_len, batch_size
         self._rows = sharding.batch_sharding(mesh)
         params = sharding.param_shardings(spec.logical_axes, spec.abstract_params, mesh)

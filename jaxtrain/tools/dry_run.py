@@ -1,8 +1,9 @@
 """`jaxtrain dry-run`: the plan of a run, from abstract shapes only (nothing is allocated,
 nothing is compiled), so a cluster-sized config resolves in seconds on a laptop.
 
-It reports the resolved config; parameters by parametrization role with their init std
-and learning-rate / weight-decay / Adam-epsilon multipliers; the mesh (for a simulated
+It reports the resolved config; parameters, in all and active per token (a mixture of
+experts: without the routed experts a token is not sent to), by parametrization role with
+their init std and learning-rate / weight-decay / Adam-epsilon multipliers; the mesh (for a simulated
 device count) and every parameter's partition spec; model FLOPs per token and per step
 (`flops.py`); tokens per step; the learning-rate schedule; and an estimate of memory per
 device.
@@ -122,6 +123,7 @@ def plan(cfg: Config, devices: int, backend: str = "gpu", target: targets.Target
         "devices": devices,
         "mesh": dict(mesh.shape),
         "params_total": sum(role_counts.values()),
+        "params_active": sum(role_counts.values()) - flops.idle_expert_params(cfg.model),
         "roles": {role: {"params": role_counts[role], **{k: sorted(v) for k, v in fields.items()}}
                   for role, fields in roles.items()},
         "params": params,
@@ -169,6 +171,7 @@ def _one_row_per_layer_kind(params: list[dict]) -> dict[str, dict]:
 def format_plan(p: dict[str, Any]) -> str:
     lines = ["# resolved config", yaml.safe_dump(p["config"], sort_keys=False).rstrip(), "",
              f"# parameters: {p['params_total']:,} ({_count(p['params_total'])}), "
+             f"{p['params_active']:,} ({_count(p['params_active'])}) active per token, "
              f"{p['params_per_device']:,} per device",
              f"{'role':<10} {'params':>14}  {'init std':<24} {'multiplier':<18} {'lr x':<14} {'wd x':<10} "
              f"{'eps x':<10} {'update':<7} muon scale"]

@@ -39,8 +39,8 @@ _SKIP_ABOVE = 1.5  # x usable memory: not compiled
 
 def candidates(cfg: Config, devices: int) -> list[Config]:
     """Every (remat, microbatches) the config allows on `devices`: m divides each batch shard."""
-    shape = sharding.mesh_shape(cfg.mesh, devices)
-    rows_per_shard = cfg.train.batch_size // (shape[0] * shape[1])
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, devices)))
+    rows_per_shard = cfg.train.batch_size // sharding.batch_shards(shape)
     found = []
     for remat in RECOMPUTE:
         m = 1

@@ -37,6 +37,16 @@ def matmul_params(cfg: ModelConfig) -> int:
         d * cfg.vocab_size
 
 
+def idle_expert_params(cfg: ModelConfig) -> int:
+    """Parameters a token does not use: the SwiGLU matrices of the n_experts - top_k routed
+    experts it is not sent to, in every layer (0 for the dense model). Total minus these
+    is the active parameter count (`jaxtrain dry-run`)."""
+    moe = cfg.moe
+    if not moe.enabled:
+        return 0
+    return cfg.n_layers * 3 * cfg.d_model * moe.expert_width(cfg.ff_dim) * (moe.n_experts - moe.top_k)
+
+
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """F = 6 N + 12 L H d_head T (see the module docstring)."""
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

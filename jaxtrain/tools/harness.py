@@ -27,7 +27,7 @@ whose `loglikelihood` is the one HFLM runs):
   to a power of two); the decoding loop compiles once per distinct (rows, length, budget).
 
 batch_size (lm-eval's --batch_size) counts rows of seq_len tokens per forward, rounded up
-to a multiple of the mesh's data x fsdp; "auto" is the run's train.batch_size. lm-eval's
+to a multiple of the mesh's data x fsdp x expert; "auto" is the run's train.batch_size. lm-eval's
 --device is ignored: the parameters live where `load_run` placed them (the run's own mesh
 when this machine has its devices, else one device). One process: rank 0 of 1.
 """
@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from jaxtrain.data.sources import run_tokenizer
 from jaxtrain.data.tokenizer import encode_text
+from jaxtrain.model import sharding
 from jaxtrain.run.scoring import Scorer
 from jaxtrain.tools.generate import generate
 from jaxtrain.tools.saved_run import load_run
@@ -92,7 +93,7 @@ class JaxtrainLM(TemplateLM):
         self.run = load_run(workdir, None if step in (None, "") else int(step))
         self.tokenizer_ = run_tokenizer(self.run.cfg)
         mesh = self.run.mesh
-        rows = _rows(batch_size, self.run.cfg.train.batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
+        rows = _rows(batch_size, self.run.cfg.train.batch_size, sharding.batch_shards(mesh.shape))
         self.scorer = Scorer(self.run.spec, mesh, self.run.cfg.data.seq_len, rows)
         self._max_gen_toks = int(max_gen_toks)
         self._workdir = str(workdir)

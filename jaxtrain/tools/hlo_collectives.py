@@ -23,6 +23,10 @@ reference (`calls=`, `to_apply=`, `branch_computations=`, `true_/false_computati
 `called_computations=`) passes m on, so each conditional branch counts as if it ran: an
 upper bound. A computation reached from several places adds up their multiplicities.
 
+A `ragged-all-to-all` counts as an all-to-all of its output: the buffer its operand rows are
+written into, sized for the most rows it could receive, so an upper bound on what it moves
+(the rows actually sent are data-dependent; the bound is what the HLO states).
+
 Asynchronous collectives are counted once, at the op that completes them: `all-gather-done`,
 `all-reduce-done`, `collective-permute-done` and the sugared `reduce-scatter-done`,
 `all-to-all-done`. The output of a `-done` op is exactly the collective's result, whereas a
@@ -43,6 +47,9 @@ import re
 from collections import defaultdict
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# Opcodes counted as one of KINDS: a ragged all-to-all (`jax.lax.ragged_all_to_all`) is an
+# all-to-all whose output is a preallocated buffer of the largest possible receipt.
+_COUNTED_AS = {"ragged-all-to-all": "all-to-all"}
 
 _ELEMENT_BYTES = {
     "pred": 1, "s2": 1, "u2": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1,
@@ -109,6 +116,7 @@ def bytes_by_kind(hlo_text: str) -> dict[str, int]:
 def _collective_kind(opcode: str) -> str | None:
     """The kind an opcode counts as: plain collectives and `-done` ops, never `-start`."""
     kind = opcode.removesuffix("-done")
+    kind = _COUNTED_AS.get(kind, kind)
     return kind if kind in KINDS else None
 
 
