@@ -209,7 +209,7 @@ def test_notebook_runs_headless_on_one_device(runs, monkeypatch):
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "step 30 of 40" in text and "loaded on {'data': 1, 'fsdp': 1, 'tensor': 1} (1 cpu devices)" in text
+    assert "step 30 of 40" in text and "loaded on {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1} (1 cpu devices)" in text
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 4  # curves, singular values, activations, attention maps
     sizes = [Image.open(io.BytesIO(base64.b64decode(o["data"]["image/png"]))).size for o in images]
