@@ -21,3 +21,17 @@ for arm in active:384 total:1536; do
 done
 # ... then seeds 1 and 2 at each arm's best grid learning rate (the MoE arm's from sweep 1).
 bash docs/moe_experiments/seeds.sh
+
+# 3. Balance mechanisms at width 64 and the MoE arm's learning rate, seeds 0, 1, 2: no
+#    balancing, the Switch loss (0.01), the auxiliary-loss-free bias (u = 0.001), both.
+LR_MOE=$(.venv/bin/python -c "import json; r = json.load(open('$OUT/width/results.json'))['runs']; \
+print(min((x for x in r if x['model.d_model'] == 64 and x['parametrization.name'] == 'mup' and not x['diverged']), key=lambda x: x['val_loss'])['optimizer.lr'])")
+for S in 0 1 2; do
+  for AUX in 0 0.01; do
+    for U in 0 0.001; do
+      $J sweep $CFG --grid optimizer.lr=$LR_MOE --grid model.d_model=64 --x optimizer.lr \
+        --set model.moe.aux_loss=$AUX --set model.moe.bias_update_rate=$U \
+        --set train.seed=$S --set data.seed=$S --out $OUT/balance/aux${AUX}_u${U}_s$S
+    done
+  done
+done

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 ARMS = {"moe": "width", "dense_active": "dense_active", "dense_total": "dense_total"}
-LOAD_KEYS = ("moe/load_max", "moe/load_min", "moe/balance", "moe/router_entropy")
+LOAD_KEYS = ("moe/load_max", "moe/load_min", "moe/balance", "moe/router_entropy", "moe/bias_abs_max")
 
 
 def load(path: str) -> dict:
@@ -55,21 +55,18 @@ def late_load(run_dir: str) -> dict:
 
 
 def balance(out: str) -> list[dict]:
+    """One row per run of $OUT/balance/aux<A>_u<U>_s<seed> (one run each)."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(out, "balance", "s*", "results.json"))):
-        seed = int(os.path.basename(os.path.dirname(path))[1:])
-        for run in load(path)["runs"]:
-            name = f"aux_loss={run['model.moe.aux_loss']},bias_update_rate={run['model.moe.bias_update_rate']}"
-            run_dir = glob.glob(os.path.join(os.path.dirname(path), "runs", "*"))
-            match = [d for d in run_dir if _same_point(d, run)]
-            rows.append({"seed": seed, "arm": name, "val_loss": run["val_loss"], **late_load(match[0])})
+    for sweep in sorted(glob.glob(os.path.join(out, "balance", "aux*_u*_s*"))):
+        if not os.path.exists(os.path.join(sweep, "results.json")):
+            continue
+        arm, seed = os.path.basename(sweep).rsplit("_s", 1)
+        aux, rate = arm[len("aux"):].split("_u")
+        run = load(os.path.join(sweep, "results.json"))["runs"][0]
+        (run_dir,) = glob.glob(os.path.join(sweep, "runs", "*"))
+        rows.append({"seed": int(seed), "arm": f"aux_loss={aux},bias_update_rate={rate}",
+                     "val_loss": run["val_loss"], **late_load(run_dir)})
     return rows
-
-
-def _same_point(run_dir: str, run: dict) -> bool:
-    import yaml
-    moe = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["model"]["moe"]
-    return (moe["aux_loss"], moe["bias_update_rate"]) == (run["model.moe.aux_loss"], run["model.moe.bias_update_rate"])
 
 
 def summarize_balance(rows: list[dict]) -> dict:
@@ -87,10 +84,11 @@ def main() -> None:
     parser.add_argument("--figure")
     args = parser.parse_args()
     width = load(os.path.join(args.out, "width", "results.json"))
-    result = {"width_drift": width["drift"],
-              "width_optima": [{k: o[k] for k in ("model.d_model", "parametrization.name")} | o["optimum"]
-                               for o in width["optima"]],
-              "arms": arms(args.out), "balance": summarize_balance(balance(args.out))}
+    result = {"arms": arms(args.out), "balance": summarize_balance(balance(args.out))}
+    if len({o["model.d_model"] for o in width["optima"]}) > 1:  # section 1 needs the whole width sweep
+        result["width_drift"] = width["drift"]
+        result["width_optima"] = [{k: o[k] for k in ("model.d_model", "parametrization.name")} | o["optimum"]
+                                  for o in width["optima"]]
     print(json.dumps(result, indent=1))
     if args.figure:
         draw(result, args.figure)
@@ -118,13 +116,21 @@ def draw(result: dict, path: str) -> None:
             ax.bar(i - 0.2, row["moe/load_max"], 0.4, color="C3", label="max expert load" if i == 0 else None)
             ax.bar(i + 0.2, row["moe/load_min"], 0.4, color="C0", label="min expert load" if i == 0 else None)
             ax.text(i, row["moe/load_max"] + 0.01, f"{row['val_loss']:.3f}", ha="center", fontsize=8)
+        ax.set_ylim(0, 1.12 * max(result["balance"][n]["moe/load_max"] for n in names))
         ax.axhline(1 / 8, color="k", lw=0.8, ls=":", label="uniform 1/8")
-        ax.set_xticks(range(len(names)), [n.replace(",", "\n") for n in names], fontsize=7)
+        ax.set_xticks(range(len(names)), [short_name(n) for n in names], fontsize=8)
         ax.set_ylabel("fraction of assignments, last quarter of training")
         ax.set_title("balance mechanisms (text: mean val loss of 3 seeds)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def short_name(arm: str) -> str:
+    """'aux_loss=0.01,bias_update_rate=0' -> 'Switch loss 0.01'."""
+    aux, rate = (float(kv.split("=")[1]) for kv in arm.split(","))
+    parts = ([f"Switch loss {aux:g}"] if aux else []) + ([f"bias u={rate:g}"] if rate else [])
+    return "\n+ ".join(parts) or "none"
 
 
 if __name__ == "__main__":
