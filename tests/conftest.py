@@ -49,8 +49,8 @@ TINY = REPO / "configs" / "tiny.yaml"
 # The files that take longest (processes, a SLURM job, many runs) are collected first, so
 # that under `make test` (one file per worker) they start at once and the short files fill
 # in around them instead of one long file finishing alone at the end.
-LONGEST_FIRST = ("test_multihost.py", "test_slurm.py", "test_recovery.py", "test_muon.py", "test_huggingface.py",
-                 "test_cooldown.py", "test_coord_check.py", "test_inspect.py")
+LONGEST_FIRST = ("test_target_plans.py", "test_multihost.py", "test_slurm.py", "test_targets.py", "test_recovery.py",
+                 "test_muon.py", "test_huggingface.py", "test_cooldown.py", "test_coord_check.py", "test_inspect.py")
 
 
 def pytest_collection_modifyitems(items):
